@@ -1,0 +1,344 @@
+"""The dialog store: dialogs and their messages in one SQLite file (WAL), with one writer path."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import sqlite_utils
+
+from .migrations import migrate
+
+MESSAGE_TYPES = ("code", "note", "prompt")
+AUTHORS = ("human", "model", "human_edit")
+DB_NAME = "loopbook.db"
+MAX_TITLE = 200
+JSON_FIELDS = ("outputs", "output_meta", "reply_meta")
+BOOL_FIELDS = ("pinned", "skipped", "is_test")
+EDITABLE = ("source", "type", "pinned", "skipped", "is_test", "outputs", "output_meta",
+            "execution_count", "reply", "reply_meta", "author")
+
+
+class StoreError(Exception):
+    """Base for errors the API turns into clean 4xx answers."""
+
+    status = 400
+
+
+class NotFound(StoreError, LookupError):
+    status = 404
+
+
+class InvalidInput(StoreError, ValueError):
+    status = 400
+
+
+class Conflict(StoreError):
+    status = 409
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("LOOPBOOK_DATA_DIR") or Path.home() / ".loopbook").expanduser()
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _check_type(type_: Any) -> str:
+    if type_ not in MESSAGE_TYPES:
+        raise InvalidInput(f"Message type must be one of {', '.join(MESSAGE_TYPES)}; got {type_!r}.")
+    return type_
+
+
+def _check_title(title: Any) -> str:
+    if not isinstance(title, str) or not title.strip():
+        raise InvalidInput("A dialog title must be a non-empty string.")
+    title = title.strip()
+    if len(title) > MAX_TITLE:
+        raise InvalidInput(f"A dialog title may be at most {MAX_TITLE} characters; this one has {len(title)}.")
+    return title
+
+
+def _check_id(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InvalidInput(f"{what} id must be an integer; got {value!r}.")
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidInput(f"{what} id must be an integer; got {value!r}.") from None
+
+
+class Store:
+    """All reads and writes of one Loopbook data directory go through one of these."""
+
+    def __init__(self, data_dir: str | os.PathLike | None = None):
+        self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.data_dir / DB_NAME
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves so a multi-row change is one transaction.
+        self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.db = sqlite_utils.Database(self.conn)
+        self._lock = threading.RLock()
+        self._depth = threading.local()
+        with self._lock:
+            self.schema_from, self.schema_version = migrate(self.conn)
+
+    def close(self) -> None:
+        with self._lock:
+            self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One writer at a time; nested calls join the outer transaction."""
+        with self._lock:
+            depth = getattr(self._depth, "n", 0)
+            if depth:
+                self._depth.n = depth + 1
+                try:
+                    yield self.conn
+                finally:
+                    self._depth.n = depth
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            self._depth.n = 1
+            try:
+                yield self.conn
+            except BaseException:
+                self.conn.execute("ROLLBACK")
+                raise
+            else:
+                self.conn.execute("COMMIT")
+            finally:
+                self._depth.n = 0
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[dict]:
+        with self._lock:
+            return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
+
+    # -- dialogs -------------------------------------------------------------------------------
+
+    def create_dialog(self, title: str, settings: dict | None = None, parent_id: int | None = None) -> dict:
+        title = _check_title(title)
+        ts = now()
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT INTO dialogs (title, settings, parent_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
+                (title, json.dumps(settings or {}), parent_id, ts, ts),
+            )
+            return self.get_dialog(cur.lastrowid)
+
+    def list_dialogs(self, search: str | None = None) -> list[dict]:
+        sql = (
+            "SELECT d.*, (SELECT count(*) FROM messages m WHERE m.dialog_id = d.id) AS n_messages "
+            "FROM dialogs d"
+        )
+        params: tuple = ()
+        if search:
+            sql += " WHERE d.title LIKE ? ESCAPE '\\'"
+            escaped = search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            params = (f"%{escaped}%",)
+        sql += " ORDER BY d.updated_at DESC, d.id DESC"
+        return [self._dialog_row(r) for r in self.query(sql, params)]
+
+    def get_dialog(self, dialog_id: Any) -> dict:
+        dialog_id = _check_id(dialog_id, "Dialog")
+        rows = self.query("SELECT * FROM dialogs WHERE id = ?", (dialog_id,))
+        if not rows:
+            raise NotFound(f"There is no dialog {dialog_id}.")
+        return self._dialog_row(rows[0])
+
+    def rename_dialog(self, dialog_id: Any, title: str) -> dict:
+        title = _check_title(title)
+        with self.transaction() as c:
+            d = self.get_dialog(dialog_id)
+            c.execute("UPDATE dialogs SET title = ?, updated_at = ? WHERE id = ?", (title, now(), d["id"]))
+            return self.get_dialog(d["id"])
+
+    def update_dialog_settings(self, dialog_id: Any, **settings: Any) -> dict:
+        with self.transaction() as c:
+            d = self.get_dialog(dialog_id)
+            merged = {**d["settings"], **settings}
+            merged = {k: v for k, v in merged.items() if v is not None}
+            c.execute("UPDATE dialogs SET settings = ?, updated_at = ? WHERE id = ?",
+                      (json.dumps(merged), now(), d["id"]))
+            return self.get_dialog(d["id"])
+
+    def delete_dialog(self, dialog_id: Any) -> None:
+        with self.transaction() as c:
+            d = self.get_dialog(dialog_id)
+            c.execute("DELETE FROM messages WHERE dialog_id = ?", (d["id"],))
+            c.execute("DELETE FROM dialogs WHERE id = ?", (d["id"],))
+
+    def duplicate_dialog(self, dialog_id: Any, title: str | None = None) -> dict:
+        """Branch a dialog: a new dialog with copies of every message, outputs included."""
+        with self.transaction() as c:
+            d = self.get_dialog(dialog_id)
+            new = self.create_dialog(title or f"{d['title']} (copy)", d["settings"], parent_id=d["id"])
+            ts = now()
+            c.execute(
+                "INSERT INTO messages (dialog_id, position, type, source, outputs, output_meta, execution_count,"
+                " reply, reply_meta, pinned, skipped, is_test, author, version, created_at, updated_at)"
+                " SELECT ?, position, type, source, outputs, output_meta, execution_count, reply, reply_meta,"
+                " pinned, skipped, is_test, author, 1, ?, ? FROM messages WHERE dialog_id = ? ORDER BY position",
+                (new["id"], ts, ts, d["id"]),
+            )
+            return new
+
+    def _touch(self, dialog_id: int) -> None:
+        self.conn.execute("UPDATE dialogs SET updated_at = ? WHERE id = ?", (now(), dialog_id))
+
+    @staticmethod
+    def _dialog_row(row: dict) -> dict:
+        row = dict(row)
+        row["settings"] = json.loads(row.get("settings") or "{}")
+        return row
+
+    # -- messages ------------------------------------------------------------------------------
+
+    def messages(self, dialog_id: Any) -> list[dict]:
+        d = self.get_dialog(dialog_id)
+        rows = self.query("SELECT * FROM messages WHERE dialog_id = ? ORDER BY position", (d["id"],))
+        return [self._message_row(r) for r in rows]
+
+    def get_message(self, message_id: Any) -> dict:
+        message_id = _check_id(message_id, "Message")
+        rows = self.query("SELECT * FROM messages WHERE id = ?", (message_id,))
+        if not rows:
+            raise NotFound(f"There is no message {message_id}.")
+        return self._message_row(rows[0])
+
+    def add_message(self, dialog_id: Any, type: str = "code", source: str = "", *, after: Any = None,
+                    before: Any = None, **fields: Any) -> dict:
+        """Insert a message after or before another one (default: at the end of the dialog)."""
+        _check_type(type)
+        if not isinstance(source, str):
+            raise InvalidInput("A message source must be a string.")
+        if after is not None and before is not None:
+            raise InvalidInput("Give either 'after' or 'before', not both.")
+        values = self._clean_fields(fields)
+        with self.transaction() as c:
+            d = self.get_dialog(dialog_id)
+            position = self._insert_position(d["id"], after=after, before=before)
+            c.execute("UPDATE messages SET position = position + 1 WHERE dialog_id = ? AND position >= ?",
+                      (d["id"], position))
+            ts = now()
+            row = {"dialog_id": d["id"], "position": position, "type": type, "source": source,
+                   "created_at": ts, "updated_at": ts, **values}
+            cols = ", ".join(row)
+            cur = c.execute(f"INSERT INTO messages ({cols}) VALUES ({', '.join('?' for _ in row)})",
+                            tuple(row.values()))
+            self._touch(d["id"])
+            return self.get_message(cur.lastrowid)
+
+    def _insert_position(self, dialog_id: int, *, after: Any, before: Any) -> int:
+        anchor = after if after is not None else before
+        if anchor is None:
+            last = self.conn.execute("SELECT max(position) FROM messages WHERE dialog_id = ?",
+                                     (dialog_id,)).fetchone()[0]
+            return 0 if last is None else last + 1
+        ref = self.get_message(anchor)
+        if ref["dialog_id"] != dialog_id:
+            raise InvalidInput(f"Message {ref['id']} belongs to another dialog.")
+        return ref["position"] + 1 if after is not None else ref["position"]
+
+    def update_message(self, message_id: Any, *, version: Any = None, **fields: Any) -> dict:
+        """Change fields of a message; with `version`, refuse (Conflict) if someone else wrote first."""
+        values = self._clean_fields(fields)
+        with self.transaction() as c:
+            m = self.get_message(message_id)
+            if version is not None and _check_id(version, "Version") != m["version"]:
+                raise Conflict(
+                    f"Message {m['id']} was changed elsewhere (you had version {version}, the store has "
+                    f"{m['version']}). Reload it to see the other change."
+                )
+            if not values:
+                return m
+            values["updated_at"] = now()
+            sets = ", ".join(f"{k} = ?" for k in values)
+            c.execute(f"UPDATE messages SET {sets}, version = version + 1 WHERE id = ?",
+                      (*values.values(), m["id"]))
+            self._touch(m["dialog_id"])
+            return self.get_message(m["id"])
+
+    def delete_message(self, message_id: Any) -> dict:
+        with self.transaction() as c:
+            m = self.get_message(message_id)
+            c.execute("DELETE FROM messages WHERE id = ?", (m["id"],))
+            c.execute("UPDATE messages SET position = position - 1 WHERE dialog_id = ? AND position > ?",
+                      (m["dialog_id"], m["position"]))
+            self._touch(m["dialog_id"])
+            return m
+
+    def move_message(self, message_id: Any, *, after: Any = None, before: Any = None,
+                     offset: int | None = None) -> dict:
+        """Move a message after/before another one, or by `offset` places (-1 is up)."""
+        with self.transaction() as c:
+            m = self.get_message(message_id)
+            ids = [r[0] for r in c.execute("SELECT id FROM messages WHERE dialog_id = ? ORDER BY position",
+                                           (m["dialog_id"],))]
+            ids.remove(m["id"])
+            if offset is not None:
+                index = max(0, min(len(ids), m["position"] + int(offset)))
+            else:
+                anchor = after if after is not None else before
+                if anchor is None:
+                    raise InvalidInput("Say where to move the message: 'after', 'before' or 'offset'.")
+                ref = self.get_message(anchor)
+                if ref["id"] not in ids:
+                    raise InvalidInput(f"Message {ref['id']} is not another message of the same dialog.")
+                index = ids.index(ref["id"]) + (1 if after is not None else 0)
+            ids.insert(index, m["id"])
+            c.executemany("UPDATE messages SET position = ? WHERE id = ?", list(enumerate(ids)))
+            self._touch(m["dialog_id"])
+            return self.get_message(m["id"])
+
+    @staticmethod
+    def _clean_fields(fields: dict) -> dict:
+        unknown = set(fields) - set(EDITABLE)
+        if unknown:
+            raise InvalidInput(f"Unknown message field(s): {', '.join(sorted(unknown))}.")
+        out: dict[str, Any] = {}
+        for key, value in fields.items():
+            if key == "type":
+                value = _check_type(value)
+            elif key in ("source", "reply"):
+                if not isinstance(value, str):
+                    raise InvalidInput(f"'{key}' must be a string.")
+            elif key in BOOL_FIELDS:
+                if not isinstance(value, (bool, int)) or value not in (0, 1):
+                    raise InvalidInput(f"'{key}' must be true or false.")
+                value = int(bool(value))
+            elif key == "outputs":
+                if not isinstance(value, list):
+                    raise InvalidInput("'outputs' must be a list of nbformat outputs.")
+                value = json.dumps(value)
+            elif key in JSON_FIELDS:
+                if not isinstance(value, dict):
+                    raise InvalidInput(f"'{key}' must be an object.")
+                value = json.dumps(value)
+            elif key == "author" and value not in AUTHORS:
+                raise InvalidInput(f"'author' must be one of {', '.join(AUTHORS)}.")
+            elif key == "execution_count" and value is not None and not isinstance(value, int):
+                raise InvalidInput("'execution_count' must be an integer or null.")
+            out[key] = value
+        return out
+
+    @staticmethod
+    def _message_row(row: dict) -> dict:
+        row = dict(row)
+        for key in JSON_FIELDS:
+            row[key] = json.loads(row.get(key) or ("[]" if key == "outputs" else "{}"))
+        for key in BOOL_FIELDS:
+            row[key] = bool(row[key])
+        return row
