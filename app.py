@@ -1,0 +1,721 @@
+"""Loopbook: the web app. Routes, page components and the JSON API; the work happens in the packages."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+from fasthtml.common import (A, Article, Button, Div, FastHTML, Form, H1, Header, Iframe, Img, Input, Li,
+                             Link, Main, NotStr, Option, P, Pre, Script, Select, Span, Textarea, Title, Ul)
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from dialog import MESSAGE_TYPES, InvalidInput, Store, StoreError, default_data_dir
+from dialog.render import ansi_css, ansi_html, markdown_html
+from kernels import KernelPool
+
+ROOT = Path(__file__).resolve().parent
+
+
+# -- configuration: every knob is a flag and an environment variable ---------------------------
+
+@dataclass
+class Knob:
+    flag: str
+    env: str
+    default: object
+    help: str
+    type: type = str
+
+
+KNOBS = [
+    Knob("--host", "LOOPBOOK_HOST", "127.0.0.1", "address to bind; anything but loopback needs a token"),
+    Knob("--port", "LOOPBOOK_PORT", 5001, "port to listen on", int),
+    Knob("--data-dir", "LOOPBOOK_DATA_DIR", None, "where the store, models and token live (default ~/.loopbook)"),
+    Knob("--token", "LOOPBOOK_TOKEN", None, "access token (default: a random one kept in DATA_DIR/token)"),
+    Knob("--model", "LOOPBOOK_MODEL", "default", "model name or GGUF path for prompts"),
+    Knob("--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT", 120.0, "seconds a cell may run before it is interrupted", float),
+    Knob("--output-cap", "LOOPBOOK_OUTPUT_CAP", 200_000, "characters of output kept per cell (head and tail)", int),
+    Knob("--kernel-cwd", "LOOPBOOK_KERNEL_CWD", None, "working directory of the kernels (default: where you start)"),
+    Knob("--cull-idle", "LOOPBOOK_CULL_IDLE", 0.0, "shut kernels idle this many seconds (0: never)", float),
+    Knob("--allow-host", "LOOPBOOK_ALLOW_HOSTS", "", "extra Host header values to accept, comma separated"),
+    Knob("--max-body", "LOOPBOOK_MAX_BODY", 64 * 1024 * 1024, "largest request body in bytes", int),
+]
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 5001
+    data_dir: str | None = None
+    token: str | None = None
+    model: str = "default"
+    exec_timeout: float = 120.0
+    output_cap: int = 200_000
+    kernel_cwd: str | None = None
+    cull_idle: float = 0.0
+    allow_host: str = ""
+    max_body: int = 64 * 1024 * 1024
+    extra: dict = field(default_factory=dict)
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    parser = argparse.ArgumentParser(description="Loopbook: a notebook for dialogue engineering.")
+    for k in KNOBS:
+        env = os.environ.get(k.env)
+        default = k.type(env) if env not in (None, "") else k.default
+        parser.add_argument(k.flag, type=k.type, default=default, help=f"{k.help} [{k.env}]")
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def resolve_token(cfg: Config, data_dir: Path) -> str:
+    """The given token, or one kept (0600) in the data dir so a restart keeps browsers logged in."""
+    if cfg.token:
+        return cfg.token
+    path = data_dir / "token"
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(24)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+    return token
+
+
+class State:
+    cfg: Config = Config()
+    store: Store
+    pool: KernelPool
+    token: str = ""
+    session: str = ""
+
+
+S = State()
+
+
+# -- access: token auth, host allow-list, same-origin writes, security headers ------------------
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+SESSION_COOKIE = "loopbook_session"
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+       "frame-src 'self' about: data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+       "form-action 'self'; frame-ancestors 'none'")
+SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                    (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
+
+
+def _session_value(token: str) -> str:
+    # The cookie carries a value derived from the token, never the token itself.
+    return hmac.new(token.encode(), b"loopbook-session", hashlib.sha256).hexdigest()
+
+
+class AccessMiddleware:
+    """Plain ASGI, so static files, SSE and the API pass the same gate as the pages."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        req = Request(scope)
+        problem = self.check(req, scope)
+        if problem is not None:
+            return await problem(scope, receive, send)
+        token = req.query_params.get("token")
+        if token is not None and req.method == "GET":
+            if not hmac.compare_digest(token.encode(), S.token.encode()):
+                return await self.deny(req, "That token is not valid.")(scope, receive, send)
+            query = urlencode([(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode()) if k != "token"])
+            resp = RedirectResponse(scope["path"] + (f"?{query}" if query else ""), status_code=303)
+            resp.set_cookie(SESSION_COOKIE, S.session, httponly=True, samesite="strict", path="/")
+            return await resp(scope, receive, send)
+        if not self.authorised(req):
+            return await self.deny(req, "Log in with the URL Loopbook printed at start-up (it ends in ?token=...), "
+                                        "or send 'Authorization: token ...'.")(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + SECURITY_HEADERS
+            await send(message)
+
+        return await self.app(scope, receive, send_with_headers)
+
+    def check(self, req: Request, scope) -> Response | None:
+        # Host allow-list: a DNS-rebinding page reaches us under its own name, so refuse unknown names.
+        host = urlsplit("//" + req.headers.get("host", "")).hostname or ""
+        allowed = LOOPBACK_HOSTS | {h.strip().strip("[]").lower() for h in S.cfg.allow_host.split(",") if h.strip()}
+        if S.cfg.host not in ("0.0.0.0", "::"):
+            allowed.add(S.cfg.host.strip("[]").lower())
+        if host not in allowed:
+            return JSONResponse({"error": f"Host {host!r} is not allowed; start Loopbook with --allow-host {host}."},
+                                status_code=403)
+        if req.method not in SAFE_METHODS:
+            origin = req.headers.get("origin")
+            cross = req.headers.get("sec-fetch-site") == "cross-site" or (
+                origin is not None and (urlsplit(origin).hostname or "") not in allowed)
+            if cross:
+                return JSONResponse({"error": "Cross-site request refused."}, status_code=403)
+            length = req.headers.get("content-length")
+            if length and length.isdigit() and int(length) > S.cfg.max_body:
+                return JSONResponse({"error": f"Request body over {S.cfg.max_body} bytes."}, status_code=413)
+        return None
+
+    def authorised(self, req: Request) -> bool:
+        auth = req.headers.get("authorization", "")
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() in ("token", "bearer") and hmac.compare_digest(value.strip().encode(), S.token.encode()):
+            return True
+        cookie = req.cookies.get(SESSION_COOKIE, "")
+        return hmac.compare_digest(cookie.encode(), S.session.encode())
+
+    @staticmethod
+    def deny(req: Request, message: str) -> Response:
+        if req.url.path.startswith("/api/") or "text/html" not in req.headers.get("accept", ""):
+            return JSONResponse({"error": message}, status_code=401)
+        return HTMLResponse(f"<!doctype html><title>Loopbook: log in</title><p>{message}</p>", status_code=401)
+
+
+# -- app -----------------------------------------------------------------------------------------
+
+async def lifespan(app):
+    cfg = S.cfg
+    S.store = Store(cfg.data_dir)
+    S.token = resolve_token(cfg, S.store.data_dir)
+    S.session = _session_value(S.token)
+    S.pool = KernelPool(output_cap_chars=cfg.output_cap, default_timeout=cfg.exec_timeout,
+                        cull_idle_s=cfg.cull_idle or None)
+    await S.pool.start()
+    try:
+        yield
+    finally:
+        await S.pool.shutdown_all()
+        S.store.close()
+
+
+HDRS = [
+    Link(rel="stylesheet", href="/static/app.css"),
+    Link(rel="stylesheet", href="/ansi.css"),
+    Script(src="/static/vendor/htmx.min.js"),
+    Script(src="/static/vendor/htmx-ext-sse.js"),
+    Script(src="/static/vendor/codemirror.js"),
+    Script(src="/static/editor.js"),
+    Script(src="/static/app.js"),
+]
+
+def http_error(req: Request, exc: Exception):
+    """Clean answers for errors raised before our handlers run (bad JSON, unknown routes, bad methods)."""
+    status = getattr(exc, "status_code", 500)
+    detail = getattr(exc, "detail", None) or {404: "Not found.", 405: "Method not allowed."}.get(status, "Server error.")
+    if req.url.path.startswith("/api/") or "text/html" not in req.headers.get("accept", ""):
+        return JSONResponse({"error": str(detail)}, status_code=status)
+    return PlainTextResponse(str(detail), status_code=status)
+
+
+app = FastHTML(default_hdrs=False, exception_handlers={s: http_error for s in (400, 404, 405, 413, 422)}, hdrs=HDRS, lifespan=lifespan, sess_cls=None,
+               secret_key=secrets.token_hex(16), title="Loopbook", htmlkw={"lang": "en"}, canonical=False)
+app.add_middleware(AccessMiddleware)
+class AssetFiles(StaticFiles):
+    """static/, minus the asset build folder (its node_modules is no business of the browser's)."""
+
+    def lookup_path(self, path: str):
+        if path.split("/", 1)[0] == "build":
+            return "", None
+        return super().lookup_path(path)
+
+
+app.mount("/static", AssetFiles(directory=ROOT / "static"), name="static")
+rt = app.route
+
+
+def dialog_key(dialog_id: int) -> str:
+    return f"dialog-{dialog_id}"
+
+
+# -- JSON API ------------------------------------------------------------------------------------
+
+def api(handler):
+    """Turn store and input errors into clean JSON errors instead of tracebacks."""
+    import functools
+
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):
+        try:
+            result = handler(*args, **kwargs)
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result if isinstance(result, Response) else JSONResponse(result)
+        except StoreError as e:
+            return JSONResponse({"error": str(e)}, status_code=e.status)
+    return wrapper
+
+
+async def json_body(req: Request) -> dict:
+    raw = await req.body()
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"The request body is not valid JSON: {e}.") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("The request body must be a JSON object.")
+    return data
+
+
+def message_json(m: dict) -> dict:
+    return {k: m[k] for k in ("id", "dialog_id", "position", "type", "source", "outputs", "output_meta",
+                              "execution_count", "reply", "reply_meta", "pinned", "skipped", "is_test",
+                              "author", "version", "created_at", "updated_at")}
+
+
+@rt("/api/dialogs")
+@api
+async def post(req: Request):
+    body = await json_body(req)
+    return {"id": S.store.create_dialog(body.get("title", "Untitled"))["id"]}
+
+
+@rt("/api/dialogs")
+@api
+def get(q: str = ""):
+    return [{k: d[k] for k in ("id", "title", "created_at", "updated_at", "n_messages", "parent_id")}
+            for d in S.store.list_dialogs(search=q or None)]
+
+
+@rt("/api/dialogs/{id}")
+@api
+def get(id: str):
+    d = S.store.get_dialog(id)
+    return {**d, "kernel": S.pool.state(dialog_key(d["id"])),
+            "messages": [message_json(m) for m in S.store.messages(d["id"])]}
+
+
+@rt("/api/dialogs/{id}")
+@api
+async def patch(id: str, req: Request):
+    body = await json_body(req)
+    d = S.store.get_dialog(id)
+    if "title" in body:
+        d = S.store.rename_dialog(d["id"], body["title"])
+    if "settings" in body:
+        if not isinstance(body["settings"], dict):
+            raise InvalidInput("'settings' must be an object.")
+        d = S.store.update_dialog_settings(d["id"], **body["settings"])
+    return d
+
+
+@rt("/api/dialogs/{id}")
+@api
+async def delete(id: str):
+    d = S.store.get_dialog(id)
+    await S.pool.shutdown(dialog_key(d["id"]))
+    S.store.delete_dialog(d["id"])
+    return {"deleted": d["id"]}
+
+
+@rt("/api/dialogs/{id}/duplicate")
+@api
+async def post(id: str, req: Request):
+    body = await json_body(req)
+    return {"id": S.store.duplicate_dialog(id, body.get("title"))["id"]}
+
+
+@rt("/api/dialogs/{id}/messages")
+@api
+async def post(id: str, req: Request):
+    body = await json_body(req)
+    m = S.store.add_message(id, body.get("type", "code"), body.get("source", ""),
+                            after=body.get("after"), before=body.get("before"))
+    return {"id": m["id"], "position": m["position"], "version": m["version"]}
+
+
+@rt("/api/messages/{id}")
+@api
+def get(id: str):
+    return message_json(S.store.get_message(id))
+
+
+@rt("/api/messages/{id}")
+@api
+async def patch(id: str, req: Request):
+    body = await json_body(req)
+    allowed = {"source", "type", "pinned", "skipped", "is_test", "reply"}
+    unknown = set(body) - allowed - {"version"}
+    if unknown:
+        raise InvalidInput(f"Cannot change {', '.join(sorted(unknown))}; editable fields: {', '.join(sorted(allowed))}.")
+    m = S.store.update_message(id, version=body.get("version"), **{k: v for k, v in body.items() if k in allowed})
+    return message_json(m)
+
+
+@rt("/api/messages/{id}")
+@api
+def delete(id: str):
+    return {"deleted": S.store.delete_message(id)["id"]}
+
+
+@rt("/api/messages/{id}/move")
+@api
+async def post(id: str, req: Request):
+    body = await json_body(req)
+    m = S.store.move_message(id, after=body.get("after"), before=body.get("before"), offset=body.get("offset"))
+    return {"id": m["id"], "position": m["position"]}
+
+
+async def run_message(message_id) -> dict:
+    """Run a code message in its dialog's kernel and store what came back."""
+    m = S.store.get_message(message_id)
+    if m["type"] != "code":
+        raise InvalidInput(f"Message {m['id']} is a {m['type']}, not code: only code runs.")
+    if not m["source"].strip():
+        m = S.store.update_message(m["id"], outputs=[], output_meta={"status": "ok", "empty": True})
+        return {"status": "ok", "outputs": [], "execution_count": m["execution_count"], "message": "Empty cell."}
+    res = await S.pool.execute(dialog_key(m["dialog_id"]), m["source"])
+    meta = {"status": res.status, "duration_s": round(res.duration_s, 4), "truncated": res.truncated,
+            "original_chars": res.original_chars, "message": res.message}
+    S.store.update_message(m["id"], outputs=res.outputs, output_meta=meta, execution_count=res.execution_count)
+    return {"status": res.status, "outputs": res.outputs, "execution_count": res.execution_count,
+            "message": res.message, "truncated": res.truncated, "duration_s": meta["duration_s"]}
+
+
+@rt("/api/messages/{id}/run")
+@api
+async def post(id: str):
+    return await run_message(id)
+
+
+@rt("/api/dialogs/{id}/interrupt")
+@api
+async def post(id: str):
+    d = S.store.get_dialog(id)
+    await S.pool.interrupt(dialog_key(d["id"]))
+    return {"kernel": S.pool.state(dialog_key(d["id"]))}
+
+
+@rt("/api/dialogs/{id}/restart")
+@api
+async def post(id: str):
+    d = S.store.get_dialog(id)
+    await S.pool.restart(dialog_key(d["id"]))
+    return {"kernel": S.pool.state(dialog_key(d["id"]))}
+
+
+@rt("/api/dialogs/{id}/kernel")
+@api
+def get(id: str):
+    d = S.store.get_dialog(id)
+    key = dialog_key(d["id"])
+    return {"state": S.pool.state(key), "info": S.pool.info(key)}
+
+
+# -- page components ------------------------------------------------------------------------------
+
+TYPE_LABELS = {"code": "Code", "note": "Note", "prompt": "Prompt"}
+
+
+def OutputView(o: dict):
+    kind = o.get("output_type")
+    if kind == "stream":
+        return Pre(NotStr(ansi_html(o.get("text", ""))), cls=f"out out-stream out-{o.get('name', 'stdout')}")
+    if kind == "error":
+        tb = "\n".join(o.get("traceback") or [f"{o.get('ename')}: {o.get('evalue')}"])
+        return Pre(NotStr(ansi_html(tb)), cls="out out-error")
+    data = o.get("data") or {}
+    for mime in ("image/png", "image/jpeg", "image/gif"):
+        if mime in data:
+            return Div(Img(src=f"data:{mime};base64,{''.join(data[mime]).strip()}", alt="image output"),
+                       cls="out out-image")
+    if "image/svg+xml" in data:
+        import base64
+        svg = "".join(data["image/svg+xml"]) if isinstance(data["image/svg+xml"], list) else data["image/svg+xml"]
+        return Div(Img(src="data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode(), alt="svg output"),
+                   cls="out out-image")
+    if "text/html" in data:
+        html = "".join(data["text/html"]) if isinstance(data["text/html"], list) else data["text/html"]
+        # No allow-same-origin: the output runs in an opaque origin and cannot reach the app.
+        return Iframe(srcdoc=html, sandbox="allow-scripts", cls="out out-html", loading="lazy")
+    if "text/markdown" in data:
+        text = "".join(data["text/markdown"]) if isinstance(data["text/markdown"], list) else data["text/markdown"]
+        return Div(NotStr(markdown_html(text)), cls="out out-markdown md")
+    text = data.get("text/plain", "")
+    text = "".join(text) if isinstance(text, list) else text
+    return Pre(NotStr(ansi_html(text)), cls="out out-result")
+
+
+def Outputs(m: dict):
+    meta = m.get("output_meta") or {}
+    parts = [OutputView(o) for o in m.get("outputs") or []]
+    status = meta.get("status")
+    if status in ("timeout", "died", "interrupted") and meta.get("message"):
+        parts.insert(0, Div(meta["message"], cls=f"out-banner out-{status}"))
+    if meta.get("truncated"):
+        parts.append(Div(f"Output capped: {meta.get('original_chars', 0):,} characters produced, head and tail kept.",
+                         cls="out-banner out-truncated"))
+    count = m.get("execution_count")
+    return Div(Div(f"[{count if count is not None else ' '}]", cls="exec-count"), Div(*parts, cls="out-list"),
+               id=f"out-{m['id']}", cls=f"outputs status-{status or 'none'}")
+
+
+def Reply(m: dict):
+    meta = m.get("reply_meta") or {}
+    if not m.get("reply"):
+        return Div(id=f"reply-{m['id']}", cls="reply empty")
+    return Div(NotStr(markdown_html(m["reply"])), id=f"reply-{m['id']}", cls=f"reply md status-{meta.get('status', 'done')}")
+
+
+def CellToolbar(m: dict):
+    mid = m["id"]
+    return Div(
+        Select(*[Option(TYPE_LABELS[t], value=t, selected=t == m["type"]) for t in MESSAGE_TYPES],
+               name="type", hx_post=f"/cells/{mid}/type", hx_target=f"#cell-{mid}", hx_swap="outerHTML",
+               cls="cell-type", title="Cell type"),
+        Button("Run", hx_post=f"/cells/{mid}/run", hx_include=f"#cell-{mid} textarea", hx_target=f"#cell-{mid}",
+               hx_swap="outerHTML", cls="run", title="Run (Ctrl+Enter)") if m["type"] == "code" else None,
+        Button("Pin" if not m["pinned"] else "Unpin", hx_post=f"/cells/{mid}/toggle?field=pinned",
+               hx_target=f"#cell-{mid}", hx_swap="outerHTML", cls="toggle-pin"),
+        Button("Skip" if not m["skipped"] else "Unskip", hx_post=f"/cells/{mid}/toggle?field=skipped",
+               hx_target=f"#cell-{mid}", hx_swap="outerHTML", cls="toggle-skip"),
+        Button("↑", hx_post=f"/cells/{mid}/move?offset=-1", hx_target="#cells", hx_swap="outerHTML",
+               title="Move up", cls="move-up"),
+        Button("↓", hx_post=f"/cells/{mid}/move?offset=1", hx_target="#cells", hx_swap="outerHTML",
+               title="Move down", cls="move-down"),
+        Button("+ below", hx_post=f"/d/{m['dialog_id']}/cells?after={mid}", hx_target=f"#cell-{mid}",
+               hx_swap="afterend", cls="add-below"),
+        Button("Delete", hx_delete=f"/cells/{mid}", hx_target=f"#cell-{mid}", hx_swap="outerHTML",
+               hx_confirm="Delete this cell?", cls="delete"),
+        cls="cell-toolbar")
+
+
+def Cell(m: dict):
+    mid = m["id"]
+    lang = "python" if m["type"] == "code" else "markdown"
+    source = Textarea(m["source"], name="source", cls="cell-source", data_lang=lang, rows=max(1, m["source"].count("\n") + 1),
+                      hx_put=f"/cells/{mid}", hx_trigger="input changed delay:600ms", hx_swap="none")
+    body = [CellToolbar(m), source]
+    if m["type"] == "code":
+        body.append(Outputs(m))
+    elif m["type"] == "prompt":
+        body.append(Reply(m))
+    else:
+        body.append(Div(NotStr(markdown_html(m["source"])), cls="note-view md"))
+    flags = " ".join(f for f in ("pinned", "skipped") if m[f])
+    return Article(*body, id=f"cell-{mid}", cls=f"cell cell-{m['type']} {flags}".strip(), data_id=str(mid),
+                   data_type=m["type"], tabindex="-1")
+
+
+def Cells(dialog_id: int, messages: list[dict]):
+    return Div(*[Cell(m) for m in messages], id="cells", data_dialog=str(dialog_id))
+
+
+def AddBar(dialog_id: int):
+    return Div(*[Button(f"+ {TYPE_LABELS[t]}", hx_post=f"/d/{dialog_id}/cells?type={t}", hx_target="#cells",
+                        hx_swap="beforeend", cls=f"add-{t}") for t in MESSAGE_TYPES], cls="add-bar")
+
+
+def KernelBadge(dialog_id: int):
+    state = S.pool.state(dialog_key(dialog_id))
+    return Span(f"kernel: {state}", id="kernel-state", cls=f"kernel-state kernel-{state}")
+
+
+def DialogHeader(d: dict):
+    did = d["id"]
+    return Header(
+        A("Loopbook", href="/", cls="brand"),
+        Form(Input(name="title", value=d["title"], cls="dialog-title", aria_label="Dialog title"),
+             hx_post=f"/d/{did}/rename", hx_trigger="change", hx_swap="none"),
+        KernelBadge(did),
+        Div(Button("Run all", hx_post=f"/d/{did}/run-all", hx_target="#cells", hx_swap="outerHTML", cls="run-all"),
+            Button("Interrupt", hx_post=f"/d/{did}/interrupt", hx_target="#kernel-state", hx_swap="outerHTML",
+                   cls="interrupt"),
+            Button("Restart", hx_post=f"/d/{did}/restart", hx_target="#kernel-state", hx_swap="outerHTML",
+                   hx_confirm="Restart the kernel? Its variables are lost.", cls="restart"),
+            cls="actions"),
+        cls="topbar")
+
+
+# -- pages and page fragments ----------------------------------------------------------------------
+
+def page(handler):
+    """Like `api`, but errors become a message in the page's toast area."""
+    import functools
+
+    @functools.wraps(handler)
+    async def wrapper(*args, **kwargs):
+        try:
+            result = handler(*args, **kwargs)
+            return await result if asyncio.iscoroutine(result) else result
+        except StoreError as e:
+            from html import escape
+            return Response(f'<div class="toast-msg">{escape(str(e))}</div>', status_code=200,
+                            headers={"HX-Retarget": "#toast", "HX-Reswap": "innerHTML"}, media_type="text/html")
+    return wrapper
+
+
+@rt("/")
+def get(q: str = ""):
+    dialogs = S.store.list_dialogs(search=q or None)
+    return (Title("Loopbook"),
+            Main(H1("Loopbook"),
+                 Form(Input(name="title", placeholder="New dialog title", required=True),
+                      Button("New dialog", type="submit"), action="/dialogs", method="post", cls="new-dialog"),
+                 Form(Input(name="q", value=q, placeholder="Search titles", type="search"), action="/", method="get",
+                      cls="search"),
+                 Ul(*[Li(A(d["title"], href=f"/d/{d['id']}"), Span(f"{d['n_messages']} cells · {d['updated_at'][:16]}",
+                                                                   cls="meta")) for d in dialogs],
+                    cls="dialog-list") if dialogs else P("No dialogs yet.", cls="empty"),
+                 cls="home"))
+
+
+@rt("/dialogs")
+def post(title: str = "Untitled"):
+    try:
+        d = S.store.create_dialog(title)
+    except StoreError as e:
+        return PlainTextResponse(str(e), status_code=e.status)
+    return RedirectResponse(f"/d/{d['id']}", status_code=303)
+
+
+@rt("/d/{id}")
+def get(id: str):
+    try:
+        d = S.store.get_dialog(id)
+    except StoreError as e:
+        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{e}</p><p><a href='/'>All dialogs</a></p>",
+                            status_code=e.status)
+    return (Title(f"{d['title']} · Loopbook"),
+            DialogHeader(d),
+            Main(Cells(d["id"], S.store.messages(d["id"])), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"])),
+            Div(id="toast", cls="toast", role="status", aria_live="polite"))
+
+
+@rt("/d/{id}/rename")
+@page
+def post(id: str, title: str = ""):
+    S.store.rename_dialog(id, title)
+    return ""
+
+
+@rt("/d/{id}/cells")
+@page
+def post(id: str, type: str = "code", after: str = "", before: str = ""):
+    m = S.store.add_message(id, type, "", after=after or None, before=before or None)
+    return Cell(m)
+
+
+@rt("/cells/{id}")
+@page
+def put(id: str, source: str = ""):
+    S.store.update_message(id, source=source)
+    return ""
+
+
+@rt("/cells/{id}")
+@page
+def delete(id: str):
+    S.store.delete_message(id)
+    return ""
+
+
+@rt("/cells/{id}/type")
+@page
+def post(id: str, type: str):
+    return Cell(S.store.update_message(id, type=type))
+
+
+@rt("/cells/{id}/toggle")
+@page
+def post(id: str, field: str):
+    if field not in ("pinned", "skipped"):
+        raise InvalidInput("Only 'pinned' and 'skipped' can be toggled.")
+    m = S.store.get_message(id)
+    return Cell(S.store.update_message(id, **{field: not m[field]}))
+
+
+@rt("/cells/{id}/move")
+@page
+def post(id: str, offset: int = 0):
+    m = S.store.move_message(id, offset=offset)
+    return Cells(m["dialog_id"], S.store.messages(m["dialog_id"]))
+
+
+@rt("/cells/{id}/run")
+@page
+async def post(id: str, source: str | None = None):
+    if source is not None:
+        S.store.update_message(id, source=source)
+    await run_message(id)
+    return Cell(S.store.get_message(id))
+
+
+@rt("/d/{id}/run-all")
+@page
+async def post(id: str):
+    d = S.store.get_dialog(id)
+    for m in S.store.messages(d["id"]):
+        if m["type"] == "code" and not m["skipped"]:
+            result = await run_message(m["id"])
+            if result["status"] != "ok":
+                break
+    return Cells(d["id"], S.store.messages(d["id"]))
+
+
+@rt("/d/{id}/interrupt")
+@page
+async def post(id: str):
+    d = S.store.get_dialog(id)
+    await S.pool.interrupt(dialog_key(d["id"]))
+    return KernelBadge(d["id"])
+
+
+@rt("/d/{id}/restart")
+@page
+async def post(id: str):
+    d = S.store.get_dialog(id)
+    await S.pool.restart(dialog_key(d["id"]))
+    return KernelBadge(d["id"])
+
+
+@rt("/d/{id}/kernel")
+@page
+def get(id: str):
+    return KernelBadge(S.store.get_dialog(id)["id"])
+
+
+@rt("/ansi.css")
+def get():
+    return Response(ansi_css(), media_type="text/css")
+
+
+# -- entry point -------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    cfg = parse_config(argv)
+    S.cfg = cfg
+    data_dir = Path(cfg.data_dir).expanduser() if cfg.data_dir else default_data_dir()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.token or os.environ.get("LOOPBOOK_TOKEN")):
+        sys.exit(f"Refusing to bind {cfg.host} without an explicit token: pass --token or set LOOPBOOK_TOKEN.")
+    token = resolve_token(cfg, data_dir)
+    cfg.token = token
+    shown = "[::1]" if cfg.host == "::1" else cfg.host
+    print(f"Loopbook: data in {data_dir}", flush=True)
+    print(f"Loopbook is running at http://{shown}:{cfg.port}/?token={token}", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+if __name__ == "__main__":
+    main()
