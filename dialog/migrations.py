@@ -48,7 +48,111 @@ def _m1_initial(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS = [_m1_initial]
+def _m2_traces(conn: sqlite3.Connection) -> None:
+    # One trace is one solve (or fix, or eval problem); one attempt is one model turn and its execution.
+    _script(
+        conn,
+        """
+        CREATE TABLE eval_runs (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            problems_path TEXT,
+            problems_sha256 TEXT,
+            config TEXT NOT NULL DEFAULT '{}',
+            status TEXT NOT NULL DEFAULT 'running',
+            summary TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL,
+            finished_at TEXT
+        );
+        CREATE TABLE traces (
+            id INTEGER PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('solve', 'fix', 'eval')),
+            dialog_id INTEGER REFERENCES dialogs(id) ON DELETE SET NULL,
+            message_id INTEGER,
+            task_id TEXT,
+            task_source TEXT,
+            eval_run_id INTEGER REFERENCES eval_runs(id) ON DELETE SET NULL,
+            status TEXT NOT NULL DEFAULT 'running',
+            stop_reason TEXT,
+            rounds INTEGER NOT NULL DEFAULT 0,
+            n_attempts INTEGER NOT NULL DEFAULT 0,
+            final_attempt_id INTEGER,
+            code_message_id INTEGER,
+            hidden_passed INTEGER,
+            model TEXT,
+            backend TEXT,
+            manifest TEXT NOT NULL DEFAULT '{}',
+            sampling TEXT NOT NULL DEFAULT '{}',
+            config TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL,
+            finished_at TEXT
+        );
+        CREATE INDEX idx_traces_dialog ON traces(dialog_id);
+        CREATE INDEX idx_traces_eval_run ON traces(eval_run_id);
+        CREATE INDEX idx_traces_task ON traces(task_id);
+        CREATE TABLE blobs (
+            hash TEXT PRIMARY KEY,
+            body TEXT NOT NULL
+        );
+        CREATE TABLE attempts (
+            id INTEGER PRIMARY KEY,
+            trace_id INTEGER NOT NULL REFERENCES traces(id) ON DELETE CASCADE,
+            round INTEGER NOT NULL,
+            candidate INTEGER NOT NULL DEFAULT 0,
+            dialog_id INTEGER,
+            message_id INTEGER,
+            task_id TEXT,
+            task_source TEXT,
+            input_hash TEXT NOT NULL,
+            completion TEXT NOT NULL DEFAULT '',
+            finish_reason TEXT,
+            code TEXT,
+            extracted INTEGER NOT NULL DEFAULT 0,
+            extract_reason TEXT,
+            exec_status TEXT NOT NULL,
+            passed INTEGER NOT NULL DEFAULT 0,
+            ename TEXT,
+            evalue TEXT,
+            traceback TEXT NOT NULL DEFAULT '[]',
+            stdout TEXT NOT NULL DEFAULT '',
+            stderr TEXT NOT NULL DEFAULT '',
+            stdout_chars INTEGER NOT NULL DEFAULT 0,
+            stderr_chars INTEGER NOT NULL DEFAULT 0,
+            truncated INTEGER NOT NULL DEFAULT 0,
+            checks TEXT,
+            locals TEXT,
+            feedback TEXT,
+            hidden_passed INTEGER,
+            ttft_s REAL,
+            prompt_eval_s REAL,
+            decode_s REAL,
+            tokens_per_s REAL,
+            exec_s REAL,
+            prompt_tokens INTEGER,
+            cached_prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            manifest TEXT NOT NULL DEFAULT '{}',
+            sampling TEXT NOT NULL DEFAULT '{}',
+            author TEXT NOT NULL DEFAULT 'model',
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX idx_attempts_trace ON attempts(trace_id, round, candidate);
+        CREATE TABLE edits (
+            id INTEGER PRIMARY KEY,
+            dialog_id INTEGER,
+            message_id INTEGER NOT NULL,
+            trace_id INTEGER REFERENCES traces(id) ON DELETE SET NULL,
+            attempt_id INTEGER,
+            before TEXT NOT NULL,
+            after TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX idx_edits_message ON edits(message_id)
+        """,
+    )
+
+
+MIGRATIONS = [_m1_initial, _m2_traces]
 
 
 def migrate(conn: sqlite3.Connection, migrations: list = MIGRATIONS) -> tuple[int, int]:

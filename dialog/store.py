@@ -122,6 +122,12 @@ class Store:
             finally:
                 self._depth.n = 0
 
+    def reader(self) -> sqlite3.Connection:
+        """A separate read-only connection: WAL lets it stream while the writer goes on."""
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        return conn
+
     def query(self, sql: str, params: tuple | dict = ()) -> list[dict]:
         with self._lock:
             return [dict(r) for r in self.conn.execute(sql, params).fetchall()]

@@ -1,0 +1,168 @@
+"""The trace store: solves, their attempts and human corrections, in the dialog store's SQLite file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Iterator
+
+from dialog import InvalidInput, NotFound, Store
+from dialog.store import now
+
+TRACE_KINDS = ("solve", "fix", "eval")
+EXEC_STATUSES = ("ok", "error", "timeout", "died", "interrupted", "no_code", "syntax_error", "check_failed")
+STOP_REASONS = ("passed", "budget", "no_progress", "stopped", "no_code", "error")
+ATTEMPT_FIELDS = (
+    "round", "candidate", "dialog_id", "message_id", "task_id", "task_source", "completion", "finish_reason",
+    "code", "extracted", "extract_reason", "exec_status", "passed", "ename", "evalue", "traceback", "stdout",
+    "stderr", "stdout_chars", "stderr_chars", "truncated", "checks", "locals", "feedback", "hidden_passed",
+    "ttft_s", "prompt_eval_s", "decode_s", "tokens_per_s", "exec_s", "prompt_tokens", "cached_prompt_tokens",
+    "completion_tokens", "manifest", "sampling", "author",
+)
+_JSON = {"traceback", "checks", "locals", "manifest", "sampling", "config", "summary"}
+
+
+def messages_hash(messages: list[dict]) -> str:
+    return hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _encode(row: dict) -> dict:
+    return {k: (json.dumps(v, ensure_ascii=False) if k in _JSON and v is not None and not isinstance(v, str) else v)
+            for k, v in row.items()}
+
+
+def _decode(row: dict) -> dict:
+    row = dict(row)
+    for k in _JSON & row.keys():
+        if isinstance(row[k], str):
+            row[k] = json.loads(row[k])
+    for k in ("extracted", "passed", "truncated"):
+        if k in row and row[k] is not None:
+            row[k] = bool(row[k])
+    return row
+
+
+class TraceStore:
+    """Writes each attempt in one transaction as it finishes, so a crash loses at most the one in flight."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    # -- traces --------------------------------------------------------------------------------
+
+    def start_trace(self, kind: str, *, dialog_id: int | None = None, message_id: int | None = None,
+                    task_id: str | None = None, task_source: str | None = None, eval_run_id: int | None = None,
+                    model: str | None = None, backend: str | None = None, manifest: dict | None = None,
+                    sampling: dict | None = None, config: dict | None = None) -> int:
+        if kind not in TRACE_KINDS:
+            raise InvalidInput(f"Trace kind must be one of {', '.join(TRACE_KINDS)}.")
+        row = _encode({"kind": kind, "dialog_id": dialog_id, "message_id": message_id, "task_id": task_id,
+                       "task_source": task_source, "eval_run_id": eval_run_id, "model": model, "backend": backend,
+                       "manifest": manifest or {}, "sampling": sampling or {}, "config": config or {},
+                       "status": "running", "created_at": now()})
+        with self.store.transaction() as c:
+            cur = c.execute(f"INSERT INTO traces ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                            tuple(row.values()))
+            return cur.lastrowid
+
+    def add_attempt(self, trace_id: int, input_messages: list[dict], **record: Any) -> int:
+        """Store one attempt (and its exact model input, deduplicated by hash) in one transaction."""
+        unknown = set(record) - set(ATTEMPT_FIELDS)
+        if unknown:
+            raise InvalidInput(f"Unknown attempt field(s): {', '.join(sorted(unknown))}.")
+        if record.get("exec_status") not in EXEC_STATUSES:
+            raise InvalidInput(f"exec_status must be one of {', '.join(EXEC_STATUSES)}.")
+        digest = messages_hash(input_messages)
+        row = _encode({**record, "trace_id": trace_id, "input_hash": digest, "created_at": now()})
+        with self.store.transaction() as c:
+            c.execute("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)",
+                      (digest, json.dumps(input_messages, ensure_ascii=False)))
+            cur = c.execute(f"INSERT INTO attempts ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                            tuple(row.values()))
+            c.execute("UPDATE traces SET n_attempts = n_attempts + 1, rounds = max(rounds, ?) WHERE id = ?",
+                      (record.get("round", 0), trace_id))
+            return cur.lastrowid
+
+    def finish_trace(self, trace_id: int, *, status: str, stop_reason: str, final_attempt_id: int | None = None,
+                     code_message_id: int | None = None, hidden_passed: bool | None = None) -> None:
+        if stop_reason not in STOP_REASONS:
+            raise InvalidInput(f"stop_reason must be one of {', '.join(STOP_REASONS)}.")
+        with self.store.transaction() as c:
+            c.execute("UPDATE traces SET status = ?, stop_reason = ?, final_attempt_id = ?, code_message_id = ?, "
+                      "hidden_passed = ?, finished_at = ? WHERE id = ?",
+                      (status, stop_reason, final_attempt_id, code_message_id,
+                       None if hidden_passed is None else int(hidden_passed), now(), trace_id))
+
+    def set_hidden_passed(self, attempt_id: int, passed: bool) -> None:
+        with self.store.transaction() as c:
+            c.execute("UPDATE attempts SET hidden_passed = ? WHERE id = ?", (int(passed), attempt_id))
+
+    def get_trace(self, trace_id: Any, with_inputs: bool = True) -> dict:
+        rows = self.store.query("SELECT * FROM traces WHERE id = ?", (trace_id,))
+        if not rows:
+            raise NotFound(f"There is no trace {trace_id}.")
+        trace = _decode(rows[0])
+        trace["attempts"] = self.attempts(trace["id"], with_inputs=with_inputs)
+        return trace
+
+    def attempts(self, trace_id: int, with_inputs: bool = False) -> list[dict]:
+        rows = [_decode(r) for r in self.store.query(
+            "SELECT * FROM attempts WHERE trace_id = ? ORDER BY round, candidate, id", (trace_id,))]
+        if with_inputs:
+            for r in rows:
+                r["input_messages"] = self.input_messages(r["input_hash"])
+        return rows
+
+    def input_messages(self, digest: str) -> list[dict]:
+        rows = self.store.query("SELECT body FROM blobs WHERE hash = ?", (digest,))
+        return json.loads(rows[0]["body"]) if rows else []
+
+    def traces_for_message(self, message_id: int) -> list[dict]:
+        return [_decode(r) for r in self.store.query(
+            "SELECT * FROM traces WHERE message_id = ? OR code_message_id = ? ORDER BY id", (message_id, message_id))]
+
+    def iter_traces(self, where: str = "1", params: tuple = ()) -> Iterator[dict]:
+        """Stream traces from a separate read cursor, for exports that must not hold everything in memory."""
+        conn = self.store.reader()
+        try:
+            for row in conn.execute(f"SELECT * FROM traces WHERE {where} ORDER BY id", params):
+                yield _decode(dict(row))
+        finally:
+            conn.close()
+
+    # -- human corrections -----------------------------------------------------------------------
+
+    def record_edit(self, message_id: int, before: str, after: str, *, dialog_id: int | None = None,
+                    trace_id: int | None = None, attempt_id: int | None = None) -> int:
+        with self.store.transaction() as c:
+            cur = c.execute("INSERT INTO edits (dialog_id, message_id, trace_id, attempt_id, before, after, created_at)"
+                            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                            (dialog_id, message_id, trace_id, attempt_id, before, after, now()))
+            return cur.lastrowid
+
+    def edits(self, message_id: int | None = None) -> list[dict]:
+        if message_id is None:
+            return self.store.query("SELECT * FROM edits ORDER BY id")
+        return self.store.query("SELECT * FROM edits WHERE message_id = ? ORDER BY id", (message_id,))
+
+    # -- eval runs -------------------------------------------------------------------------------
+
+    def start_eval_run(self, name: str, *, problems_path: str | None = None, problems_sha256: str | None = None,
+                       config: dict | None = None) -> dict:
+        """Create the named run, or return it when it exists (an interrupted run resumes)."""
+        existing = self.eval_run(name)
+        if existing:
+            return existing
+        with self.store.transaction() as c:
+            c.execute("INSERT INTO eval_runs (name, problems_path, problems_sha256, config, created_at) "
+                      "VALUES (?, ?, ?, ?, ?)", (name, problems_path, problems_sha256, json.dumps(config or {}), now()))
+        return self.eval_run(name)
+
+    def finish_eval_run(self, run_id: int, summary: dict, status: str = "done") -> None:
+        with self.store.transaction() as c:
+            c.execute("UPDATE eval_runs SET summary = ?, status = ?, finished_at = ? WHERE id = ?",
+                      (json.dumps(summary), status, now(), run_id))
+
+    def eval_run(self, name: str) -> dict | None:
+        rows = self.store.query("SELECT * FROM eval_runs WHERE name = ?", (name,))
+        return _decode(rows[0]) if rows else None
