@@ -15,14 +15,20 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fasthtml.common import (A, Article, Button, Div, FastHTML, Form, H1, Header, Iframe, Img, Input, Li,
-                             Link, Main, NotStr, Option, P, Pre, Script, Select, Span, Textarea, Title, Ul)
+                             Link, Main, NotStr, Option, P, Pre, Script, Select, Span, Textarea, Title, Ul,
+                             to_xml)
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
+from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
+                                 StreamingResponse)
 from starlette.staticfiles import StaticFiles
 
 from dialog import MESSAGE_TYPES, InvalidInput, Store, StoreError, default_data_dir
 from dialog.render import ansi_css, ansi_html, markdown_html
+from execfeedback.ask import ask, sampling_from
+from execfeedback.live import LiveHub
 from kernels import KernelPool
+from local_model import ModelError
+from local_model.resident import Resident
 
 ROOT = Path(__file__).resolve().parent
 
@@ -43,7 +49,13 @@ KNOBS = [
     Knob("--port", "LOOPBOOK_PORT", 5001, "port to listen on", int),
     Knob("--data-dir", "LOOPBOOK_DATA_DIR", None, "where the store, models and token live (default ~/.loopbook)"),
     Knob("--token", "LOOPBOOK_TOKEN", None, "access token (default: a random one kept in DATA_DIR/token)"),
-    Knob("--model", "LOOPBOOK_MODEL", "default", "model name or GGUF path for prompts"),
+    Knob("--model", "LOOPBOOK_MODEL", "default", "model: a short name (see `python -m local_model list`) or a GGUF path"),
+    Knob("--backend", "LOOPBOOK_BACKEND", None, "llama (in process), anthropic, or openai (any OpenAI-compatible server)"),
+    Knob("--base-url", "LOOPBOOK_BASE_URL", None, "base URL of an OpenAI-compatible server (or an Anthropic proxy)"),
+    Knob("--n-ctx", "LOOPBOOK_N_CTX", 8192, "context window in tokens for in-process models", int),
+    Knob("--n-gpu-layers", "LOOPBOOK_N_GPU_LAYERS", None, "layers to offload to the GPU (default: all that fit)", int),
+    Knob("--max-tokens", "LOOPBOOK_MAX_TOKENS", 1024, "longest reply in tokens", int),
+    Knob("--temperature", "LOOPBOOK_TEMPERATURE", 0.0, "sampling temperature for replies", float),
     Knob("--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT", 120.0, "seconds a cell may run before it is interrupted", float),
     Knob("--output-cap", "LOOPBOOK_OUTPUT_CAP", 200_000, "characters of output kept per cell (head and tail)", int),
     Knob("--kernel-cwd", "LOOPBOOK_KERNEL_CWD", None, "working directory of the kernels (default: where you start)"),
@@ -60,6 +72,12 @@ class Config:
     data_dir: str | None = None
     token: str | None = None
     model: str = "default"
+    backend: str | None = None
+    base_url: str | None = None
+    n_ctx: int = 8192
+    n_gpu_layers: int | None = None
+    max_tokens: int = 1024
+    temperature: float = 0.0
     exec_timeout: float = 120.0
     output_cap: int = 200_000
     kernel_cwd: str | None = None
@@ -96,6 +114,8 @@ class State:
     cfg: Config = Config()
     store: Store
     pool: KernelPool
+    models: Resident
+    hub: LiveHub
     token: str = ""
     session: str = ""
 
@@ -197,12 +217,30 @@ async def lifespan(app):
     S.session = _session_value(S.token)
     S.pool = KernelPool(output_cap_chars=cfg.output_cap, default_timeout=cfg.exec_timeout,
                         cull_idle_s=cfg.cull_idle or None)
+    S.store.recover_interrupted()
+    S.hub = LiveHub()
+    S.models = Resident(cfg.model, cfg.backend, base_url=cfg.base_url, n_ctx=cfg.n_ctx,
+                        n_gpu_layers=cfg.n_gpu_layers, data_dir=S.store.data_dir)
     await S.pool.start()
+    loading = asyncio.create_task(load_model())
     try:
         yield
     finally:
+        loading.cancel()
         await S.pool.shutdown_all()
+        await asyncio.to_thread(S.models.close)
         S.store.close()
+
+
+async def load_model():
+    """Load the resident model in the background, so the page is up at once; say what was chosen."""
+    try:
+        engine = await S.models.get()
+        m = engine.manifest
+        print(f"Loopbook: model {m.get('model')} ({m.get('backend')}), {m.get('gpu') or 'CPU'}"
+              + (f"; {m['note']}" if m.get("note") else ""), flush=True)
+    except ModelError as e:
+        print(f"Loopbook: no model loaded: {e}", flush=True)
 
 
 HDRS = [
@@ -259,6 +297,8 @@ def api(handler):
             return result if isinstance(result, Response) else JSONResponse(result)
         except StoreError as e:
             return JSONResponse({"error": str(e)}, status_code=e.status)
+        except ModelError as e:
+            return JSONResponse({"error": f"Model: {e}"}, status_code=503)
     return wrapper
 
 
@@ -396,6 +436,76 @@ async def post(id: str):
     return await run_message(id)
 
 
+ASK_KEYS = ("max_tokens", "temperature", "seed", "top_p", "top_k", "min_p", "repeat_penalty")
+
+
+async def start_ask(message_id, body: dict):
+    """Validate, pick the engine, and start answering in the background; returns (message, live log)."""
+    m = S.store.get_message(message_id)
+    if m["type"] != "prompt":
+        raise InvalidInput(f"Message {m['id']} is a {m['type']} cell; only prompts are answered.")
+    if S.hub.running(f"reply-{m['id']}"):
+        raise InvalidInput("This prompt is already being answered; stop it first.")
+    for key in ("model", "backend"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise InvalidInput(f"'{key}' must be a string.")
+    settings = S.store.get_dialog(m["dialog_id"])["settings"]
+    defaults = {"max_tokens": S.cfg.max_tokens, "temperature": S.cfg.temperature, **settings}
+    sampling = sampling_from(defaults, {k: body.get(k) for k in ASK_KEYS})
+    engine = await S.models.get(body.get("model"), body.get("backend"))
+    live = S.hub.open(f"reply-{m['id']}")
+    task = asyncio.create_task(ask(S.store, engine, m["id"], sampling=sampling, live=live))
+    return m, live, task
+
+
+def sse_event(event: str, data: str, id: int | None = None) -> str:
+    # One data: line per line of text, so newlines inside tokens survive the trip.
+    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
+    return (f"id: {id}\n" if id is not None else "") + f"event: {event}\n{lines}\n"
+
+
+@rt("/api/messages/{id}/ask")
+@api
+async def post(id: str, req: Request):
+    body = await json_body(req)
+    m, live, task = await start_ask(id, body)
+    if "text/event-stream" in req.headers.get("accept", ""):
+        async def events():
+            n = 0
+            async for batch in live.follow():
+                for ev in batch:
+                    n += 1
+                    if ev["type"] == "token":
+                        yield sse_event("token", json.dumps({"text": ev["text"]}), n)
+            res = await task
+            yield sse_event("done", json.dumps({"reply": res.reply, "status": res.status, "error": res.error,
+                                                "figures": res.figures, "manifest": res.manifest}), n + 1)
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    res = await task
+    out = {"reply": res.reply, "status": res.status, "figures": res.figures, "manifest": res.manifest}
+    if res.status == "error":
+        return JSONResponse({**out, "error": res.error}, status_code=422)
+    return out
+
+
+@rt("/api/messages/{id}/stop")
+@api
+def post(id: str):
+    m = S.store.get_message(id)
+    rid = (m.get("reply_meta") or {}).get("request_id")
+    stopped = bool(rid and S.models.engine and S.models.engine.cancel(rid))
+    return {"stopped": stopped}
+
+
+@rt("/api/model")
+@api
+def get():
+    status = S.models.status()
+    if S.models.engine is not None:
+        status["manifest"] = S.models.engine.manifest
+    return status
+
+
 @rt("/api/dialogs/{id}/interrupt")
 @api
 async def post(id: str):
@@ -468,11 +578,39 @@ def Outputs(m: dict):
                id=f"out-{m['id']}", cls=f"outputs status-{status or 'none'}")
 
 
-def Reply(m: dict):
+def Figures(meta: dict):
+    f = meta.get("figures") or {}
+    if not f:
+        return None
+    bits = [f"{meta.get('model') or ''}".strip(),
+            f"TTFT {f.get('ttft_s', 0):.2f} s" if f.get("ttft_s") is not None else "",
+            f"{f.get('tokens_per_s', 0):.1f} tok/s" if f.get("tokens_per_s") else "",
+            f"{f.get('prompt_tokens', 0)} prompt tokens, {f.get('cached_prompt_tokens', 0)} cached"
+            if f.get("prompt_tokens") is not None else "",
+            f"{f.get('completion_tokens', 0)} generated" if f.get("completion_tokens") is not None else ""]
+    return Div(" · ".join(b for b in bits if b), cls="figures")
+
+
+def Reply(m: dict, streaming: bool = False):
     meta = m.get("reply_meta") or {}
-    if not m.get("reply"):
-        return Div(id=f"reply-{m['id']}", cls="reply empty")
-    return Div(NotStr(markdown_html(m["reply"])), id=f"reply-{m['id']}", cls=f"reply md status-{meta.get('status', 'done')}")
+    mid = m["id"]
+    if streaming:
+        return Div(Div(Button("Stop", hx_post=f"/cells/{mid}/stop", hx_swap="none", cls="stop"), cls="reply-bar"),
+                   Pre(cls="reply-live", sse_swap="token", hx_swap="beforeend"),
+                   Div(sse_swap="done", hx_target=f"#reply-{mid}", hx_swap="outerHTML"),
+                   id=f"reply-{mid}", cls="reply streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/stream",
+                   sse_close="done")
+    if not m.get("reply") and meta.get("status") not in ("error", "interrupted", "cancelled"):
+        return Div(id=f"reply-{mid}", cls="reply empty")
+    status = meta.get("status", "done")
+    notes = {"interrupted": "The server stopped while this reply was being written; it is incomplete.",
+             "cancelled": "Stopped.", "error": f"The model failed: {meta.get('error')}"}
+    return Div(Div(notes[status], cls=f"reply-note note-{status}") if status in notes else None,
+               Div(NotStr(markdown_html(m.get("reply") or "")), cls="md"),
+               Div(Button("Code to cells", hx_post=f"/cells/{mid}/extract", hx_target=f"#cell-{mid}",
+                          hx_swap="afterend", cls="extract", title="Put the reply's code blocks in new code cells"),
+                   Figures(meta), cls="reply-foot"),
+               id=f"reply-{mid}", cls=f"reply status-{status}")
 
 
 def CellToolbar(m: dict):
@@ -483,6 +621,8 @@ def CellToolbar(m: dict):
                cls="cell-type", title="Cell type"),
         Button("Run", hx_post=f"/cells/{mid}/run", hx_include=f"#cell-{mid} textarea", hx_target=f"#cell-{mid}",
                hx_swap="outerHTML", cls="run", title="Run (Ctrl+Enter)") if m["type"] == "code" else None,
+        Button("Ask", hx_post=f"/cells/{mid}/ask", hx_include=f"#cell-{mid} textarea", hx_target=f"#reply-{mid}",
+               hx_swap="outerHTML", cls="run ask", title="Ask the model (Ctrl+Enter)") if m["type"] == "prompt" else None,
         Button("Pin" if not m["pinned"] else "Unpin", hx_post=f"/cells/{mid}/toggle?field=pinned",
                hx_target=f"#cell-{mid}", hx_swap="outerHTML", cls="toggle-pin"),
         Button("Skip" if not m["skipped"] else "Unskip", hx_post=f"/cells/{mid}/toggle?field=skipped",
@@ -524,6 +664,16 @@ def AddBar(dialog_id: int):
                         hx_swap="beforeend", cls=f"add-{t}") for t in MESSAGE_TYPES], cls="add-bar")
 
 
+def ModelBadge():
+    st = S.models.status()
+    text = {"ready": f"model: {st.get('model')}", "loading": f"model: loading {st.get('model') or ''}",
+            "error": "model: not loaded", "idle": "model: not loaded"}[st["state"]]
+    title = st.get("error") or " · ".join(x for x in (st.get("gpu"), st.get("note")) if x)
+    extra = {} if st["state"] == "ready" else {"hx_get": "/model-badge", "hx_trigger": "load delay:2s",
+                                                "hx_swap": "outerHTML"}
+    return Span(text, id="model-state", cls=f"model-state model-{st['state']}", title=title, **extra)
+
+
 def KernelBadge(dialog_id: int):
     state = S.pool.state(dialog_key(dialog_id))
     return Span(f"kernel: {state}", id="kernel-state", cls=f"kernel-state kernel-{state}")
@@ -536,6 +686,7 @@ def DialogHeader(d: dict):
         Form(Input(name="title", value=d["title"], cls="dialog-title", aria_label="Dialog title"),
              hx_post=f"/d/{did}/rename", hx_trigger="change", hx_swap="none"),
         KernelBadge(did),
+        ModelBadge(),
         Div(Button("Run all", hx_post=f"/d/{did}/run-all", hx_target="#cells", hx_swap="outerHTML", cls="run-all"),
             Button("Interrupt", hx_post=f"/d/{did}/interrupt", hx_target="#kernel-state", hx_swap="outerHTML",
                    cls="interrupt"),
@@ -691,6 +842,74 @@ async def post(id: str):
 @page
 def get(id: str):
     return KernelBadge(S.store.get_dialog(id)["id"])
+
+
+@rt("/cells/{id}/ask")
+@page
+async def post(id: str, source: str | None = None):
+    if source is not None:
+        S.store.update_message(id, source=source)
+    try:
+        m, _, _ = await start_ask(id, {})
+    except ModelError as e:
+        raise InvalidInput(f"No model to answer with: {e}") from None
+    return Reply(m, streaming=True)
+
+
+@rt("/cells/{id}/stop")
+@page
+def post(id: str):
+    m = S.store.get_message(id)
+    rid = (m.get("reply_meta") or {}).get("request_id")
+    if rid and S.models.engine:
+        S.models.engine.cancel(rid)
+    return ""
+
+
+@rt("/cells/{id}/stream")
+async def get(id: str, req: Request):
+    from html import escape
+
+    live = S.hub.get(f"reply-{id}")
+    start = int(req.headers.get("last-event-id") or 0)
+
+    async def events():
+        n = start
+        if live is not None:
+            async for batch in live.follow(start):
+                text = "".join(ev["text"] for ev in batch if ev["type"] == "token")
+                n += len(batch)
+                if text:
+                    yield sse_event("token", escape(text), n)
+        try:
+            final = to_xml(Reply(S.store.get_message(id)))
+        except StoreError as e:
+            final = to_xml(Div(str(e), id=f"reply-{id}", cls="reply"))
+        yield sse_event("done", final, n + 1)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@rt("/cells/{id}/extract")
+@page
+def post(id: str):
+    from execfeedback.extract import code_blocks
+
+    m = S.store.get_message(id)
+    blocks = code_blocks(m.get("reply") or "")
+    if not blocks:
+        raise InvalidInput("The reply has no code blocks.")
+    cells, after = [], m["id"]
+    for code in blocks:
+        c = S.store.add_message(m["dialog_id"], "code", code, after=after, author="model")
+        cells.append(Cell(c))
+        after = c["id"]
+    return tuple(cells)
+
+
+@rt("/model-badge")
+def get():
+    return ModelBadge()
 
 
 @rt("/ansi.css")

@@ -132,6 +132,17 @@ class Store:
         with self._lock:
             return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
 
+    def recover_interrupted(self) -> int:
+        """After a crash: replies that were streaming are marked interrupted (their text so far is kept)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "UPDATE messages SET reply_meta = json_set(reply_meta, '$.status', 'interrupted') "
+                "WHERE json_extract(reply_meta, '$.status') = 'streaming'")
+            n = cur.rowcount
+            if c.execute("SELECT 1 FROM sqlite_master WHERE name = 'traces'").fetchone():
+                c.execute("UPDATE traces SET status = 'interrupted', stop_reason = 'stopped' WHERE status = 'running'")
+            return n
+
     # -- dialogs -------------------------------------------------------------------------------
 
     def create_dialog(self, title: str, settings: dict | None = None, parent_id: int | None = None) -> dict:
