@@ -446,6 +446,9 @@ async def start_ask(message_id, body: dict):
         raise InvalidInput(f"Message {m['id']} is a {m['type']} cell; only prompts are answered.")
     if S.hub.running(f"reply-{m['id']}"):
         raise InvalidInput("This prompt is already being answered; stop it first.")
+    unknown = set(body) - set(ASK_KEYS) - {"model", "backend"}
+    if unknown:
+        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(unknown))}; known: model, backend, {', '.join(ASK_KEYS)}.")
     for key in ("model", "backend"):
         if body.get(key) is not None and not isinstance(body[key], str):
             raise InvalidInput(f"'{key}' must be a string.")
