@@ -26,6 +26,9 @@ from dialog import MESSAGE_TYPES, InvalidInput, Store, StoreError, default_data_
 from dialog.render import ansi_css, ansi_html, markdown_html
 from execfeedback.ask import ask, sampling_from
 from execfeedback.live import LiveHub
+from execfeedback.loop import Loop, LoopConfig
+from execfeedback.solve import dialog_key, fix_task, land, loop_config, note_edit, solve_task, summary
+from execfeedback.traces import TraceStore
 from kernels import KernelPool
 from local_model import ModelError
 from local_model.resident import Resident
@@ -56,6 +59,8 @@ KNOBS = [
     Knob("--n-gpu-layers", "LOOPBOOK_N_GPU_LAYERS", None, "layers to offload to the GPU (default: all that fit)", int),
     Knob("--max-tokens", "LOOPBOOK_MAX_TOKENS", 1024, "longest reply in tokens", int),
     Knob("--temperature", "LOOPBOOK_TEMPERATURE", 0.0, "sampling temperature for replies", float),
+    Knob("--rounds", "LOOPBOOK_ROUNDS", 3, "feedback rounds after the first attempt in Solve and Fix", int),
+    Knob("--candidates", "LOOPBOOK_CANDIDATES", 1, "code samples per round; the first that passes the checks wins", int),
     Knob("--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT", 120.0, "seconds a cell may run before it is interrupted", float),
     Knob("--output-cap", "LOOPBOOK_OUTPUT_CAP", 200_000, "characters of output kept per cell (head and tail)", int),
     Knob("--kernel-cwd", "LOOPBOOK_KERNEL_CWD", None, "working directory of the kernels (default: where you start)"),
@@ -78,6 +83,8 @@ class Config:
     n_gpu_layers: int | None = None
     max_tokens: int = 1024
     temperature: float = 0.0
+    rounds: int = 3
+    candidates: int = 1
     exec_timeout: float = 120.0
     output_cap: int = 200_000
     kernel_cwd: str | None = None
@@ -116,6 +123,8 @@ class State:
     pool: KernelPool
     models: Resident
     hub: LiveHub
+    traces: TraceStore
+    loops: dict
     token: str = ""
     session: str = ""
 
@@ -219,6 +228,8 @@ async def lifespan(app):
                         cull_idle_s=cfg.cull_idle or None)
     S.store.recover_interrupted()
     S.hub = LiveHub()
+    S.traces = TraceStore(S.store)
+    S.loops = {}
     S.models = Resident(cfg.model, cfg.backend, base_url=cfg.base_url, n_ctx=cfg.n_ctx,
                         n_gpu_layers=cfg.n_gpu_layers, data_dir=S.store.data_dir)
     await S.pool.start()
@@ -276,10 +287,6 @@ class AssetFiles(StaticFiles):
 
 app.mount("/static", AssetFiles(directory=ROOT / "static"), name="static")
 rt = app.route
-
-
-def dialog_key(dialog_id: int) -> str:
-    return f"dialog-{dialog_id}"
 
 
 # -- JSON API ------------------------------------------------------------------------------------
@@ -396,6 +403,8 @@ async def patch(id: str, req: Request):
     unknown = set(body) - allowed - {"version"}
     if unknown:
         raise InvalidInput(f"Cannot change {', '.join(sorted(unknown))}; editable fields: {', '.join(sorted(allowed))}.")
+    if "source" in body and isinstance(body["source"], str):
+        note_edit(S.store, S.traces, S.store.get_message(id), body["source"])
     m = S.store.update_message(id, version=body.get("version"), **{k: v for k, v in body.items() if k in allowed})
     return message_json(m)
 
@@ -491,13 +500,105 @@ async def post(id: str, req: Request):
     return out
 
 
+async def stop_message(message_id) -> bool:
+    """Stop whatever works on this message: a loop (generation and code) or a streaming reply."""
+    m = S.store.get_message(message_id)
+    loop = S.loops.get(m["id"])
+    if loop is not None:
+        await loop.stop()
+        return True
+    rid = (m.get("reply_meta") or {}).get("request_id")
+    return bool(rid and S.models.engine and S.models.engine.cancel(rid))
+
+
 @rt("/api/messages/{id}/stop")
 @api
-def post(id: str):
-    m = S.store.get_message(id)
-    rid = (m.get("reply_meta") or {}).get("request_id")
-    stopped = bool(rid and S.models.engine and S.models.engine.cancel(rid))
-    return {"stopped": stopped}
+async def post(id: str):
+    return {"stopped": await stop_message(id)}
+
+
+LOOP_KEYS = ("rounds", "candidates", "retry", "exec_timeout")
+
+
+async def start_loop(message_id, body: dict, kind: str):
+    """Build the Task (Solve on a prompt, Fix on a failed code cell) and run the loop in the background."""
+    unknown = set(body) - set(LOOP_KEYS) - set(ASK_KEYS) - {"model", "backend"}
+    if unknown:
+        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(unknown))}.")
+    m = S.store.get_message(message_id)
+    if m["id"] in S.loops:
+        raise InvalidInput("A loop is already running on this cell; stop it first.")
+    settings = S.store.get_dialog(m["dialog_id"])["settings"]
+    defaults = {"max_tokens": S.cfg.max_tokens, "temperature": S.cfg.temperature, **settings}
+    sampling = sampling_from(defaults, {k: body.get(k) for k in ASK_KEYS})
+    base = LoopConfig(rounds=S.cfg.rounds, candidates=S.cfg.candidates, exec_timeout=min(S.cfg.exec_timeout, 60.0),
+                      sampling=sampling)
+    cfg = loop_config(settings, {k: body.get(k) for k in LOOP_KEYS}, base)
+    engine = await S.models.get(body.get("model"), body.get("backend"))
+    task = solve_task(S.store, engine, m["id"], sampling.max_tokens) if kind == "solve" else \
+        fix_task(S.store, engine, m["id"])
+    loop = Loop(engine, S.pool, S.traces, cfg)
+    live = S.hub.open(f"loop-{m['id']}")
+    S.loops[m["id"]] = loop
+
+    async def run():
+        try:
+            result = None
+            async for ev in loop.run(task):
+                if ev["type"] == "done":
+                    result = ev["result"]
+                else:
+                    live.publish(ev if ev["type"] != "attempt" else {"type": "attempt", "attempt": {
+                        k: ev["attempt"].get(k) for k in ("id", "round", "candidate", "exec_status", "passed",
+                                                          "ename", "evalue", "author")}})
+            code_id = land(S.store, S.traces, task, result)
+            out = summary(result, code_id)
+            live.publish({"type": "done", "summary": out})
+            return out
+        finally:
+            S.loops.pop(m["id"], None)
+            live.close()
+
+    return m, live, asyncio.create_task(run())
+
+
+async def loop_response(req: Request, id: str, kind: str):
+    body = await json_body(req)
+    m, live, task = await start_loop(id, body, kind)
+    if "text/event-stream" in req.headers.get("accept", ""):
+        async def events():
+            n = 0
+            async for batch in live.follow():
+                for ev in batch:
+                    n += 1
+                    yield sse_event(ev["type"], json.dumps(ev), n)
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await task
+
+
+@rt("/api/messages/{id}/solve")
+@api
+async def post(id: str, req: Request):
+    return await loop_response(req, id, "solve")
+
+
+@rt("/api/messages/{id}/fix")
+@api
+async def post(id: str, req: Request):
+    return await loop_response(req, id, "fix")
+
+
+@rt("/api/traces/{id}")
+@api
+def get(id: str):
+    return S.traces.get_trace(id)
+
+
+@rt("/api/messages/{id}/traces")
+@api
+def get(id: str):
+    return [{k: t[k] for k in ("id", "kind", "status", "stop_reason", "rounds", "n_attempts", "code_message_id",
+                               "created_at", "finished_at")} for t in S.traces.traces_for_message(S.store.get_message(id)["id"])]
 
 
 @rt("/api/model")
@@ -771,6 +872,7 @@ def post(id: str, type: str = "code", after: str = "", before: str = ""):
 @rt("/cells/{id}")
 @page
 def put(id: str, source: str = ""):
+    note_edit(S.store, S.traces, S.store.get_message(id), source)
     S.store.update_message(id, source=source)
     return ""
 

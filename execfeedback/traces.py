@@ -93,6 +93,10 @@ class TraceStore:
                       (status, stop_reason, final_attempt_id, code_message_id,
                        None if hidden_passed is None else int(hidden_passed), now(), trace_id))
 
+    def set_code_message(self, trace_id: int, message_id: int) -> None:
+        with self.store.transaction() as c:
+            c.execute("UPDATE traces SET code_message_id = ? WHERE id = ?", (message_id, trace_id))
+
     def set_hidden_passed(self, attempt_id: int, passed: bool) -> None:
         with self.store.transaction() as c:
             c.execute("UPDATE attempts SET hidden_passed = ? WHERE id = ?", (int(passed), attempt_id))

@@ -1,0 +1,384 @@
+"""The execution-feedback loop: propose code, run it, check it, feed the failure back; every attempt is kept.
+
+One code path serves the page (Solve, Fix), the API and the headless eval runner. Like claudette's
+tool loop it is a small async generator with a round budget (`rounds`) and a stop function.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from typing import Any, AsyncIterator, Callable
+
+from dialog.render import strip_ansi
+from kernels import KernelPool
+from local_model import Engine, ModelError, Sampling
+
+from .checks import instrument, instrument_candidate, parse_check_output, parse_locals_output
+from .extract import extract_code
+from .feedback import FeedbackConfig, error_signature, feedback_message
+from .traces import TraceStore
+
+RESET_NAMESPACE = "get_ipython().run_line_magic('reset', '-f')"
+
+
+@dataclass
+class LoopConfig:
+    rounds: int = 3                    # feedback rounds after round 0
+    candidates: int = 1                # samples per round; the first that passes the visible checks wins
+    candidate_temperature: float = 0.8  # used when candidates > 1 (sampling several at 0 gives one answer)
+    retry: str = "refine"              # refine: answer the feedback; resample: round-0 prompt, fresh sample
+    exec_timeout: float = 30.0
+    fresh_namespace: bool = False      # eval: each attempt runs in a clean namespace
+    sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1024))
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+
+    def validate(self) -> "LoopConfig":
+        if not isinstance(self.rounds, int) or not 0 <= self.rounds <= 20:
+            raise ValueError("rounds must be a whole number from 0 to 20")
+        if not isinstance(self.candidates, int) or not 1 <= self.candidates <= 16:
+            raise ValueError("candidates must be a whole number from 1 to 16")
+        if self.retry not in ("refine", "resample"):
+            raise ValueError("retry must be 'refine' or 'resample'")
+        if not self.exec_timeout > 0:
+            raise ValueError("exec_timeout must be positive")
+        return self
+
+    def as_dict(self) -> dict:
+        return {"rounds": self.rounds, "candidates": self.candidates, "candidate_temperature": self.candidate_temperature,
+                "retry": self.retry, "exec_timeout": self.exec_timeout, "fresh_namespace": self.fresh_namespace,
+                "feedback": self.feedback.to_dict()}
+
+
+@dataclass
+class Task:
+    """What one trace works on: the round-0 model input, where code runs, and how it is checked."""
+
+    kind: str                          # solve, fix, eval
+    messages: list[dict]               # round-0 model input
+    kernel_key: str
+    checks: str | None = None          # visible tests: shown to the model, run for feedback
+    hidden_tests: str | None = None    # eval only: scored, never shown
+    cache_key: str | None = None
+    dialog_id: int | None = None
+    message_id: int | None = None
+    task_id: str | None = None
+    task_source: str | None = None
+    eval_run_id: int | None = None
+    human_attempt: dict | None = None  # fix: {"code", "obs"} of the human's failing cell
+
+
+@dataclass
+class Attempt:
+    round: int
+    candidate: int
+    completion: str
+    code: str | None
+    obs: dict
+    passed: bool
+    outputs: list[dict]
+    record: dict
+    id: int | None = None
+
+
+@dataclass
+class LoopResult:
+    trace_id: int
+    status: str                         # passed, failed, stopped
+    stop_reason: str
+    rounds: int
+    attempts: list[Attempt]
+    final: Attempt | None
+
+
+def _text(outputs: list[dict], name: str) -> str:
+    return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == name)
+
+
+def _clean_outputs(outputs: list[dict]) -> list[dict]:
+    """The candidate's outputs as the user should see them: our marker lines removed."""
+    out = []
+    for o in outputs:
+        if o.get("output_type") == "stream":
+            text = o.get("text", "")
+            _, text = parse_check_output(text)
+            _, text = parse_locals_output(text)
+            if text:
+                out.append({**o, "text": text})
+        else:
+            out.append(o)
+    return out
+
+
+def _better(a: Attempt | None, b: Attempt) -> Attempt:
+    """Between two failed candidates, the one to give feedback on: more checks passed, code over no code."""
+    if a is None:
+        return b
+    def score(x: Attempt) -> tuple:
+        checks = x.obs.get("checks") or {}
+        return (x.code is not None, x.obs.get("status") == "check_failed", checks.get("passed", 0))
+    return b if score(b) > score(a) else a
+
+
+class Loop:
+    """Runs Tasks against one engine and one kernel pool, writing every attempt to the trace store."""
+
+    def __init__(self, engine: Engine, pool: KernelPool, traces: TraceStore, config: LoopConfig | None = None):
+        self.engine = engine
+        self.pool = pool
+        self.traces = traces
+        self.config = (config or LoopConfig()).validate()
+        self._stopped = False
+        self._request_id: str | None = None
+        self._running_key: str | None = None
+
+    async def stop(self) -> None:
+        """The user's Stop: cancel the generation in flight and interrupt the code in flight."""
+        self._stopped = True
+        if self._request_id:
+            self.engine.cancel(self._request_id)
+        if self._running_key:
+            await self.pool.interrupt(self._running_key)
+
+    async def run(self, task: Task, should_stop: Callable[[], bool] | None = None) -> AsyncIterator[dict]:
+        """Events: attempt_start, token, attempt (with the stored record), done (with the LoopResult)."""
+        cfg = self.config
+        manifest = dict(self.engine.manifest)
+        trace_id = self.traces.start_trace(
+            task.kind, dialog_id=task.dialog_id, message_id=task.message_id, task_id=task.task_id,
+            task_source=task.task_source, eval_run_id=task.eval_run_id, model=manifest.get("model"),
+            backend=manifest.get("backend"), manifest=manifest, sampling=cfg.sampling.as_dict(), config=cfg.as_dict())
+        stopped = lambda: self._stopped or bool(should_stop and should_stop())
+        attempts: list[Attempt] = []
+        messages = list(task.messages)
+        first_round = 0
+        prev_sig: str | None = None
+        no_code_streak = 0
+        stop_reason = "budget"
+        final: Attempt | None = None
+
+        if task.human_attempt:
+            human = await self._human_attempt(task, trace_id)
+            attempts.append(human)
+            yield {"type": "attempt", "attempt": human.record}
+            messages = self._with_fix_request(messages, human)
+            prev_sig = error_signature(human.obs)
+            first_round = 1
+
+        for rnd in range(first_round, first_round + cfg.rounds + 1):
+            best: Attempt | None = None
+            for k in range(cfg.candidates):
+                if stopped():
+                    break
+                yield {"type": "attempt_start", "round": rnd, "candidate": k}
+                attempt = None
+                async for ev in self._attempt(task, trace_id, messages, rnd, k, manifest):
+                    if ev["type"] == "token":
+                        yield ev
+                    else:
+                        attempt = ev["attempt"]
+                if attempt is None:
+                    break
+                attempts.append(attempt)
+                yield {"type": "attempt", "attempt": attempt.record}
+                if attempt.passed:
+                    best = attempt
+                    break
+                best = _better(best, attempt)
+            if best is None or stopped():
+                stop_reason = "stopped"
+                final = best or final
+                break
+            final = best
+            if best.passed:
+                stop_reason = "passed"
+                break
+            if rnd == first_round + cfg.rounds:
+                stop_reason = "budget"
+                break
+            sig = error_signature(best.obs)
+            no_code_streak = no_code_streak + 1 if best.code is None else 0
+            if no_code_streak >= 2:
+                stop_reason = "no_code"
+                break
+            if sig == prev_sig and best.code is not None:
+                stop_reason = "no_progress"
+                break
+            prev_sig = sig
+            if cfg.retry == "resample":
+                messages = list(task.messages)
+            else:
+                messages = messages + [{"role": "assistant", "content": best.completion},
+                                       {"role": "user", "content": best.record["feedback"]}]
+
+        status = "passed" if stop_reason == "passed" else ("stopped" if stop_reason == "stopped" else "failed")
+        hidden = final.record.get("hidden_passed") if final else None
+        self.traces.finish_trace(trace_id, status=status, stop_reason=stop_reason,
+                                 final_attempt_id=final.id if final else None, hidden_passed=hidden)
+        result = LoopResult(trace_id, status, stop_reason, max((a.round for a in attempts), default=0), attempts, final)
+        yield {"type": "done", "result": result}
+
+    async def run_to_end(self, task: Task, on_event: Callable[[dict], Any] | None = None) -> LoopResult:
+        result = None
+        async for ev in self.run(task):
+            if on_event:
+                on_event(ev)
+            if ev["type"] == "done":
+                result = ev["result"]
+        return result
+
+    # -- one attempt -----------------------------------------------------------------------------
+
+    async def _attempt(self, task: Task, trace_id: int, messages: list[dict], rnd: int, k: int,
+                       manifest: dict) -> AsyncIterator[dict]:
+        cfg = self.config
+        sampling = cfg.sampling
+        if cfg.candidates > 1 or (cfg.retry == "resample" and rnd > 0):
+            sampling = replace(sampling, temperature=max(sampling.temperature, cfg.candidate_temperature),
+                               seed=sampling.seed + 1000 * rnd + k)
+        self._request_id = rid = uuid.uuid4().hex
+        text, figures, finish = "", {}, None
+        try:
+            async for ev in self.engine.stream(messages, sampling, cache_key=task.cache_key, request_id=rid):
+                if ev["type"] == "token":
+                    yield ev
+                elif ev["type"] == "done":
+                    text, figures, finish = ev.get("text") or "", ev.get("figures") or {}, ev.get("finish_reason")
+        except ModelError as e:
+            text, finish = "", "error"
+            figures = {"error": str(e)}
+        finally:
+            self._request_id = None
+        if finish == "cancelled" or (self._stopped and finish != "stop"):
+            return
+        t0 = time.perf_counter()
+        extraction = extract_code(text)
+        if not extraction.ok or not extraction.code:
+            obs = {"status": "no_code"}
+            outputs: list[dict] = []
+            exec_s = 0.0
+        else:
+            obs, outputs, exec_s = await self._execute(task, extraction.code)
+        passed = obs["status"] == "ok"
+        hidden = None
+        if task.hidden_tests and extraction.code and obs["status"] in ("ok", "check_failed"):
+            hidden = await self._score_hidden(task, extraction.code)
+        record = self._record(task, rnd, k, text, finish, extraction, obs, passed, hidden, figures, exec_s,
+                              manifest, sampling)
+        attempt = Attempt(rnd, k, text, extraction.code, obs, passed, outputs, record)
+        attempt.id = self.traces.add_attempt(trace_id, messages, **record)
+        record["id"] = attempt.id
+        record["loop_overhead_s"] = round(time.perf_counter() - t0 - exec_s, 5)
+        yield {"type": "attempt", "attempt": attempt}
+
+    async def _execute(self, task: Task, code: str) -> tuple[dict, list[dict], float]:
+        """Compile, run, then run the visible checks; the observation the feedback is built from."""
+        cfg = self.config
+        try:
+            compile(code, "<candidate>", "exec", dont_inherit=True)
+        except SyntaxError as e:
+            lines = [f'  File "<candidate>", line {e.lineno}'] if e.lineno else []
+            if e.text:
+                lines += ["    " + e.text.rstrip("\n"), "    " + " " * max((e.offset or 1) - 1, 0) + "^"]
+            return ({"status": "syntax_error", "ename": "SyntaxError", "evalue": e.msg, "lineno": e.lineno,
+                     "traceback": lines + [f"SyntaxError: {e.msg}"]}, [], 0.0)
+        self._running_key = task.kernel_key
+        t0 = time.perf_counter()
+        try:
+            if cfg.fresh_namespace:
+                await self.pool.execute(task.kernel_key, RESET_NAMESPACE, silent=True, store_history=False)
+            res = await self.pool.execute(task.kernel_key, instrument_candidate(code), timeout=cfg.exec_timeout)
+            stdout = _text(res.outputs, "stdout")
+            local_info, stderr = parse_locals_output(_text(res.outputs, "stderr"))
+            outputs = _clean_outputs(res.outputs)
+            obs: dict[str, Any] = {"status": res.status, "stdout": stdout, "stderr": stderr,
+                                   "truncated": res.truncated, "timeout_s": cfg.exec_timeout}
+            if res.error:
+                obs.update(ename=res.error.get("ename"), evalue=res.error.get("evalue"),
+                           traceback=[strip_ansi(line) for line in res.error.get("traceback") or []])
+            if local_info:
+                obs["locals"] = local_info.get("locals") or local_info
+            if res.status == "ok" and task.checks:
+                cres = await self.pool.execute(task.kernel_key, instrument(task.checks), timeout=cfg.exec_timeout,
+                                               store_history=False)
+                report, check_out = parse_check_output(_text(cres.outputs, "stdout"))
+                if cres.status != "ok" or report is None:
+                    obs.update(status="timeout" if cres.status == "timeout" else cres.status if cres.status in
+                               ("died", "interrupted") else "error",
+                               ename=(cres.error or {}).get("ename"), evalue=(cres.error or {}).get("evalue"),
+                               traceback=[strip_ansi(x) for x in (cres.error or {}).get("traceback") or []])
+                else:
+                    obs["checks"] = report.to_dict()
+                    if not report.ok:
+                        obs["status"] = "check_failed"
+                    if check_out.strip():
+                        obs["stdout"] = stdout + check_out
+        finally:
+            self._running_key = None
+        return obs, outputs, time.perf_counter() - t0
+
+    async def _score_hidden(self, task: Task, code: str) -> bool:
+        """Run the code afresh with the hidden tests; never shown to the model, never fed back."""
+        key = task.kernel_key
+        await self.pool.execute(key, RESET_NAMESPACE, silent=True, store_history=False)
+        res = await self.pool.execute(key, instrument_candidate(code), timeout=self.config.exec_timeout,
+                                      store_history=False)
+        if res.status != "ok":
+            return False
+        cres = await self.pool.execute(key, instrument(task.hidden_tests), timeout=self.config.exec_timeout,
+                                       store_history=False)
+        report, _ = parse_check_output(_text(cres.outputs, "stdout"))
+        await self.pool.execute(key, RESET_NAMESPACE, silent=True, store_history=False)
+        return bool(cres.status == "ok" and report is not None and report.ok)
+
+    def _record(self, task: Task, rnd: int, k: int, text: str, finish: str | None, extraction, obs: dict,
+                passed: bool, hidden: bool | None, figures: dict, exec_s: float, manifest: dict,
+                sampling: Sampling) -> dict:
+        stdout, stderr = obs.get("stdout") or "", obs.get("stderr") or ""
+        cap = 20_000
+        feedback = None if passed else feedback_message(obs, self.config.feedback)
+        return {
+            "round": rnd, "candidate": k, "dialog_id": task.dialog_id, "message_id": task.message_id,
+            "task_id": task.task_id, "task_source": task.task_source, "completion": text, "finish_reason": finish,
+            "code": extraction.code, "extracted": bool(extraction.ok and extraction.code),
+            "extract_reason": extraction.reason, "exec_status": obs["status"], "passed": passed,
+            "ename": obs.get("ename"), "evalue": obs.get("evalue"), "traceback": obs.get("traceback") or [],
+            "stdout": stdout[-cap:], "stderr": stderr[-cap:], "stdout_chars": len(stdout),
+            "stderr_chars": len(stderr), "truncated": bool(obs.get("truncated") or len(stdout) > cap or len(stderr) > cap),
+            "checks": obs.get("checks"), "locals": obs.get("locals"), "feedback": feedback, "hidden_passed": hidden,
+            "ttft_s": figures.get("ttft_s"), "prompt_eval_s": figures.get("prompt_eval_s"),
+            "decode_s": figures.get("decode_s"), "tokens_per_s": figures.get("tokens_per_s"),
+            "exec_s": round(exec_s, 5), "prompt_tokens": figures.get("prompt_tokens"),
+            "cached_prompt_tokens": figures.get("cached_prompt_tokens"),
+            "completion_tokens": figures.get("completion_tokens"), "manifest": manifest,
+            "sampling": sampling.as_dict(), "author": "model",
+        }
+
+    # -- fix: the human's failing cell is round 0 ----------------------------------------------------
+
+    async def _human_attempt(self, task: Task, trace_id: int) -> Attempt:
+        h = task.human_attempt
+        obs = dict(h["obs"])
+        completion = f"```python\n{h['code']}\n```"
+        feedback = feedback_message(obs, self.config.feedback)
+
+        class _X:  # the human's code needs no extraction
+            ok, code, reason = True, h["code"], "human"
+
+        record = self._record(task, 0, 0, completion, None, _X, obs, False, None, {}, 0.0,
+                              {}, self.config.sampling)
+        record.update(author="human", feedback=feedback)
+        attempt = Attempt(0, 0, completion, h["code"], obs, False, [], record)
+        attempt.id = self.traces.add_attempt(trace_id, task.messages, **record)
+        record["id"] = attempt.id
+        return attempt
+
+    @staticmethod
+    def _with_fix_request(messages: list[dict], human: Attempt) -> list[dict]:
+        """The context plus a user turn with the failing code and what went wrong."""
+        ask = f"I ran this code:\n```python\n{human.code}\n```\n\n{human.record['feedback']}"
+        last = messages[-1] if messages else {}
+        if last.get("role") == "user" and isinstance(last.get("content"), str):
+            return messages[:-1] + [{"role": "user", "content": f"{last['content']}\n\n{ask}"}]
+        return messages + [{"role": "user", "content": ask}]
