@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from html import escape
 import hashlib
 import hmac
 import json
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from fasthtml.common import (A, Article, Button, Div, FastHTML, Form, H1, Header, Iframe, Img, Input, Li,
+from fasthtml.common import (A, Article, Button, Details, Div, FastHTML, Form, H1, H2, Header, Iframe, Img, Input, Li,
+                             Summary,
                              Link, Main, NotStr, Option, P, Pre, Script, Select, Span, Textarea, Title, Ul,
                              to_xml)
 from starlette.requests import Request
@@ -23,6 +25,7 @@ from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, 
 from starlette.staticfiles import StaticFiles
 
 from dialog import MESSAGE_TYPES, InvalidInput, Store, StoreError, default_data_dir
+from dialog.notebook import export_dialog, import_ipynb
 from dialog.render import ansi_css, ansi_html, markdown_html
 from execfeedback.ask import ask, sampling_from
 from execfeedback.live import LiveHub
@@ -373,6 +376,20 @@ async def delete(id: str):
     return {"deleted": d["id"]}
 
 
+@rt("/api/dialogs/{id}/export")
+@api
+def get(id: str, format: str = "ipynb"):
+    text, media, name = export_dialog(S.store, id, format)
+    return Response(text, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@rt("/api/dialogs/import")
+@api
+async def post(req: Request, title: str = ""):
+    d = import_ipynb(S.store, await req.body(), title or None)
+    return {"id": d["id"], "title": d["title"], "n_messages": d["n_messages"], "notices": d["notices"]}
+
+
 @rt("/api/dialogs/{id}/duplicate")
 @api
 async def post(id: str, req: Request):
@@ -717,6 +734,47 @@ def Reply(m: dict, streaming: bool = False):
                id=f"reply-{mid}", cls=f"reply status-{status}")
 
 
+STATUS_WORDS = {"ok": "passed", "error": "error", "timeout": "timed out", "died": "kernel died",
+                "interrupted": "interrupted", "no_code": "no code", "syntax_error": "syntax error",
+                "check_failed": "check failed"}
+
+
+def AttemptLine(a: dict):
+    what = STATUS_WORDS.get(a.get("exec_status"), a.get("exec_status"))
+    detail = f": {a.get('ename')}: {a.get('evalue')}" if a.get("ename") else ""
+    who = " (your code)" if a.get("author") == "human" else ""
+    return Li(Span(f"round {a['round']}" + (f" · candidate {a['candidate']}" if a.get("candidate") else "") + who,
+                   cls="attempt-round"),
+              Span(what + detail, cls=f"attempt-status st-{a.get('exec_status')}"), cls="attempt")
+
+
+def LoopView(m: dict, streaming: bool = False):
+    """The attempts of the latest Solve/Fix on this cell, collapsed; live while the loop runs."""
+    mid = m["id"]
+    if streaming:
+        return Div(Div(Span("Solving: model code runs in this dialog's kernel", cls="loop-note"),
+                       Button("Stop", hx_post=f"/cells/{mid}/stop", hx_swap="none", cls="stop"), cls="reply-bar"),
+                   Ul(cls="attempts live", sse_swap="attempt", hx_swap="beforeend"),
+                   Pre(cls="reply-live", sse_swap="token", hx_swap="beforeend"),
+                   Div(sse_swap="done", hx_target=f"#cell-{mid}", hx_swap="outerHTML"),
+                   id=f"loop-{mid}", cls="loop streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/loop-stream",
+                   sse_close="done")
+    traces = [t for t in S.traces.traces_for_message(mid) if t["message_id"] == mid]
+    if not traces:
+        return Div(id=f"loop-{mid}", cls="loop empty")
+    t = traces[-1]
+    attempts = S.traces.attempts(t["id"])
+    verdict = {"passed": "passed", "failed": "did not pass", "stopped": "stopped",
+               "interrupted": "interrupted", "running": "running"}.get(t["status"], t["status"])
+    reason = {"budget": "round budget spent", "no_progress": "same error twice", "no_code": "no code twice",
+              "stopped": "stopped", "passed": ""}.get(t.get("stop_reason") or "", "")
+    head = f"{t['kind'].capitalize()} {verdict} after {t['n_attempts']} attempt{'s' if t['n_attempts'] != 1 else ''}" \
+        + (f" ({reason})" if reason else "")
+    return Div(Details(Summary(head, A("trace", href=f"/traces/{t['id']}", cls="trace-link")),
+                       Ul(*[AttemptLine(a) for a in attempts], cls="attempts")),
+               id=f"loop-{mid}", cls=f"loop status-{t['status']}")
+
+
 def CellToolbar(m: dict):
     mid = m["id"]
     return Div(
@@ -727,6 +785,15 @@ def CellToolbar(m: dict):
                hx_swap="outerHTML", cls="run", title="Run (Ctrl+Enter)") if m["type"] == "code" else None,
         Button("Ask", hx_post=f"/cells/{mid}/ask", hx_include=f"#cell-{mid} textarea", hx_target=f"#reply-{mid}",
                hx_swap="outerHTML", cls="run ask", title="Ask the model (Ctrl+Enter)") if m["type"] == "prompt" else None,
+        Button("Solve", hx_post=f"/cells/{mid}/solve", hx_include=f"#cell-{mid} textarea", hx_target=f"#loop-{mid}",
+               hx_swap="outerHTML", cls="solve",
+               title="Ask for code, run it here, feed errors back until it works") if m["type"] == "prompt" else None,
+        Button("Fix", hx_post=f"/cells/{mid}/fix", hx_target=f"#loop-{mid}", hx_swap="outerHTML", cls="fix",
+               title="Let the model fix this cell from its error (runs its code here)")
+        if m["type"] == "code" and (m.get("output_meta") or {}).get("status") in ("error", "timeout", "died") else None,
+        Button("Test" if not m.get("is_test") else "Untest", hx_post=f"/cells/{mid}/toggle?field=is_test",
+               hx_target=f"#cell-{mid}", hx_swap="outerHTML", cls="toggle-test",
+               title="Code cells marked as tests are the visible checks of Solve and Fix") if m["type"] == "code" else None,
         Button("Pin" if not m["pinned"] else "Unpin", hx_post=f"/cells/{mid}/toggle?field=pinned",
                hx_target=f"#cell-{mid}", hx_swap="outerHTML", cls="toggle-pin"),
         Button("Skip" if not m["skipped"] else "Unskip", hx_post=f"/cells/{mid}/toggle?field=skipped",
@@ -752,9 +819,11 @@ def Cell(m: dict):
         body.append(Outputs(m))
     elif m["type"] == "prompt":
         body.append(Reply(m))
+    if m["type"] in ("code", "prompt"):
+        body.append(LoopView(m))
     else:
         body.append(Div(NotStr(markdown_html(m["source"])), cls="note-view md"))
-    flags = " ".join(f for f in ("pinned", "skipped") if m[f])
+    flags = " ".join(f.replace("is_test", "test") for f in ("pinned", "skipped", "is_test") if m.get(f))
     return Article(*body, id=f"cell-{mid}", cls=f"cell cell-{m['type']} {flags}".strip(), data_id=str(mid),
                    data_type=m["type"], tabindex="-1")
 
@@ -791,11 +860,16 @@ def DialogHeader(d: dict):
              hx_post=f"/d/{did}/rename", hx_trigger="change", hx_swap="none"),
         KernelBadge(did),
         ModelBadge(),
+        Span(f"Solve and Fix run model code in this kernel · cwd {S.cfg.kernel_cwd or os.getcwd()}",
+             cls="autorun-note", title="Model code runs automatically only inside Solve and Fix; elsewhere it waits for Run."),
         Div(Button("Run all", hx_post=f"/d/{did}/run-all", hx_target="#cells", hx_swap="outerHTML", cls="run-all"),
             Button("Interrupt", hx_post=f"/d/{did}/interrupt", hx_target="#kernel-state", hx_swap="outerHTML",
                    cls="interrupt"),
             Button("Restart", hx_post=f"/d/{did}/restart", hx_target="#kernel-state", hx_swap="outerHTML",
                    hx_confirm="Restart the kernel? Its variables are lost.", cls="restart"),
+            Button("Duplicate", hx_post=f"/d/{did}/duplicate", cls="duplicate", title="Branch this dialog"),
+            Details(Summary("Export"), A(".ipynb", href=f"/d/{did}/export.ipynb", cls="export-ipynb"),
+                    A(".py", href=f"/d/{did}/export.py"), A(".md", href=f"/d/{did}/export.md"), cls="export"),
             cls="actions"),
         cls="topbar")
 
@@ -827,8 +901,15 @@ def get(q: str = ""):
                       Button("New dialog", type="submit"), action="/dialogs", method="post", cls="new-dialog"),
                  Form(Input(name="q", value=q, placeholder="Search titles", type="search"), action="/", method="get",
                       cls="search"),
-                 Ul(*[Li(A(d["title"], href=f"/d/{d['id']}"), Span(f"{d['n_messages']} cells · {d['updated_at'][:16]}",
-                                                                   cls="meta")) for d in dialogs],
+                 Form(Input(type="file", name="file", accept=".ipynb,application/json", required=True,
+                            aria_label="Notebook file"),
+                      Button("Import .ipynb", type="submit"), action="/dialogs/import", method="post",
+                      enctype="multipart/form-data", cls="import"),
+                 Ul(*[Li(A(d["title"], href=f"/d/{d['id']}"),
+                         Span(f"{d['n_messages']} cells · {d['updated_at'][:16].replace('T', ' ')}", cls="meta"),
+                         Button("Delete", hx_delete=f"/d/{d['id']}", hx_target="closest li", hx_swap="outerHTML",
+                                hx_confirm=f"Delete the dialog {d['title']!r} and its cells? This cannot be undone.",
+                                cls="delete")) for d in dialogs],
                     cls="dialog-list") if dialogs else P("No dialogs yet.", cls="empty"),
                  cls="home"))
 
@@ -853,6 +934,45 @@ def get(id: str):
             DialogHeader(d),
             Main(Cells(d["id"], S.store.messages(d["id"])), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"])),
             Div(id="toast", cls="toast", role="status", aria_live="polite"))
+
+
+@rt("/dialogs/import")
+async def post(req: Request):
+    form = await req.form()
+    upload = form.get("file")
+    if upload is None or not hasattr(upload, "read"):
+        return PlainTextResponse("Choose a .ipynb file to import.", status_code=400)
+    try:
+        d = import_ipynb(S.store, await upload.read(), upload.filename or None)
+    except StoreError as e:
+        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{escape(str(e))}</p>"
+                            "<p><a href='/'>Back</a></p>", status_code=e.status)
+    return RedirectResponse(f"/d/{d['id']}", status_code=303)
+
+
+@rt("/d/{id}")
+@page
+async def delete(id: str):
+    d = S.store.get_dialog(id)
+    await S.pool.shutdown(dialog_key(d["id"]))
+    S.store.delete_dialog(d["id"])
+    return ""
+
+
+@rt("/d/{id}/duplicate")
+@page
+def post(id: str):
+    d = S.store.duplicate_dialog(id)
+    return Response("", headers={"HX-Redirect": f"/d/{d['id']}"})
+
+
+@rt("/d/{id}/export.{fmt}")
+def get(id: str, fmt: str):
+    try:
+        text, media, name = export_dialog(S.store, id, fmt)
+    except StoreError as e:
+        return PlainTextResponse(str(e), status_code=e.status)
+    return Response(text, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
 @rt("/d/{id}/rename")
@@ -893,8 +1013,8 @@ def post(id: str, type: str):
 @rt("/cells/{id}/toggle")
 @page
 def post(id: str, field: str):
-    if field not in ("pinned", "skipped"):
-        raise InvalidInput("Only 'pinned' and 'skipped' can be toggled.")
+    if field not in ("pinned", "skipped", "is_test"):
+        raise InvalidInput("Only 'pinned', 'skipped' and 'is_test' can be toggled.")
     m = S.store.get_message(id)
     return Cell(S.store.update_message(id, **{field: not m[field]}))
 
@@ -1006,10 +1126,108 @@ def post(id: str):
         raise InvalidInput("The reply has no code blocks.")
     cells, after = [], m["id"]
     for code in blocks:
-        c = S.store.add_message(m["dialog_id"], "code", code, after=after, author="model")
+        c = S.store.add_message(m["dialog_id"], "code", code.rstrip("\n"), after=after, author="model")
         cells.append(Cell(c))
         after = c["id"]
     return tuple(cells)
+
+
+@rt("/cells/{id}/solve")
+@page
+async def post(id: str, source: str | None = None):
+    if source is not None:
+        S.store.update_message(id, source=source)
+    try:
+        m, _, _ = await start_loop(id, {}, "solve")
+    except ModelError as e:
+        raise InvalidInput(f"No model to solve with: {e}") from None
+    return LoopView(m, streaming=True)
+
+
+@rt("/cells/{id}/fix")
+@page
+async def post(id: str):
+    try:
+        m, _, _ = await start_loop(id, {}, "fix")
+    except ModelError as e:
+        raise InvalidInput(f"No model to fix with: {e}") from None
+    return LoopView(m, streaming=True)
+
+
+@rt("/cells/{id}/loop-stream")
+async def get(id: str, req: Request):
+    from html import escape
+
+    live = S.hub.get(f"loop-{id}")
+    start = int(req.headers.get("last-event-id") or 0)
+
+    async def events():
+        n = start
+        if live is not None:
+            async for batch in live.follow(start):
+                text, lines = [], []
+                for ev in batch:
+                    if ev["type"] == "token":
+                        text.append(ev["text"])
+                    elif ev["type"] == "attempt_start" and ev["round"] + ev["candidate"] > 0:
+                        text.append(f"\n--- round {ev['round']}, candidate {ev['candidate']} ---\n")
+                    elif ev["type"] == "attempt":
+                        lines.append(to_xml(AttemptLine(ev["attempt"])))
+                n += len(batch)
+                if text:
+                    yield sse_event("token", escape("".join(text)), n)
+                if lines:
+                    yield sse_event("attempt", "".join(lines), n)
+        try:
+            m = S.store.get_message(id)
+            final = to_xml(Cell(m))
+            code_id = (m.get("reply_meta") or {}).get("code_message_id") if m["type"] == "prompt" else None
+            if code_id and S.hub.get(f"loop-{id}") is live:
+                try:
+                    final += to_xml(Cell(S.store.get_message(code_id)))
+                except StoreError:
+                    pass
+        except StoreError as e:
+            final = to_xml(Div(str(e), id=f"cell-{id}"))
+        yield sse_event("done", final, n + 1)
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@rt("/traces/{id}")
+def get(id: str):
+    try:
+        t = S.traces.get_trace(id)
+    except StoreError as e:
+        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{e}</p>", status_code=e.status)
+    back = f"/d/{t['dialog_id']}" if t.get("dialog_id") else "/"
+
+    def Round(a: dict):
+        inputs = a.get("input_messages") or []
+        checks = a.get("checks") or {}
+        return Article(
+            H2(f"Round {a['round']}" + (f", candidate {a['candidate']}" if a.get("candidate") else "")
+               + f" · {STATUS_WORDS.get(a['exec_status'], a['exec_status'])}" + (" · human" if a["author"] == "human" else "")),
+            Details(Summary(f"What the model saw ({len(inputs)} messages)"),
+                    *[Div(Div(msg["role"], cls="role"), Pre(msg["content"] if isinstance(msg["content"], str)
+                                                            else json.dumps(msg["content"])[:5000]), cls="msg")
+                      for msg in inputs]),
+            Details(Summary("What it wrote"), Pre(a.get("completion") or ""), open=True),
+            Details(Summary("What ran"), Pre(a.get("code") or "(no code)")),
+            Details(Summary("What came back"),
+                    Pre(NotStr(ansi_html("\n".join(a.get("traceback") or []))) if a.get("traceback") else "no error"),
+                    Pre(a.get("stdout") or "", cls="out-stream") if a.get("stdout") else None,
+                    Pre(json.dumps(checks, indent=1)) if checks else None, open=not a.get("passed")),
+            Details(Summary("Feedback sent back"), Pre(a["feedback"]), open=True) if a.get("feedback") else None,
+            Div(" · ".join(x for x in (f"TTFT {a['ttft_s']:.2f} s" if a.get("ttft_s") is not None else "",
+                                       f"{a['tokens_per_s']:.1f} tok/s" if a.get("tokens_per_s") else "",
+                                       f"ran {a['exec_s']:.3f} s" if a.get("exec_s") else "") if x), cls="figures"),
+            cls="round")
+
+    return (Title(f"Trace {t['id']} · Loopbook"),
+            Main(A("← back", href=back), H1(f"Trace {t['id']}: {t['kind']} {t['status']} ({t.get('stop_reason') or ''})"),
+                 P(f"{t.get('model')} via {t.get('backend')} · {t['n_attempts']} attempts · started {t['created_at']}"),
+                 *[Round(a) for a in t["attempts"]], cls="trace-page"))
 
 
 @rt("/model-badge")

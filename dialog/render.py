@@ -7,6 +7,7 @@ from functools import lru_cache
 
 import nh3
 from ansi2html import Ansi2HTMLConverter
+from fastcore.ansi import strip_ansi as _strip_ansi
 from markdown_it import MarkdownIt
 
 # The markdown renderer may pass raw HTML through; nh3 then decides what survives, so a model or a
@@ -64,9 +65,6 @@ def ansi_css() -> str:
     return re.sub(r"</?style[^>]*>", "", css)
 
 
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(\x07|\x1b\\)|\x1b[@-Z\\-_]")
-
-
 def strip_ansi(text: str) -> str:
     """Remove ANSI escape sequences (CSI, OSC and two-byte escapes)."""
-    return _ANSI.sub("", text or "")
+    return _strip_ansi(text or "")

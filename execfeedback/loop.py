@@ -17,7 +17,7 @@ from local_model import Engine, ModelError, Sampling
 
 from .checks import instrument, instrument_candidate, parse_check_output, parse_locals_output
 from .extract import extract_code
-from .feedback import FeedbackConfig, error_signature, feedback_message
+from .feedback import FeedbackConfig, error_signature, feedback_message, syntax_error_obs
 from .traces import TraceStore
 
 RESET_NAMESPACE = "get_ipython().run_line_magic('reset', '-f')"
@@ -275,14 +275,9 @@ class Loop:
     async def _execute(self, task: Task, code: str) -> tuple[dict, list[dict], float]:
         """Compile, run, then run the visible checks; the observation the feedback is built from."""
         cfg = self.config
-        try:
-            compile(code, "<candidate>", "exec", dont_inherit=True)
-        except SyntaxError as e:
-            lines = [f'  File "<candidate>", line {e.lineno}'] if e.lineno else []
-            if e.text:
-                lines += ["    " + e.text.rstrip("\n"), "    " + " " * max((e.offset or 1) - 1, 0) + "^"]
-            return ({"status": "syntax_error", "ename": "SyntaxError", "evalue": e.msg, "lineno": e.lineno,
-                     "traceback": lines + [f"SyntaxError: {e.msg}"]}, [], 0.0)
+        bad = syntax_error_obs(code)
+        if bad is not None:
+            return bad, [], 0.0
         self._running_key = task.kernel_key
         t0 = time.perf_counter()
         try:
@@ -298,7 +293,7 @@ class Loop:
                 obs.update(ename=res.error.get("ename"), evalue=res.error.get("evalue"),
                            traceback=[strip_ansi(line) for line in res.error.get("traceback") or []])
             if local_info:
-                obs["locals"] = local_info.get("locals") or local_info
+                obs["locals"] = local_info
             if res.status == "ok" and task.checks:
                 cres = await self.pool.execute(task.kernel_key, instrument(task.checks), timeout=cfg.exec_timeout,
                                                store_history=False)

@@ -21,9 +21,14 @@ def dialog_key(dialog_id: int) -> str:
 
 
 def visible_checks(cells: list[dict]) -> str | None:
-    """Code cells marked as tests are the dialog's visible checks."""
-    tests = [c["source"] for c in cells if c["type"] == "code" and c.get("is_test") and not c.get("skipped")]
-    return "\n\n".join(tests) if tests else None
+    """Code cells marked as tests are the dialog's visible checks; a test cell that does not parse is refused."""
+    tests = [c for c in cells if c["type"] == "code" and c.get("is_test") and not c.get("skipped")]
+    for c in tests:
+        try:
+            compile(c["source"], f"<test cell {c['id']}>", "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as e:
+            raise InvalidInput(f"Test cell {c['id']} does not parse ({e}); fix it or unmark it as a test.") from None
+    return "\n\n".join(c["source"] for c in tests) if tests else None
 
 
 def loop_config(settings: dict, overrides: dict | None = None, base: LoopConfig | None = None) -> LoopConfig:

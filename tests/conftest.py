@@ -29,3 +29,38 @@ def store(tmp_path):
     s = Store(tmp_path / "data")
     yield s
     s.close()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real Loopbook server (no model needed) shared by the API tests."""
+    from apphelpers import Server
+
+    s = Server(tmp_path_factory.mktemp("api"), "--exec-timeout", "4", "--output-cap", "20000",
+               "--model", "/no/model/for/these/tests.gguf").start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def c(server):
+    with server.client() as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def model_server(tmp_path_factory):
+    """A real server with the real SmolLM2-135M GGUF loaded, shared by the model tests."""
+    import time
+
+    from apphelpers import Server
+
+    s = Server(tmp_path_factory.mktemp("model"), "--model", "smollm2-135m", "--max-tokens", "32",
+               "--exec-timeout", "10").start()
+    with s.client() as c:
+        for _ in range(600):
+            if c.get("/api/model").json()["state"] != "loading":
+                break
+            time.sleep(0.1)
+    yield s
+    s.stop()

@@ -8,19 +8,6 @@ from apphelpers import TOKEN, Server
 from dialog.render import strip_ansi
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("api"), "--exec-timeout", "4", "--output-cap", "20000").start()
-    yield s
-    s.stop()
-
-
-@pytest.fixture
-def c(server):
-    with server.client() as client:
-        yield client
-
-
 def new_dialog(c, title="t"):
     r = c.post("/api/dialogs", json={"title": title})
     assert r.status_code == 200, r.text

@@ -8,21 +8,9 @@ import pytest
 from apphelpers import Server
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("ask"), "--model", "smollm2-135m", "--max-tokens", "32").start()
-    with s.client() as c:
-        for _ in range(300):
-            if c.get("/api/model").json()["state"] != "loading":
-                break
-            time.sleep(0.1)
-    yield s
-    s.stop()
-
-
 @pytest.fixture
-def c(server):
-    with server.client() as client:
+def c(model_server):
+    with model_server.client() as client:
         yield client
 
 
@@ -76,7 +64,7 @@ def test_ask_streams_sse(c):
     assert done["reply"] == tokens
 
 
-def test_stop_cancels_within_a_few_tokens(c, server):
+def test_stop_cancels_within_a_few_tokens(c):
     _, mid = prompt(c, "Write a long story about a robot.")
     with c.stream("POST", f"/api/messages/{mid}/ask", json={"max_tokens": 400},
                   headers={"Accept": "text/event-stream"}) as r:

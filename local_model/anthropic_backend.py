@@ -1,0 +1,174 @@
+"""Anthropic's Messages API through the `anthropic` SDK (the only backend that is sent images)."""
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any, Iterator
+
+from .messages import check_messages, messages_text
+from .protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event, token_event
+
+DEFAULT_MODEL = "claude-sonnet-4-6"
+CONTEXT_TOKENS = 200_000
+_STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+                 "model_context_window_exceeded": "length"}
+
+
+def to_anthropic(messages: list[Message], cache: bool = True) -> tuple[str | None, list[dict[str, Any]]]:
+    """(system text, messages as Anthropic content blocks), same-role neighbours merged.
+
+    With `cache`, the last block carries a cache breakpoint, so a dialog that grows at its end
+    is read from Anthropic's prompt cache on the next turn.
+    """
+    system_parts, out = [], []
+    for m in messages:
+        content = m["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if m["role"] == "system":
+            system_parts += [p["text"] if p["type"] == "text" else f"[image: {p.get('mime')}]" for p in parts]
+            continue
+        blocks = []
+        for p in parts:
+            if p["type"] == "text":
+                if p["text"]:
+                    blocks.append({"type": "text", "text": p["text"]})
+            else:
+                blocks.append({"type": "image", "source": {"type": "base64", "media_type": p.get("mime") or "image/png", "data": p["data"]}})
+        if not blocks:
+            continue
+        if out and out[-1]["role"] == m["role"]:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": m["role"], "content": blocks})
+    if not out:
+        raise ModelError("there is no user message to answer (only system text)")
+    if cache:
+        out[-1]["content"][-1] = {**out[-1]["content"][-1], "cache_control": {"type": "ephemeral"}}
+    return ("\n\n".join(system_parts) or None), out
+
+
+class AnthropicBackend:
+    supports_images = True
+
+    def __init__(self, model: str | None = None, api_key: str | None = None, base_url: str | None = None,
+                 timeout_s: float = 120.0):
+        key = api_key or os.environ.get("ANTHROPIC_API_KEY")
+        if not key:
+            raise ModelError("the Anthropic backend needs an API key: set ANTHROPIC_API_KEY (or pass api_key), "
+                             "or pick a local model instead")
+        try:
+            import anthropic
+        except ImportError as e:
+            raise ModelError("the `anthropic` package is not installed: pip install anthropic") from e
+        self._anthropic = anthropic
+        self.model = model or DEFAULT_MODEL
+        self.n_ctx = CONTEXT_TOKENS
+        self.client = anthropic.Anthropic(api_key=key, base_url=base_url, max_retries=1, timeout=timeout_s)
+        self.manifest: dict[str, Any] = {
+            "backend": "anthropic", "model": self.model, "file_name": None, "sha256": None, "quant": None,
+            "chat_template_hash": None, "llama_cpp_version": None, "n_ctx": self.n_ctx, "n_gpu_layers": None,
+            "flash_attn": None, "gpu": "remote (Anthropic API)", "lora": None,
+            "base_url": base_url or "https://api.anthropic.com",
+        }
+
+    def count_tokens(self, messages_or_text: list[Message] | str) -> int:
+        """An estimate (about 3.5 characters a token): counting exactly would cost a request."""
+        return math.ceil(len(messages_text(messages_or_text)) / 3.5)
+
+    def _request(self, messages: list[Message], s: Sampling, cache_key: str | None) -> dict[str, Any]:
+        system, msgs = to_anthropic(messages, cache=cache_key is not None)
+        req: dict[str, Any] = {"model": self.model, "messages": msgs, "stream": True,
+                               "max_tokens": s.max_tokens if s.max_tokens > 0 else 4096}
+        if system:
+            req["system"] = system
+        # The SDK no longer types sampling parameters and recent models refuse some of them (and
+        # temperature with top_p together), so only values that depart from the defaults are sent.
+        extra: dict[str, Any] = {}
+        if s.top_p < 1.0:
+            extra["top_p"] = s.top_p
+        elif s.temperature != Sampling.temperature:
+            extra["temperature"] = s.temperature
+        if s.top_k > 0:
+            extra["top_k"] = s.top_k
+        if extra:
+            req["extra_body"] = extra
+        if s.stop:
+            req["stop_sequences"] = list(s.stop)
+        return req
+
+    def _error(self, e: Exception) -> ModelError:
+        a = self._anthropic
+        if isinstance(e, a.AuthenticationError):
+            return ModelError(f"Anthropic rejected the API key (401: {_message(e)}): check ANTHROPIC_API_KEY")
+        if isinstance(e, a.PermissionDeniedError):
+            return ModelError(f"Anthropic refused the request (403: {_message(e)}): check the key's permissions")
+        if isinstance(e, a.APIStatusError):
+            return ModelError(f"Anthropic answered {e.status_code}: {_message(e)}")
+        if isinstance(e, a.APIConnectionError):
+            return ModelError(f"cannot reach the Anthropic API at {self.manifest['base_url']}: {e}")
+        return ModelError(f"the Anthropic request failed: {type(e).__name__}: {e}")
+
+    def stream(self, messages: list[Message], sampling: Sampling | None = None, cache_key: str | None = None,
+               should_stop: ShouldStop | None = None) -> Iterator[Event]:
+        s = sampling or Sampling()
+        check_messages(messages)
+        t0 = time.perf_counter()
+        try:
+            events = self.client.messages.create(**self._request(messages, s, cache_key))
+        except Exception as e:  # noqa: BLE001
+            raise self._error(e) from e
+        fig = Figures()
+        text, finish, error = "", "stop", None
+        t_first = t_last = None
+        try:
+            for ev in events:
+                kind = getattr(ev, "type", None)
+                if kind == "message_start":
+                    u = ev.message.usage
+                    cached = getattr(u, "cache_read_input_tokens", None) or 0
+                    created = getattr(u, "cache_creation_input_tokens", None) or 0
+                    fig.prompt_tokens = (u.input_tokens or 0) + cached + created
+                    fig.cached_prompt_tokens = cached
+                elif kind == "content_block_delta" and getattr(ev.delta, "type", None) == "text_delta":
+                    now = time.perf_counter()
+                    if t_first is None:
+                        t_first = now
+                        fig.ttft_s = now - t0
+                    t_last = now
+                    text += ev.delta.text
+                    yield token_event(ev.delta.text)
+                elif kind == "message_delta":
+                    if getattr(ev, "usage", None) is not None and ev.usage.output_tokens is not None:
+                        fig.completion_tokens = ev.usage.output_tokens
+                    reason = getattr(ev.delta, "stop_reason", None)
+                    if reason:
+                        finish = _STOP_REASONS.get(reason, "stop")
+                if should_stop is not None and should_stop():
+                    finish = "cancelled"
+                    break
+        except Exception as e:  # noqa: BLE001
+            if t_first is None:
+                raise self._error(e) from e
+            finish, error = "error", str(self._error(e))
+        finally:
+            events.close()
+        fig.total_s = time.perf_counter() - t0
+        if t_first is not None and t_last is not None:
+            fig.decode_s = t_last - t_first
+            fig.prompt_eval_s = fig.ttft_s or 0.0
+            if fig.decode_s > 0 and fig.completion_tokens > 1:
+                fig.tokens_per_s = (fig.completion_tokens - 1) / fig.decode_s
+        yield done_event(text, finish, fig, error)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _message(e: Exception) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return str(getattr(e, "message", None) or e)

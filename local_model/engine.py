@@ -1,0 +1,176 @@
+"""One resident backend, one worker thread, generations in arrival order, off the event loop."""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+from .protocol import Backend, Event, Figures, Message, ModelError, Sampling, done_event
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    messages: list[Message]
+    sampling: Sampling
+    cache_key: str | None
+    sink: Callable[[Event | BaseException], None]
+    submitted: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+
+
+class Engine:
+    """Serializes generations on one backend; each caller streams its own events.
+
+    A Stop is `cancel(request_id)`: a queued request leaves the queue at once (its stream ends
+    with a "cancelled" done event), a running one stops within a token or two.
+    """
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self._cv = threading.Condition()
+        self._queue: deque[_Request] = deque()
+        self._requests: dict[str, _Request] = {}
+        self._current: _Request | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="local-model-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self.backend.manifest
+
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting (not counting the one running)."""
+        with self._cv:
+            return len(self._queue)
+
+    @property
+    def busy(self) -> bool:
+        with self._cv:
+            return self._current is not None
+
+    def submit(self, messages: list[Message], sampling: Sampling | None, cache_key: str | None,
+               request_id: str | None, sink: Callable[[Event | BaseException], None]) -> str:
+        """Queue a generation whose events go to `sink` (from the worker thread); returns its id."""
+        rid = request_id or uuid.uuid4().hex
+        # Copies, so the caller's dialog is never touched and later edits do not race the worker.
+        msgs = [dict(m) for m in messages]
+        req = _Request(rid, msgs, sampling or Sampling(), cache_key, sink)
+        with self._cv:
+            if self._closed:
+                raise ModelError("the model engine is closed")
+            if rid in self._requests:
+                raise ModelError(f"request id {rid!r} is already queued or running")
+            self._requests[rid] = req
+            self._queue.append(req)
+            self._cv.notify()
+        return rid
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request; True when it was queued or running. Cancelling twice is harmless."""
+        with self._cv:
+            req = self._requests.get(request_id)
+            if req is None or req.cancelled:
+                return False
+            req.cancelled = True
+            queued = req in self._queue
+            if queued:
+                self._queue.remove(req)
+                del self._requests[request_id]
+        if queued:
+            req.sink(done_event("", "cancelled", Figures(extra={"queue_s": round(time.perf_counter() - req.submitted, 4)})))
+        return True
+
+    async def stream(self, messages: list[Message], sampling: Sampling | None = None,
+                     cache_key: str | None = None, request_id: str | None = None) -> AsyncIterator[Event]:
+        """Token events then one done event; raises ModelError when the request cannot be served.
+
+        Leaving the loop early (a closed page) cancels the request.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+
+        def sink(ev: Event | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:
+                pass  # the loop is gone; nobody is listening
+
+        rid = self.submit(messages, sampling, cache_key, request_id, sink)
+        finished = False
+        try:
+            while True:
+                ev = await q.get()
+                if isinstance(ev, BaseException):
+                    finished = True
+                    raise ev
+                if ev.get("type") == "done":
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(rid)
+
+    def generate(self, messages: list[Message], sampling: Sampling | None = None,
+                 cache_key: str | None = None, request_id: str | None = None,
+                 on_token: Callable[[str], None] | None = None) -> Event:
+        """Blocking convenience (eval runner, scripts): returns the done event."""
+        q: queue.Queue[Event | BaseException] = queue.Queue()
+        self.submit(messages, sampling, cache_key, request_id, q.put)
+        while True:
+            ev = q.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            if ev.get("type") == "done":
+                return ev
+            if on_token is not None:
+                on_token(ev["text"])
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Cancel everything, stop the worker and close the backend."""
+        with self._cv:
+            self._closed = True
+            pending = list(self._requests)
+            self._cv.notify_all()
+        for rid in pending:
+            self.cancel(rid)
+        self._thread.join(timeout)
+        close = getattr(self.backend, "close", None)
+        if close is not None:
+            close()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                if not self._queue:
+                    return
+                req = self._queue.popleft()
+                self._current = req
+            started = time.perf_counter()
+            try:
+                for ev in self.backend.stream(req.messages, req.sampling, req.cache_key,
+                                              should_stop=lambda r=req: r.cancelled):
+                    if ev.get("type") == "done":
+                        ev["figures"]["queue_s"] = round(started - req.submitted, 4)
+                    req.sink(ev)
+            except ModelError as e:
+                req.sink(e)
+            except Exception as e:  # noqa: BLE001 - the worker must survive any one request
+                err = ModelError(f"the model failed: {type(e).__name__}: {e}")
+                err.__cause__ = e
+                req.sink(err)
+            finally:
+                with self._cv:
+                    self._current = None
+                    self._requests.pop(req.id, None)

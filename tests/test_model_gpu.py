@@ -1,0 +1,57 @@
+"""The GPU offload decision: the arithmetic with given VRAM figures, and this machine's choice."""
+from __future__ import annotations
+
+from local_model.gguf import read_metadata
+from local_model.gpu import COMPUTE_MARGIN, GiB, choose, layer_sizes, plan_offload
+from local_model.registry import resolve
+
+MiB = 1 << 20
+
+
+def test_cpu_build_never_offloads():
+    p = plan_offload(n_layers=28, layer_bytes=40 * MiB, supported=False, free_bytes=80 * GiB)
+    assert p.n_gpu_layers == 0 and p.reason == "CPU (llama.cpp built without GPU offload)"
+
+
+def test_enough_vram_offloads_everything_with_flash_attention():
+    p = plan_offload(n_layers=28, layer_bytes=40 * MiB, kv_layer_bytes=4 * MiB, supported=True,
+                     free_bytes=24 * GiB, device="RTX 4090")
+    assert p.n_gpu_layers == -1 and p.flash_attn is True
+    assert "all 29 layers" in p.reason and "RTX 4090" in p.reason and "flash attention on" in p.reason
+
+
+def test_short_vram_offloads_what_fits():
+    free = COMPUTE_MARGIN + 10 * (100 * MiB)  # room for exactly ten 100 MiB layers
+    p = plan_offload(n_layers=32, layer_bytes=96 * MiB, kv_layer_bytes=4 * MiB, supported=True, free_bytes=free)
+    assert p.n_gpu_layers == 10 and p.flash_attn is True
+    assert "10 of 33 layers" in p.reason and "rest on CPU" in p.reason
+
+
+def test_too_little_vram_stays_on_cpu():
+    p = plan_offload(n_layers=32, layer_bytes=200 * MiB, supported=True, free_bytes=COMPUTE_MARGIN + 50 * MiB)
+    assert p.n_gpu_layers == 0 and p.flash_attn is False and p.reason.startswith("CPU")
+
+
+def test_unknown_vram_offloads_all_and_explicit_choices_win():
+    assert plan_offload(n_layers=10, layer_bytes=MiB, supported=True).n_gpu_layers == -1
+    p = plan_offload(n_layers=10, layer_bytes=MiB, supported=True, n_gpu_layers=4, flash_attn=False, free_bytes=GiB)
+    assert (p.n_gpu_layers, p.flash_attn) == (4, False) and "as asked" in p.reason
+
+
+def test_layer_sizes_from_the_real_gguf(tmp_path):
+    path = resolve("smollm2-135m", tmp_path).path
+    meta = read_metadata(path)
+    n_layers, per_layer, kv = layer_sizes(meta, path.stat().st_size, n_ctx=4096)
+    assert n_layers == 30
+    assert per_layer == path.stat().st_size // 31
+    assert kv == 2 * 3 * 64 * 2 * 4096  # K and V, 3 KV heads of 64, f16
+
+
+def test_this_machine_says_what_it_chose(tmp_path):
+    import llama_cpp
+
+    path = resolve("smollm2-135m", tmp_path).path
+    plan = choose(read_metadata(path), path.stat().st_size, 4096)
+    assert plan.reason
+    if not llama_cpp.llama_supports_gpu_offload():
+        assert plan.n_gpu_layers == 0 and plan.reason == "CPU (llama.cpp built without GPU offload)"

