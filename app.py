@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 from html import escape
 import hashlib
 import hmac
@@ -28,6 +29,7 @@ from dialog import MESSAGE_TYPES, InvalidInput, Store, StoreError, default_data_
 from dialog.notebook import export_dialog, import_ipynb
 from dialog.render import ansi_css, ansi_html, markdown_html
 from execfeedback.ask import ask, sampling_from
+from execfeedback.helper_setup import dialog_of_kernel_token, kernel_env, kernel_init_code
 from execfeedback.live import LiveHub
 from execfeedback.loop import Loop, LoopConfig
 from execfeedback.solve import dialog_key, fix_task, land, loop_config, note_edit, solve_task, summary
@@ -128,6 +130,7 @@ class State:
     hub: LiveHub
     traces: TraceStore
     loops: dict
+    background: set = set()
     token: str = ""
     session: str = ""
 
@@ -208,10 +211,29 @@ class AccessMiddleware:
     def authorised(self, req: Request) -> bool:
         auth = req.headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
-        if scheme.lower() in ("token", "bearer") and hmac.compare_digest(value.strip().encode(), S.token.encode()):
-            return True
+        value = value.strip()
+        if scheme.lower() in ("token", "bearer"):
+            if hmac.compare_digest(value.encode(), S.token.encode()):
+                return True
+            dialog_id = dialog_of_kernel_token(S.token, value)
+            if dialog_id is not None:
+                req.scope["loopbook.kernel_dialog"] = dialog_id
+                return self.kernel_may(req, dialog_id)
         cookie = req.cookies.get(SESSION_COOKIE, "")
         return hmac.compare_digest(cookie.encode(), S.session.encode())
+
+    @staticmethod
+    def kernel_may(req: Request, dialog_id: int) -> bool:
+        """A kernel's token reaches its own dialog's API: its messages and cells, nothing else."""
+        path = req.url.path
+        if m := re.fullmatch(r"/api/dialogs/(\d+)(/messages)?", path):
+            return int(m.group(1)) == dialog_id and (m.group(2) is not None or req.method == "GET")
+        if m := re.fullmatch(r"/api/messages/(\d+)(/run)?", path):
+            try:
+                return S.store.get_message(m.group(1))["dialog_id"] == dialog_id
+            except StoreError:
+                return True  # let the route answer 404
+        return False
 
     @staticmethod
     def deny(req: Request, message: str) -> Response:
@@ -440,6 +462,14 @@ async def post(id: str, req: Request):
     return {"id": m["id"], "position": m["position"]}
 
 
+async def prepare_kernel(dialog_id: int) -> str:
+    """The dialog's kernel, set up with its working directory and the `loopbook` helper; returns its key."""
+    key = dialog_key(dialog_id)
+    env = kernel_env(f"http://127.0.0.1:{S.cfg.port}", S.token, dialog_id)
+    await S.pool.ensure(key, cwd=S.cfg.kernel_cwd, env=env, init_code=kernel_init_code())
+    return key
+
+
 async def run_message(message_id) -> dict:
     """Run a code message in its dialog's kernel and store what came back."""
     m = S.store.get_message(message_id)
@@ -448,7 +478,8 @@ async def run_message(message_id) -> dict:
     if not m["source"].strip():
         m = S.store.update_message(m["id"], outputs=[], output_meta={"status": "ok", "empty": True})
         return {"status": "ok", "outputs": [], "execution_count": m["execution_count"], "message": "Empty cell."}
-    res = await S.pool.execute(dialog_key(m["dialog_id"]), m["source"])
+    key = await prepare_kernel(m["dialog_id"])
+    res = await S.pool.execute(key, m["source"])
     meta = {"status": res.status, "duration_s": round(res.duration_s, 4), "truncated": res.truncated,
             "original_chars": res.original_chars, "message": res.message}
     S.store.update_message(m["id"], outputs=res.outputs, output_meta=meta, execution_count=res.execution_count)
@@ -458,8 +489,15 @@ async def run_message(message_id) -> dict:
 
 @rt("/api/messages/{id}/run")
 @api
-async def post(id: str):
-    return await run_message(id)
+async def post(id: str, req: Request):
+    m = S.store.get_message(id)
+    if req.scope.get("loopbook.kernel_dialog") is not None and S.pool.state(dialog_key(m["dialog_id"])) == "busy":
+        # Called from a cell of this kernel: running now would wait on that very cell. Queue it instead.
+        task = asyncio.create_task(run_message(m["id"]))
+        S.background.add(task)
+        task.add_done_callback(S.background.discard)
+        return {"status": "queued", "outputs": []}
+    return await run_message(m["id"])
 
 
 ASK_KEYS = ("max_tokens", "temperature", "seed", "top_p", "top_k", "min_p", "repeat_penalty")
@@ -552,6 +590,7 @@ async def start_loop(message_id, body: dict, kind: str):
                       sampling=sampling)
     cfg = loop_config(settings, {k: body.get(k) for k in LOOP_KEYS}, base)
     engine = await S.models.get(body.get("model"), body.get("backend"))
+    await prepare_kernel(m["dialog_id"])
     task = solve_task(S.store, engine, m["id"], sampling.max_tokens) if kind == "solve" else \
         fix_task(S.store, engine, m["id"])
     loop = Loop(engine, S.pool, S.traces, cfg)

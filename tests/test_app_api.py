@@ -230,3 +230,35 @@ def test_restart_keeps_everything(tmp_path):
             assert d["messages"][0]["outputs"][0]["text"] == "42\n"
     finally:
         s2.stop()
+
+
+def test_kernel_helper_scripts_its_own_dialog(c, server):
+    import time
+
+    import httpx
+
+    did = new_dialog(c, "scripted")
+    other = new_dialog(c, "someone else's")
+    _, res = run_code(c, did, "import loopbook\ncid = loopbook.add_cell('answer = 41 + 1')\nprint(len(loopbook.cells()))")
+    assert res["status"] == "ok", res
+    assert stdout_of(res["outputs"]) == "2\n"
+    msgs = c.get(f"/api/dialogs/{did}").json()["messages"]
+    assert msgs[-1]["source"] == "answer = 41 + 1"
+    _, res = run_code(c, did, "print(loopbook.run_cell(cid)['status'])")
+    assert stdout_of(res["outputs"]) == "queued\n"
+    for _ in range(100):
+        if c.get(f"/api/messages/{msgs[-1]['id']}").json()["output_meta"].get("status") == "ok":
+            break
+        time.sleep(0.1)
+    _, res = run_code(c, did, "print(answer)")
+    assert stdout_of(res["outputs"]) == "42\n"
+    _, res = run_code(c, did, "import os; print(os.environ['LOOPBOOK_KERNEL_TOKEN'])")
+    ktoken = stdout_of(res["outputs"]).strip()
+    h = {"Authorization": f"token {ktoken}"}
+    assert httpx.get(f"{server.base}/api/dialogs/{did}", headers=h).status_code == 200
+    assert httpx.get(f"{server.base}/api/dialogs/{other}", headers=h).status_code == 401
+    assert httpx.get(f"{server.base}/api/dialogs", headers=h).status_code == 401
+    assert httpx.delete(f"{server.base}/api/dialogs/{did}", headers=h).status_code == 401
+    assert httpx.get(f"{server.base}/", headers=h).status_code == 401
+    forged = ktoken[:-4] + "0000"
+    assert httpx.get(f"{server.base}/api/dialogs/{did}", headers={"Authorization": f"token {forged}"}).status_code == 401
