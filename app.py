@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import functools
 import re
 from html import escape
 import hashlib
@@ -16,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from fasthtml.common import (A, Article, Button, Details, Div, FastHTML, Form, H1, H2, Header, Iframe, Img, Input, Li,
+from fasthtml.common import (A, Article, Body, Button, Details, Div, FastHTML, Form, H1, H2, Head, Header, Html,
+                             Iframe, Img, Input, Li, Meta,
                              Summary,
-                             Link, Main, NotStr, Option, P, Pre, Script, Select, Span, Textarea, Title, Ul,
+                             Link, Main, NotStr, Option, Safe, P, Pre, Script, Select, Span, Textarea, Title, Ul,
                              to_xml)
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
                                  StreamingResponse)
@@ -34,7 +38,7 @@ from execfeedback.live import LiveHub
 from execfeedback.loop import Loop, LoopConfig
 from execfeedback.solve import dialog_key, fix_task, land, loop_config, note_edit, solve_task, summary
 from execfeedback.traces import TraceStore
-from kernels import KernelPool
+from kernels import KernelInitError, KernelPool, KernelStartError
 from local_model import ModelError
 from local_model.resident import Resident
 
@@ -52,6 +56,14 @@ class Knob:
     type: type = str
 
 
+def size_bytes(text: str) -> int:
+    """'4G', '512M', '800k' or a plain number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", str(text), re.I)
+    if not m:
+        raise ValueError(f"{text!r} is not a size; write it like 4G, 512M or 1073741824")
+    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
+
+
 KNOBS = [
     Knob("--host", "LOOPBOOK_HOST", "127.0.0.1", "address to bind; anything but loopback needs a token"),
     Knob("--port", "LOOPBOOK_PORT", 5001, "port to listen on", int),
@@ -66,12 +78,14 @@ KNOBS = [
     Knob("--temperature", "LOOPBOOK_TEMPERATURE", 0.0, "sampling temperature for replies", float),
     Knob("--rounds", "LOOPBOOK_ROUNDS", 3, "feedback rounds after the first attempt in Solve and Fix", int),
     Knob("--candidates", "LOOPBOOK_CANDIDATES", 1, "code samples per round; the first that passes the checks wins", int),
-    Knob("--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT", 120.0, "seconds a cell may run before it is interrupted", float),
+    Knob("--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT", 120.0, "seconds a cell may run before it is interrupted (0: no limit)", float),
     Knob("--output-cap", "LOOPBOOK_OUTPUT_CAP", 200_000, "characters of output kept per cell (head and tail)", int),
     Knob("--kernel-cwd", "LOOPBOOK_KERNEL_CWD", None, "working directory of the kernels (default: where you start)"),
     Knob("--cull-idle", "LOOPBOOK_CULL_IDLE", 0.0, "shut kernels idle this many seconds (0: never)", float),
     Knob("--allow-host", "LOOPBOOK_ALLOW_HOSTS", "", "extra Host header values to accept, comma separated"),
     Knob("--max-body", "LOOPBOOK_MAX_BODY", 64 * 1024 * 1024, "largest request body in bytes", int),
+    Knob("--kernel-memory", "LOOPBOOK_KERNEL_MEMORY", 0, "address-space limit per kernel, e.g. 4G or 512M (0: none)",
+         size_bytes),
 ]
 
 
@@ -96,6 +110,7 @@ class Config:
     cull_idle: float = 0.0
     allow_host: str = ""
     max_body: int = 64 * 1024 * 1024
+    kernel_memory: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -143,11 +158,19 @@ S = State()
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 SESSION_COOKIE = "loopbook_session"
+# HTML outputs are srcdoc frames (about:srcdoc, never fetched), which inherit this policy: scripts and
+# inline styles inside them do not run, whatever the notebook says. Nothing else is framed.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-       "frame-src 'self' about: data:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
+       "frame-src about:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
        "form-action 'self'; frame-ancestors 'none'")
 SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
-                    (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY")]
+                    (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"),
+                    (b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-resource-policy", b"same-origin")]
+
+
+def too_large() -> str:
+    return (f"The request body is over {S.cfg.max_body:,} bytes; send less, or start Loopbook with a larger "
+            "--max-body.")
 
 
 def _session_value(token: str) -> str:
@@ -162,50 +185,87 @@ class AccessMiddleware:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                ours = {k for k, _ in SECURITY_HEADERS}
+                message["headers"] = [h for h in message.get("headers", []) if h[0].lower() not in ours] \
+                    + SECURITY_HEADERS
+            await send(message)
+
+        if scope["type"] == "websocket":
+            # No route speaks WebSocket today; if one is added it passes the same gate (or is closed).
+            ws = Request({**scope, "type": "http", "method": "GET"})
+            if self.check(ws, scope) is not None or self.cross_site(ws) or not self.authorised(ws):
+                return await send({"type": "websocket.close", "code": 1008})
             return await self.app(scope, receive, send)
         req = Request(scope)
         problem = self.check(req, scope)
         if problem is not None:
-            return await problem(scope, receive, send)
+            return await problem(scope, receive, send_with_headers)
         token = req.query_params.get("token")
         if token is not None and req.method == "GET":
             if not hmac.compare_digest(token.encode(), S.token.encode()):
-                return await self.deny(req, "That token is not valid.")(scope, receive, send)
+                return await self.deny(req, "That token is not valid.")(scope, receive, send_with_headers)
             query = urlencode([(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode()) if k != "token"])
-            resp = RedirectResponse(scope["path"] + (f"?{query}" if query else ""), status_code=303)
+            # One leading slash: "//evil.example/?token=..." must not become an off-site redirect.
+            resp = RedirectResponse("/" + scope["path"].lstrip("/") + (f"?{query}" if query else ""), status_code=303)
             resp.set_cookie(SESSION_COOKIE, S.session, httponly=True, samesite="strict", path="/")
-            return await resp(scope, receive, send)
+            return await resp(scope, receive, send_with_headers)
         if not self.authorised(req):
             return await self.deny(req, "Log in with the URL Loopbook printed at start-up (it ends in ?token=...), "
-                                        "or send 'Authorization: token ...'.")(scope, receive, send)
+                                        "or send 'Authorization: token ...'.")(scope, receive, send_with_headers)
+        return await self.app(scope, self.limited(receive), send_with_headers)
 
-        async def send_with_headers(message):
-            if message["type"] == "http.response.start":
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + SECURITY_HEADERS
-            await send(message)
+    @staticmethod
+    def limited(receive):
+        """Count body bytes as they arrive: a chunked body has no Content-Length to refuse up front."""
+        seen = 0
 
-        return await self.app(scope, receive, send_with_headers)
+        async def receive_limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > S.cfg.max_body:
+                    raise HTTPException(413, too_large())
+            return message
+        return receive_limited
 
-    def check(self, req: Request, scope) -> Response | None:
-        # Host allow-list: a DNS-rebinding page reaches us under its own name, so refuse unknown names.
-        host = urlsplit("//" + req.headers.get("host", "")).hostname or ""
+    @staticmethod
+    def allowed_hosts() -> set[str]:
         allowed = LOOPBACK_HOSTS | {h.strip().strip("[]").lower() for h in S.cfg.allow_host.split(",") if h.strip()}
         if S.cfg.host not in ("0.0.0.0", "::"):
             allowed.add(S.cfg.host.strip("[]").lower())
-        if host not in allowed:
+        return allowed
+
+    @staticmethod
+    def cross_site(req: Request) -> bool:
+        """A browser says where a request comes from: anything but this very origin is refused for writes.
+        Same-site is not enough: another port on localhost is same-site, and SameSite cookies go there too."""
+        if req.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+            return True
+        origin = req.headers.get("origin")
+        return origin is not None and urlsplit(origin).netloc.lower() != req.headers.get("host", "").lower()
+
+    def check(self, req: Request, scope) -> Response | None:
+        # Host allow-list: a DNS-rebinding page reaches us under its own name, so refuse unknown names.
+        try:
+            host = urlsplit("//" + req.headers.get("host", "")).hostname or ""
+        except ValueError:  # e.g. an unbalanced "[" in the Host header
+            host = ""
+        if host not in self.allowed_hosts():
             return JSONResponse({"error": f"Host {host!r} is not allowed; start Loopbook with --allow-host {host}."},
                                 status_code=403)
         if req.method not in SAFE_METHODS:
-            origin = req.headers.get("origin")
-            cross = req.headers.get("sec-fetch-site") == "cross-site" or (
-                origin is not None and (urlsplit(origin).hostname or "") not in allowed)
-            if cross:
-                return JSONResponse({"error": "Cross-site request refused."}, status_code=403)
+            if self.cross_site(req):
+                return JSONResponse({"error": "Cross-site request refused: changes come only from Loopbook's own "
+                                              "pages or from clients that send no Origin."}, status_code=403)
             length = req.headers.get("content-length")
             if length and length.isdigit() and int(length) > S.cfg.max_body:
-                return JSONResponse({"error": f"Request body over {S.cfg.max_body} bytes."}, status_code=413)
+                return JSONResponse({"error": too_large()}, status_code=413)
         return None
 
     def authorised(self, req: Request) -> bool:
@@ -249,8 +309,9 @@ async def lifespan(app):
     S.store = Store(cfg.data_dir)
     S.token = resolve_token(cfg, S.store.data_dir)
     S.session = _session_value(S.token)
-    S.pool = KernelPool(output_cap_chars=cfg.output_cap, default_timeout=cfg.exec_timeout,
-                        cull_idle_s=cfg.cull_idle or None)
+    S.pool = KernelPool(output_cap_chars=cfg.output_cap, default_timeout=cfg.exec_timeout or None,
+                        cull_idle_s=cfg.cull_idle or None,
+                        resource_limits={"memory_bytes": cfg.kernel_memory} if cfg.kernel_memory else None)
     S.store.recover_interrupted()
     S.hub = LiveHub()
     S.traces = TraceStore(S.store)
@@ -292,13 +353,15 @@ HDRS = [
 def http_error(req: Request, exc: Exception):
     """Clean answers for errors raised before our handlers run (bad JSON, unknown routes, bad methods)."""
     status = getattr(exc, "status_code", 500)
-    detail = getattr(exc, "detail", None) or {404: "Not found.", 405: "Method not allowed."}.get(status, "Server error.")
+    detail = getattr(exc, "detail", None) if status != 500 else None
+    detail = detail or {404: "Not found.", 405: "Method not allowed."}.get(
+        status, "Loopbook hit an internal error (the server log has the traceback); please report it.")
     if req.url.path.startswith("/api/") or "text/html" not in req.headers.get("accept", ""):
         return JSONResponse({"error": str(detail)}, status_code=status)
     return PlainTextResponse(str(detail), status_code=status)
 
 
-app = FastHTML(default_hdrs=False, exception_handlers={s: http_error for s in (400, 404, 405, 413, 422)}, hdrs=HDRS, lifespan=lifespan, sess_cls=None,
+app = FastHTML(default_hdrs=False, exception_handlers={s: http_error for s in (400, 404, 405, 413, 422, 500)}, hdrs=HDRS, lifespan=lifespan, sess_cls=None,
                secret_key=secrets.token_hex(16), title="Loopbook", htmlkw={"lang": "en"}, canonical=False)
 app.add_middleware(AccessMiddleware)
 class AssetFiles(StaticFiles):
@@ -331,6 +394,8 @@ def api(handler):
             return JSONResponse({"error": str(e)}, status_code=e.status)
         except ModelError as e:
             return JSONResponse({"error": f"Model: {e}"}, status_code=503)
+        except (KernelStartError, KernelInitError) as e:
+            return JSONResponse({"error": f"Kernel: {e}"}, status_code=503)
     return wrapper
 
 
@@ -342,9 +407,30 @@ async def json_body(req: Request) -> dict:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"The request body is not valid JSON: {e}.") from None
+    except RecursionError:
+        raise InvalidInput("The request body is nested too deeply; send a flat JSON object.") from None
     if not isinstance(data, dict):
         raise InvalidInput("The request body must be a JSON object.")
+    check_unicode(data)
     return data
+
+
+def check_unicode(data) -> None:
+    """JSON may escape a lone surrogate ("\\ud800"); SQLite cannot store one, so refuse it up front."""
+    todo = [data]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend(value.keys())
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise InvalidInput(f"The request holds a lone surrogate ({value[e.start]!r}), which is not valid "
+                                   "Unicode text; send UTF-8 text.") from None
 
 
 def message_json(m: dict) -> dict:
@@ -586,7 +672,7 @@ async def start_loop(message_id, body: dict, kind: str):
     settings = S.store.get_dialog(m["dialog_id"])["settings"]
     defaults = {"max_tokens": S.cfg.max_tokens, "temperature": S.cfg.temperature, **settings}
     sampling = sampling_from(defaults, {k: body.get(k) for k in ASK_KEYS})
-    base = LoopConfig(rounds=S.cfg.rounds, candidates=S.cfg.candidates, exec_timeout=min(S.cfg.exec_timeout, 60.0),
+    base = LoopConfig(rounds=S.cfg.rounds, candidates=S.cfg.candidates, exec_timeout=min(S.cfg.exec_timeout or 60.0, 60.0),
                       sampling=sampling)
     cfg = loop_config(settings, {k: body.get(k) for k in LOOP_KEYS}, base)
     engine = await S.models.get(body.get("model"), body.get("backend"))
@@ -691,51 +777,132 @@ def get(id: str):
 
 
 # -- page components ------------------------------------------------------------------------------
+# Cells are rendered as plain strings, not FastHTML elements: a 1,000-cell dialog must render in well
+# under 300 ms, and building ~18 elements per cell as FT objects took 2.6 s (profiled). Every value
+# that reaches the markup goes through `_e` (escape) or the sanitizing renderers of dialog.render.
+# Cells carry no hx-* attributes: static/app.js drives them (keys and toolbar), so htmx has nothing
+# to process when a long dialog opens.
 
 TYPE_LABELS = {"code": "Code", "note": "Note", "prompt": "Prompt"}
+COLLAPSE_LINES = 40      # outputs longer than this many lines, or
+COLLAPSE_CHARS = 4096    # this many characters, show their head and a "show all" button
+_IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+_BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n\r ")
 
 
-def OutputView(o: dict):
+def _e(value) -> str:
+    return escape("" if value is None else str(value), quote=True)
+
+
+def _text_of(value) -> str:
+    """nbformat's multiline string (a str or a list of lines) as one str."""
+    if isinstance(value, list):
+        return "".join(str(v) for v in value)
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+@functools.lru_cache(maxsize=4096)
+def _md_cached(text: str) -> str:
+    return markdown_html(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ansi_cached(text: str) -> str:
+    return ansi_html(text)
+
+
+def _md(text: str) -> str:
+    """Sanitized markdown; small texts are cached, since a page shows the same notes again and again."""
+    return _md_cached(text) if len(text) <= 20_000 else markdown_html(text)
+
+
+def _ansi(text: str) -> str:
+    if "\x1b" not in text:
+        return escape(text, quote=False)  # what ansi2html gives for plain text, 4x faster
+    return _ansi_cached(text) if len(text) <= 20_000 else ansi_html(text)
+
+
+def _clip(text: str) -> tuple[str, int]:
+    """The head of a long text (COLLAPSE_LINES lines, COLLAPSE_CHARS characters) and its line count, or
+    the text and 0 when it is short enough to show whole."""
+    if len(text) <= COLLAPSE_CHARS and text.count("\n") <= COLLAPSE_LINES:
+        return text, 0
+    head = text[:COLLAPSE_CHARS]
+    cut = -1
+    for _ in range(COLLAPSE_LINES):
+        cut = head.find("\n", cut + 1)
+        if cut < 0:
+            break
+    if cut >= 0:
+        head = head[:cut + 1]
+    return head, text.count("\n") + (not text.endswith("\n"))
+
+
+def _size(n: int) -> str:
+    return f"{n:,} characters" if n < 10_000 else f"{n / 1024:,.0f} KB"
+
+
+def _frame_height(html: str) -> int:
+    """A starting height class (1..8, 60 px each) for an HTML output; the frame is resizable from there.
+    A sandboxed frame without allow-same-origin cannot be measured from the page, and under the page's
+    CSP (which srcdoc frames inherit) it cannot run a script to report its size."""
+    low = html.lower()
+    rows = 1 + sum(low.count(tag) for tag in ("<tr", "<br", "<li", "<p", "<h", "<div")) + html.count("\n") // 3
+    return max(1, min(8, (rows * 22 + 20) // 60 + 1))
+
+
+def OutputView(o: dict, mid: int = 0, n: int = 0, full: bool = False) -> str:
+    """One nbformat output as safe HTML; long text collapsed unless `full`."""
     kind = o.get("output_type")
-    if kind == "stream":
-        return Pre(NotStr(ansi_html(o.get("text", ""))), cls=f"out out-stream out-{o.get('name', 'stdout')}")
-    if kind == "error":
-        tb = "\n".join(o.get("traceback") or [f"{o.get('ename')}: {o.get('evalue')}"])
-        return Pre(NotStr(ansi_html(tb)), cls="out out-error")
     data = o.get("data") or {}
-    for mime in ("image/png", "image/jpeg", "image/gif"):
-        if mime in data:
-            return Div(Img(src=f"data:{mime};base64,{''.join(data[mime]).strip()}", alt="image output"),
-                       cls="out out-image")
-    if "image/svg+xml" in data:
-        import base64
-        svg = "".join(data["image/svg+xml"]) if isinstance(data["image/svg+xml"], list) else data["image/svg+xml"]
-        return Div(Img(src="data:image/svg+xml;base64," + base64.b64encode(svg.encode()).decode(), alt="svg output"),
-                   cls="out out-image")
-    if "text/html" in data:
-        html = "".join(data["text/html"]) if isinstance(data["text/html"], list) else data["text/html"]
-        # No allow-same-origin: the output runs in an opaque origin and cannot reach the app.
-        return Iframe(srcdoc=html, sandbox="allow-scripts", cls="out out-html", loading="lazy")
-    if "text/markdown" in data:
-        text = "".join(data["text/markdown"]) if isinstance(data["text/markdown"], list) else data["text/markdown"]
-        return Div(NotStr(markdown_html(text)), cls="out out-markdown md")
-    text = data.get("text/plain", "")
-    text = "".join(text) if isinstance(text, list) else text
-    return Pre(NotStr(ansi_html(text)), cls="out out-result")
+    if kind == "stream":
+        cls, text = f"out out-stream out-{_e(o.get('name') or 'stdout')}", _text_of(o.get("text"))
+    elif kind == "error":
+        cls = "out out-error"
+        text = "\n".join(o.get("traceback") or [f"{o.get('ename')}: {o.get('evalue')}"])
+    else:
+        for mime in _IMAGE_MIMES:
+            if mime in data:
+                b64 = _text_of(data[mime]).strip()
+                if not set(b64) <= _BASE64:
+                    return '<pre class="out out-result">(an image output that is not valid base64)</pre>'
+                return (f'<div class="out out-image"><img src="data:{mime};base64,{_e(b64)}" '
+                        f'alt="image output" loading="lazy"></div>')
+        if "image/svg+xml" in data:
+            svg = base64.b64encode(_text_of(data["image/svg+xml"]).encode()).decode()
+            return f'<div class="out out-image"><img src="data:image/svg+xml;base64,{svg}" alt="svg output"></div>'
+        if "text/html" in data:
+            html = _text_of(data["text/html"])
+            # No allow-same-origin: the output runs in an opaque origin and cannot reach the app.
+            return (f'<div class="out-frame h{_frame_height(html)}"><iframe class="out out-html" sandbox="allow-scripts" '
+                    f'srcdoc="{_e(html)}" title="HTML output" loading="lazy"></iframe></div>')
+        if "text/markdown" in data:
+            return f'<div class="out out-markdown md">{_md(_text_of(data["text/markdown"]))}</div>'
+        cls, text = "out out-result", _text_of(data.get("text/plain", ""))
+    shown, lines = (text, 0) if full else _clip(text)
+    pre = f'<pre class="{cls}">{_ansi(shown)}</pre>'
+    if not lines:
+        return pre
+    return (f'<div class="out-collapsed" data-n="{n}">{pre}<button type="button" class="show-all" data-act="show-all" '
+            f'data-url="/cells/{mid}/output/{n}">Show all {lines:,} lines ({_size(len(text))})</button></div>')
 
 
-def Outputs(m: dict):
+def Outputs(m: dict) -> str:
     meta = m.get("output_meta") or {}
-    parts = [OutputView(o) for o in m.get("outputs") or []]
     status = meta.get("status")
+    parts = []
     if status in ("timeout", "died", "interrupted") and meta.get("message"):
-        parts.insert(0, Div(meta["message"], cls=f"out-banner out-{status}"))
+        parts.append(f'<div class="out-banner out-{_e(status)}">{_e(meta["message"])}</div>')
+    parts.extend(OutputView(o, m["id"], n) for n, o in enumerate(m.get("outputs") or []))
     if meta.get("truncated"):
-        parts.append(Div(f"Output capped: {meta.get('original_chars', 0):,} characters produced, head and tail kept.",
-                         cls="out-banner out-truncated"))
+        parts.append(f'<div class="out-banner out-truncated">Output capped: {meta.get("original_chars", 0):,} '
+                     'characters produced, head and tail kept.</div>')
+    return f'<div id="out-{m["id"]}" class="outputs status-{_e(status or "none")}">{"".join(parts)}</div>'
+
+
+def ExecCount(m: dict) -> str:
     count = m.get("execution_count")
-    return Div(Div(f"[{count if count is not None else ' '}]", cls="exec-count"), Div(*parts, cls="out-list"),
-               id=f"out-{m['id']}", cls=f"outputs status-{status or 'none'}")
+    return f'<span class="exec-count">[{count if count is not None else "&nbsp;"}]</span>'
 
 
 def Figures(meta: dict):
@@ -755,22 +922,25 @@ def Reply(m: dict, streaming: bool = False):
     meta = m.get("reply_meta") or {}
     mid = m["id"]
     if streaming:
-        return Div(Div(Button("Stop", hx_post=f"/cells/{mid}/stop", hx_swap="none", cls="stop"), cls="reply-bar"),
-                   Pre(cls="reply-live", sse_swap="token", hx_swap="beforeend"),
-                   Div(sse_swap="done", hx_target=f"#reply-{mid}", hx_swap="outerHTML"),
-                   id=f"reply-{mid}", cls="reply streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/stream",
-                   sse_close="done")
+        return to_xml(Div(
+            Div(Span("Answering", cls="live-note"), Button("Stop", type="button", data_act="stop", cls="stop"),
+                cls="reply-bar"),
+            Pre(cls="reply-live", sse_swap="token", hx_swap="beforeend"),
+            Div(sse_swap="done", hx_target=f"#reply-{mid}", hx_swap="outerHTML"),
+            id=f"reply-{mid}", cls="reply streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/stream",
+            sse_close="done"), indent=False)
     if not m.get("reply") and meta.get("status") not in ("error", "interrupted", "cancelled"):
-        return Div(id=f"reply-{mid}", cls="reply empty")
+        return Safe(f'<div id="reply-{mid}" class="reply empty"></div>')
     status = meta.get("status", "done")
     notes = {"interrupted": "The server stopped while this reply was being written; it is incomplete.",
              "cancelled": "Stopped.", "error": f"The model failed: {meta.get('error')}"}
-    return Div(Div(notes[status], cls=f"reply-note note-{status}") if status in notes else None,
-               Div(NotStr(markdown_html(m.get("reply") or "")), cls="md"),
-               Div(Button("Code to cells", hx_post=f"/cells/{mid}/extract", hx_target=f"#cell-{mid}",
-                          hx_swap="afterend", cls="extract", title="Put the reply's code blocks in new code cells"),
-                   Figures(meta), cls="reply-foot"),
-               id=f"reply-{mid}", cls=f"reply status-{status}")
+    note = f'<div class="reply-note note-{_e(status)}">{_e(notes[status])}</div>' if status in notes else ""
+    figures = Figures(meta)
+    return Safe(
+        f'<div id="reply-{mid}" class="reply status-{_e(status)}">{note}<div class="md">{_md(m.get("reply") or "")}</div>'
+        f'<div class="reply-foot"><button type="button" data-act="extract" class="extract" tabindex="-1" '
+        f'title="Put the reply\'s code blocks in new code cells">Code to cells</button>'
+        f'{to_xml(figures, indent=False) if figures else ""}</div></div>')
 
 
 STATUS_WORDS = {"ok": "passed", "error": "error", "timeout": "timed out", "died": "kernel died",
@@ -787,21 +957,34 @@ def AttemptLine(a: dict):
               Span(what + detail, cls=f"attempt-status st-{a.get('exec_status')}"), cls="attempt")
 
 
-def LoopView(m: dict, streaming: bool = False):
-    """The attempts of the latest Solve/Fix on this cell, collapsed; live while the loop runs."""
+def latest_traces(dialog_id: int) -> dict[int, dict]:
+    """The newest Solve/Fix trace of each message of a dialog, in one query (the page shows one per cell)."""
+    out: dict[int, dict] = {}
+    for t in S.traces.iter_traces("dialog_id = ?", (dialog_id,)):
+        if t.get("message_id") is not None:
+            out[t["message_id"]] = t
+    return out
+
+
+def LoopView(m: dict, streaming: bool = False, trace: dict | None | bool = False):
+    """The attempts of the latest Solve/Fix on this cell, collapsed; live while the loop runs.
+    `trace`: that trace when the caller looked it up already (None: there is none)."""
     mid = m["id"]
     if streaming:
-        return Div(Div(Span("Solving: model code runs in this dialog's kernel", cls="loop-note"),
-                       Button("Stop", hx_post=f"/cells/{mid}/stop", hx_swap="none", cls="stop"), cls="reply-bar"),
-                   Ul(cls="attempts live", sse_swap="attempt", hx_swap="beforeend"),
-                   Pre(cls="reply-live", sse_swap="token", hx_swap="beforeend"),
-                   Div(sse_swap="done", hx_target=f"#cell-{mid}", hx_swap="outerHTML"),
-                   id=f"loop-{mid}", cls="loop streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/loop-stream",
-                   sse_close="done")
-    traces = [t for t in S.traces.traces_for_message(mid) if t["message_id"] == mid]
-    if not traces:
-        return Div(id=f"loop-{mid}", cls="loop empty")
-    t = traces[-1]
+        return to_xml(Div(
+            Div(Span("Solving: model code runs in this dialog's kernel", cls="loop-note live-note"),
+                Button("Stop", type="button", data_act="stop", cls="stop"), cls="reply-bar"),
+            Ul(cls="attempts live", sse_swap="attempt", hx_swap="beforeend"),
+            Pre(cls="reply-live", sse_swap="token", hx_swap="beforeend"),
+            Div(sse_swap="done", hx_target=f"#cell-{mid}", hx_swap="outerHTML"),
+            id=f"loop-{mid}", cls="loop streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/loop-stream",
+            sse_close="done"), indent=False)
+    if trace is False:
+        traces = [t for t in S.traces.traces_for_message(mid) if t["message_id"] == mid]
+        trace = traces[-1] if traces else None
+    if not trace:
+        return Safe(f'<div id="loop-{mid}" class="loop empty"></div>')
+    t = trace
     attempts = S.traces.attempts(t["id"])
     verdict = {"passed": "passed", "failed": "did not pass", "stopped": "stopped",
                "interrupted": "interrupted", "running": "running"}.get(t["status"], t["status"])
@@ -809,71 +992,108 @@ def LoopView(m: dict, streaming: bool = False):
               "stopped": "stopped", "passed": ""}.get(t.get("stop_reason") or "", "")
     head = f"{t['kind'].capitalize()} {verdict} after {t['n_attempts']} attempt{'s' if t['n_attempts'] != 1 else ''}" \
         + (f" ({reason})" if reason else "")
-    return Div(Details(Summary(head, A("trace", href=f"/traces/{t['id']}", cls="trace-link")),
-                       Ul(*[AttemptLine(a) for a in attempts], cls="attempts")),
-               id=f"loop-{mid}", cls=f"loop status-{t['status']}")
+    return to_xml(Div(Details(Summary(head, A("trace", href=f"/traces/{t['id']}", cls="trace-link")),
+                                     Ul(*[AttemptLine(a) for a in attempts], cls="attempts")),
+                             id=f"loop-{mid}", cls=f"loop status-{t['status']}"), indent=False)
 
 
-def CellToolbar(m: dict):
-    mid = m["id"]
-    return Div(
-        Select(*[Option(TYPE_LABELS[t], value=t, selected=t == m["type"]) for t in MESSAGE_TYPES],
-               name="type", hx_post=f"/cells/{mid}/type", hx_target=f"#cell-{mid}", hx_swap="outerHTML",
-               cls="cell-type", title="Cell type"),
-        Button("Run", hx_post=f"/cells/{mid}/run", hx_include=f"#cell-{mid} textarea", hx_target=f"#cell-{mid}",
-               hx_swap="outerHTML", cls="run", title="Run (Ctrl+Enter)") if m["type"] == "code" else None,
-        Button("Ask", hx_post=f"/cells/{mid}/ask", hx_include=f"#cell-{mid} textarea", hx_target=f"#reply-{mid}",
-               hx_swap="outerHTML", cls="run ask", title="Ask the model (Ctrl+Enter)") if m["type"] == "prompt" else None,
-        Button("Solve", hx_post=f"/cells/{mid}/solve", hx_include=f"#cell-{mid} textarea", hx_target=f"#loop-{mid}",
-               hx_swap="outerHTML", cls="solve",
-               title="Ask for code, run it here, feed errors back until it works") if m["type"] == "prompt" else None,
-        Button("Fix", hx_post=f"/cells/{mid}/fix", hx_target=f"#loop-{mid}", hx_swap="outerHTML", cls="fix",
-               title="Let the model fix this cell from its error (runs its code here)")
-        if m["type"] == "code" and (m.get("output_meta") or {}).get("status") in ("error", "timeout", "died") else None,
-        Button("Test" if not m.get("is_test") else "Untest", hx_post=f"/cells/{mid}/toggle?field=is_test",
-               hx_target=f"#cell-{mid}", hx_swap="outerHTML", cls="toggle-test",
-               title="Code cells marked as tests are the visible checks of Solve and Fix") if m["type"] == "code" else None,
-        Button("Pin" if not m["pinned"] else "Unpin", hx_post=f"/cells/{mid}/toggle?field=pinned",
-               hx_target=f"#cell-{mid}", hx_swap="outerHTML", cls="toggle-pin"),
-        Button("Skip" if not m["skipped"] else "Unskip", hx_post=f"/cells/{mid}/toggle?field=skipped",
-               hx_target=f"#cell-{mid}", hx_swap="outerHTML", cls="toggle-skip"),
-        Button("↑", hx_post=f"/cells/{mid}/move?offset=-1", hx_target="#cells", hx_swap="outerHTML",
-               title="Move up", cls="move-up"),
-        Button("↓", hx_post=f"/cells/{mid}/move?offset=1", hx_target="#cells", hx_swap="outerHTML",
-               title="Move down", cls="move-down"),
-        Button("+ below", hx_post=f"/d/{m['dialog_id']}/cells?after={mid}", hx_target=f"#cell-{mid}",
-               hx_swap="afterend", cls="add-below"),
-        Button("Delete", hx_delete=f"/cells/{mid}", hx_target=f"#cell-{mid}", hx_swap="outerHTML",
-               hx_confirm="Delete this cell?", cls="delete"),
-        cls="cell-toolbar")
+def _button(act: str, label: str, title: str = "", cls: str = "") -> str:
+    # Out of the Tab order: every action has a key, and 1,000 cells would be 10,000 tab stops.
+    tip = f' title="{_e(title)}"' if title else ""
+    return f'<button type="button" data-act="{act}" tabindex="-1"{tip} class="{cls or act}">{label}</button>'
 
 
-def Cell(m: dict):
-    mid = m["id"]
-    lang = "python" if m["type"] == "code" else "markdown"
-    source = Textarea(m["source"], name="source", cls="cell-source", data_lang=lang, rows=max(1, m["source"].count("\n") + 1),
-                      hx_put=f"/cells/{mid}", hx_trigger="input changed delay:600ms", hx_swap="none")
-    body = [CellToolbar(m), source]
-    if m["type"] == "code":
+def CellToolbar(m: dict) -> str:
+    t = m["type"]
+    failed = (m.get("output_meta") or {}).get("status") in ("error", "timeout", "died")
+    options = "".join(f'<option value="{k}"{" selected" if k == t else ""}>{v}</option>' for k, v in TYPE_LABELS.items())
+    parts = [f'<select class="cell-type" data-act="type" tabindex="-1" aria-label="Cell type" title="Cell type (y m p)">'
+             f'{options}</select>']
+    if t == "code":
+        parts.append(_button("run", "Run", "Run (Ctrl+Enter)"))
+        if failed:
+            parts.append(_button("fix", "Fix", "Let the model fix this cell from its error (f)"))
+        parts.append(_button("test", "Untest" if m.get("is_test") else "Test",
+                             "Code cells marked as tests are the visible checks of Solve and Fix", "toggle-test"))
+    elif t == "prompt":
+        parts.append(_button("ask", "Ask", "Ask the model (Ctrl+Enter)", "run ask"))
+        parts.append(_button("solve", "Solve", "Ask for code, run it here, feed errors back until it works (s)"))
+    parts += [_button("pin", "Unpin" if m["pinned"] else "Pin", "Pinned cells survive context truncation (Shift+P)",
+                      "toggle-pin"),
+              _button("skip", "Unskip" if m["skipped"] else "Skip", "Skipped cells are left out of the model's context "
+                      "(Shift+S)", "toggle-skip"),
+              _button("up", "↑", "Move up (Ctrl+Shift+Up)", "move-up"),
+              _button("down", "↓", "Move down (Ctrl+Shift+Down)", "move-down"),
+              _button("add-below", "+", "Add a cell below (b)", "add-below"),
+              _button("delete", "Delete", "Delete (d d; z undoes)", "delete")]
+    return f'<div class="cell-toolbar">{"".join(parts)}</div>'
+
+
+def Cell(m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False, trace: dict | None | bool = False):
+    """One cell as the page shows it. `trace`: its latest Solve/Fix trace, when the caller batched the lookup."""
+    mid, t, src = m["id"], m["type"], m["source"]
+    lang = "python" if t == "code" else "markdown"
+    flags = [f for f in ("pinned", "skipped") if m.get(f)] + (["test"] if m.get("is_test") else [])
+    gutter = ExecCount(m) if t == "code" else f'<span class="kind">{t}</span>'
+    gutter += "".join(f'<span class="flag flag-{f}">{f}</span>' for f in flags)
+    placeholder = {"code": "code", "note": "a note (markdown)", "prompt": "ask the model (markdown)"}[t]
+    body = [CellToolbar(m),
+            f'<textarea class="cell-source" name="source" data-lang="{lang}" rows="{src.count(chr(10)) + 1}" '
+            f'aria-label="{t} source" placeholder="{placeholder}">{escape(src, quote=False)}</textarea>']
+    if t != "code":
+        view = _md(src) if src.strip() else f'<p class="placeholder">Empty {t}: press Enter to write</p>'
+        body.append(f'<div class="md-view md">{view}</div>')
+    if t == "code":
         body.append(Outputs(m))
-    elif m["type"] == "prompt":
-        body.append(Reply(m))
-    if m["type"] in ("code", "prompt"):
-        body.append(LoopView(m))
-    else:
-        body.append(Div(NotStr(markdown_html(m["source"])), cls="note-view md"))
-    flags = " ".join(f.replace("is_test", "test") for f in ("pinned", "skipped", "is_test") if m.get(f))
-    return Article(*body, id=f"cell-{mid}", cls=f"cell cell-{m['type']} {flags}".strip(), data_id=str(mid),
-                   data_type=m["type"], tabindex="-1")
+    elif t == "prompt":
+        body.append(Reply(m, streaming=reply_streaming))
+    if t != "note":
+        body.append(LoopView(m, streaming=loop_streaming, trace=trace))
+    cls = " ".join(["cell", f"cell-{t}", *flags])
+    return Safe(f'<article class="{cls}" id="cell-{mid}" data-id="{mid}" data-type="{t}" tabindex="-1" '
+                  f'aria-label="{t} cell"><div class="gutter">{gutter}</div><div class="cell-body">{"".join(body)}'
+                  f'</div></article>')
 
 
 def Cells(dialog_id: int, messages: list[dict]):
-    return Div(*[Cell(m) for m in messages], id="cells", data_dialog=str(dialog_id))
+    traces = latest_traces(dialog_id)
+    return Safe(f'<div id="cells" data-dialog="{dialog_id}">'
+                  + "".join(Cell(m, trace=traces.get(m["id"])) for m in messages) + "</div>")
 
 
 def AddBar(dialog_id: int):
-    return Div(*[Button(f"+ {TYPE_LABELS[t]}", hx_post=f"/d/{dialog_id}/cells?type={t}", hx_target="#cells",
-                        hx_swap="beforeend", cls=f"add-{t}") for t in MESSAGE_TYPES], cls="add-bar")
+    return Div(*[Button(f"+ {TYPE_LABELS[t]}", type="button", data_act=f"add-{t}", cls=f"add-{t}", tabindex="-1")
+                 for t in MESSAGE_TYPES], cls="add-bar")
+
+
+KEYS = [
+    ("Command mode (a cell is selected; Esc gets you here)", [
+        ("Enter", "edit the cell"), ("Shift+Enter", "run, select the next cell (adds one at the end)"),
+        ("Ctrl/Cmd+Enter", "run in place"), ("Alt+Enter", "run, add a cell below"),
+        ("s  ·  Ctrl+Shift+Enter", "Solve a prompt (code runs here)"), ("f", "Fix a failed code cell"),
+        ("↑ ↓  ·  k j", "select the cell above / below"), ("Home  ·  End", "first / last cell"),
+        ("Ctrl/Cmd+Shift+↑ ↓", "move the cell up / down"),
+        ("a  ·  b", "add a cell above / below"), ("d d", "delete the cell"), ("z", "undo the last delete"),
+        ("x  ·  c  ·  v  ·  Shift+V", "cut, copy, paste below / above"),
+        ("y  ·  m  ·  p", "make the cell code, note, prompt"),
+        ("Shift+P  ·  Shift+S", "pin (survives truncation) · skip (left out of the context)"),
+        ("r", "run all code cells above"), ("i i", "interrupt the kernel, stop the model"),
+        ("0 0", "restart the kernel"), ("?  ·  h", "this list")]),
+    ("Edit mode (typing in a cell)", [
+        ("Esc", "back to command mode (a note or prompt shows rendered)"),
+        ("Shift+Enter  ·  Ctrl+Enter  ·  Alt+Enter", "as in command mode"),
+        ("Ctrl+Shift+Enter", "Solve a prompt / Fix a code cell"), ("Tab  ·  Shift+Tab", "indent / dedent"),
+        ("Ctrl+Space", "complete"), ("Ctrl+S", "save now (cells also save as you type)")]),
+]
+
+
+def KeyHelp():
+    def section(title, keys):
+        return Div(H2(title), *[Div(Span(k, cls="keys"), Span(what, cls="what"), cls="key-row") for k, what in keys],
+                   cls="key-section")
+    return Div(Div(Div(H2("Keyboard"), Button("Close", type="button", data_act="help", cls="close"), cls="help-head"),
+                   *[section(t, keys) for t, keys in KEYS], cls="help-box"),
+               id="keys-help", cls="overlay", hidden=True, role="dialog", aria_label="Keyboard shortcuts")
 
 
 def ModelBadge():
@@ -888,7 +1108,8 @@ def ModelBadge():
 
 def KernelBadge(dialog_id: int):
     state = S.pool.state(dialog_key(dialog_id))
-    return Span(f"kernel: {state}", id="kernel-state", cls=f"kernel-state kernel-{state}")
+    return Span(f"kernel: {state}", id="kernel-state", cls=f"kernel-state kernel-{state}", data_state=state,
+                role="status", aria_live="polite")
 
 
 def DialogHeader(d: dict):
@@ -896,19 +1117,19 @@ def DialogHeader(d: dict):
     return Header(
         A("Loopbook", href="/", cls="brand"),
         Form(Input(name="title", value=d["title"], cls="dialog-title", aria_label="Dialog title"),
-             hx_post=f"/d/{did}/rename", hx_trigger="change", hx_swap="none"),
+             hx_post=f"/d/{did}/rename", hx_trigger="change, submit", hx_swap="none", cls="rename"),
         KernelBadge(did),
         ModelBadge(),
         Span(f"Solve and Fix run model code in this kernel · cwd {S.cfg.kernel_cwd or os.getcwd()}",
              cls="autorun-note", title="Model code runs automatically only inside Solve and Fix; elsewhere it waits for Run."),
-        Div(Button("Run all", hx_post=f"/d/{did}/run-all", hx_target="#cells", hx_swap="outerHTML", cls="run-all"),
-            Button("Interrupt", hx_post=f"/d/{did}/interrupt", hx_target="#kernel-state", hx_swap="outerHTML",
-                   cls="interrupt"),
-            Button("Restart", hx_post=f"/d/{did}/restart", hx_target="#kernel-state", hx_swap="outerHTML",
-                   hx_confirm="Restart the kernel? Its variables are lost.", cls="restart"),
+        Div(Button("Run all", type="button", data_act="run-all", cls="run-all", title="Run every code cell in order"),
+            Button("Interrupt", type="button", data_act="interrupt", cls="interrupt", title="Interrupt (i i)"),
+            Button("Restart", type="button", data_act="restart", cls="restart", title="Restart the kernel (0 0)"),
             Button("Duplicate", hx_post=f"/d/{did}/duplicate", cls="duplicate", title="Branch this dialog"),
             Details(Summary("Export"), A(".ipynb", href=f"/d/{did}/export.ipynb", cls="export-ipynb"),
-                    A(".py", href=f"/d/{did}/export.py"), A(".md", href=f"/d/{did}/export.md"), cls="export"),
+                    A(".py", href=f"/d/{did}/export.py", cls="export-py"),
+                    A(".md", href=f"/d/{did}/export.md", cls="export-md"), cls="export"),
+            Button("?", type="button", data_act="help", cls="help", title="Keyboard shortcuts (?)"),
             cls="actions"),
         cls="topbar")
 
@@ -931,15 +1152,17 @@ def page(handler):
     return wrapper
 
 
-@rt("/")
-def get(q: str = ""):
+def Home(q: str = "", error: str | None = None):
     dialogs = S.store.list_dialogs(search=q or None)
     return (Title("Loopbook"),
             Main(H1("Loopbook"),
-                 Form(Input(name="title", placeholder="New dialog title", required=True),
+                 Div(error, cls="import-error", role="alert") if error else None,
+                 Form(Input(name="title", placeholder="New dialog title", required=True, autofocus=not q and not error,
+                            aria_label="New dialog title"),
                       Button("New dialog", type="submit"), action="/dialogs", method="post", cls="new-dialog"),
-                 Form(Input(name="q", value=q, placeholder="Search titles", type="search"), action="/", method="get",
-                      cls="search"),
+                 Form(Input(name="q", value=q, placeholder="Search titles", type="search", aria_label="Search titles",
+                            autofocus=bool(q)),
+                      action="/", method="get", cls="search"),
                  Form(Input(type="file", name="file", accept=".ipynb,application/json", required=True,
                             aria_label="Notebook file"),
                       Button("Import .ipynb", type="submit"), action="/dialogs/import", method="post",
@@ -949,8 +1172,13 @@ def get(q: str = ""):
                          Button("Delete", hx_delete=f"/d/{d['id']}", hx_target="closest li", hx_swap="outerHTML",
                                 hx_confirm=f"Delete the dialog {d['title']!r} and its cells? This cannot be undone.",
                                 cls="delete")) for d in dialogs],
-                    cls="dialog-list") if dialogs else P("No dialogs yet.", cls="empty"),
+                    cls="dialog-list") if dialogs else P("No dialogs match." if q else "No dialogs yet.", cls="empty"),
                  cls="home"))
+
+
+@rt("/")
+def get(q: str = ""):
+    return Home(q)
 
 
 @rt("/dialogs")
@@ -959,7 +1187,12 @@ def post(title: str = "Untitled"):
         d = S.store.create_dialog(title)
     except StoreError as e:
         return PlainTextResponse(str(e), status_code=e.status)
+    S.store.add_message(d["id"], "code", "")  # a new notebook opens on an empty cell, as in Jupyter
     return RedirectResponse(f"/d/{d['id']}", status_code=303)
+
+
+# What an import had to change, shown once when the new dialog opens.
+FLASH: dict[int, list[str]] = {}
 
 
 @rt("/d/{id}")
@@ -967,12 +1200,14 @@ def get(id: str):
     try:
         d = S.store.get_dialog(id)
     except StoreError as e:
-        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{e}</p><p><a href='/'>All dialogs</a></p>",
+        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{escape(str(e))}</p><p><a href='/'>All dialogs</a></p>",
                             status_code=e.status)
+    notices = FLASH.pop(d["id"], [])
     return (Title(f"{d['title']} · Loopbook"),
             DialogHeader(d),
             Main(Cells(d["id"], S.store.messages(d["id"])), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"])),
-            Div(id="toast", cls="toast", role="status", aria_live="polite"))
+            KeyHelp(),
+            Div(*[Div(n, cls="toast-msg") for n in notices], id="toast", cls="toast", role="status", aria_live="polite"))
 
 
 @rt("/dialogs/import")
@@ -980,13 +1215,22 @@ async def post(req: Request):
     form = await req.form()
     upload = form.get("file")
     if upload is None or not hasattr(upload, "read"):
-        return PlainTextResponse("Choose a .ipynb file to import.", status_code=400)
+        return full_page(Home(error="Choose a .ipynb file to import."), status_code=400)
     try:
         d = import_ipynb(S.store, await upload.read(), upload.filename or None)
     except StoreError as e:
-        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{escape(str(e))}</p>"
-                            "<p><a href='/'>Back</a></p>", status_code=e.status)
+        return full_page(Home(error=f"Nothing was imported. {e}"), status_code=e.status)
+    if d.get("notices"):
+        FLASH[d["id"]] = d["notices"]
     return RedirectResponse(f"/d/{d['id']}", status_code=303)
+
+
+def full_page(parts: tuple, status_code: int = 200) -> HTMLResponse:
+    """A whole page with a status other than 200 (FastHTML's own wrapping always answers 200)."""
+    title = next((p for p in parts if getattr(p, "tag", "") == "title"), Title("Loopbook"))
+    body = [p for p in parts if p is not title]
+    return HTMLResponse("<!doctype html>\n" + to_xml(Html(Head(Meta(charset="utf-8"), title, *HDRS), Body(*body),
+                                                         lang="en")), status_code=status_code)
 
 
 @rt("/d/{id}")
@@ -1036,11 +1280,54 @@ def put(id: str, source: str = ""):
     return ""
 
 
+@rt("/cells/{id}/save")
+@page
+def post(id: str, source: str = ""):
+    """Save and re-render: a note or prompt leaving edit mode shows its markdown rendered."""
+    note_edit(S.store, S.traces, S.store.get_message(id), source)
+    return Cell(S.store.update_message(id, source=source))
+
+
+# Deleted cells, newest last, so `z` can bring one back with its outputs and reply (this process only).
+TRASH: dict[int, dict] = {}
+TRASH_KEEP = 200
+COPIED_FIELDS = ("source", "outputs", "output_meta", "execution_count", "reply", "reply_meta", "pinned", "skipped",
+                 "is_test", "author")
+
+
 @rt("/cells/{id}")
 @page
 def delete(id: str):
-    S.store.delete_message(id)
+    m = S.store.delete_message(id)
+    TRASH[m["id"]] = m
+    while len(TRASH) > TRASH_KEEP:
+        TRASH.pop(next(iter(TRASH)))
     return ""
+
+
+def _copy_into(m: dict, dialog: str, after: str, before: str) -> dict:
+    fields = {k: m[k] for k in COPIED_FIELDS if k in m}
+    return S.store.add_message(dialog or m["dialog_id"], m["type"], after=after or None, before=before or None, **fields)
+
+
+@rt("/cells/{id}/restore")
+@page
+def post(id: str, after: str = "", before: str = ""):
+    """Undo a delete: the cell comes back where it was (after `after` or before `before`), outputs included."""
+    m = TRASH.get(int(id)) if id.isdigit() else None
+    if m is None:
+        raise InvalidInput("That cell can no longer be restored (only deletes since the server started can be undone).")
+    restored = _copy_into(m, "", after, before)
+    TRASH.pop(m["id"], None)
+    return Cell(restored)
+
+
+@rt("/cells/{id}/paste")
+@page
+def post(id: str, dialog: str = "", after: str = "", before: str = ""):
+    """A copy of cell `id` (still there, or cut) in `dialog`, after or before a cell; outputs included."""
+    m = TRASH.get(int(id)) if id.isdigit() and int(id) in TRASH else S.store.get_message(id)
+    return Cell(_copy_into(m, dialog, after, before))
 
 
 @rt("/cells/{id}/type")
@@ -1061,29 +1348,30 @@ def post(id: str, field: str):
 @rt("/cells/{id}/move")
 @page
 def post(id: str, offset: int = 0):
+    """Move by `offset` places; the page moves the element itself, so nothing is re-rendered."""
     m = S.store.move_message(id, offset=offset)
-    return Cells(m["dialog_id"], S.store.messages(m["dialog_id"]))
+    return Response("", headers={"X-Position": str(m["position"])})
 
 
 @rt("/cells/{id}/run")
 @page
 async def post(id: str, source: str | None = None):
     if source is not None:
+        note_edit(S.store, S.traces, S.store.get_message(id), source)
         S.store.update_message(id, source=source)
     await run_message(id)
     return Cell(S.store.get_message(id))
 
 
-@rt("/d/{id}/run-all")
+@rt("/cells/{id}/output/{n}")
 @page
-async def post(id: str):
-    d = S.store.get_dialog(id)
-    for m in S.store.messages(d["id"]):
-        if m["type"] == "code" and not m["skipped"]:
-            result = await run_message(m["id"])
-            if result["status"] != "ok":
-                break
-    return Cells(d["id"], S.store.messages(d["id"]))
+def get(id: str, n: int):
+    """One output in full: what "show all" fetches for a collapsed output."""
+    m = S.store.get_message(id)
+    outputs = m.get("outputs") or []
+    if not 0 <= n < len(outputs):
+        raise InvalidInput(f"Cell {m['id']} has no output {n}; run it again.")
+    return Safe(OutputView(outputs[n], m["id"], n, full=True))
 
 
 @rt("/d/{id}/interrupt")
@@ -1117,16 +1405,13 @@ async def post(id: str, source: str | None = None):
         m, _, _ = await start_ask(id, {})
     except ModelError as e:
         raise InvalidInput(f"No model to answer with: {e}") from None
-    return Reply(m, streaming=True)
+    return Cell(m, reply_streaming=True)
 
 
 @rt("/cells/{id}/stop")
 @page
-def post(id: str):
-    m = S.store.get_message(id)
-    rid = (m.get("reply_meta") or {}).get("request_id")
-    if rid and S.models.engine:
-        S.models.engine.cancel(rid)
+async def post(id: str):
+    await stop_message(id)
     return ""
 
 
@@ -1180,7 +1465,7 @@ async def post(id: str, source: str | None = None):
         m, _, _ = await start_loop(id, {}, "solve")
     except ModelError as e:
         raise InvalidInput(f"No model to solve with: {e}") from None
-    return LoopView(m, streaming=True)
+    return Cell(S.store.get_message(m["id"]), loop_streaming=True)
 
 
 @rt("/cells/{id}/fix")
@@ -1190,7 +1475,7 @@ async def post(id: str):
         m, _, _ = await start_loop(id, {}, "fix")
     except ModelError as e:
         raise InvalidInput(f"No model to fix with: {e}") from None
-    return LoopView(m, streaming=True)
+    return Cell(S.store.get_message(m["id"]), loop_streaming=True)
 
 
 @rt("/cells/{id}/loop-stream")
@@ -1287,9 +1572,14 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     S.cfg = cfg
     data_dir = Path(cfg.data_dir).expanduser() if cfg.data_dir else default_data_dir()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.host not in ("127.0.0.1", "localhost", "::1") and not (cfg.token or os.environ.get("LOOPBOOK_TOKEN")):
-        sys.exit(f"Refusing to bind {cfg.host} without an explicit token: pass --token or set LOOPBOOK_TOKEN.")
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the store holds all your work: yours alone
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        # Anyone who reaches this address can run code as you: demand a token chosen on purpose.
+        if not cfg.token:
+            sys.exit(f"Refusing to bind {cfg.host} without an explicit token: pass --token or set LOOPBOOK_TOKEN "
+                     "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`).")
+        if len(cfg.token) < 16:
+            sys.exit(f"Refusing to bind {cfg.host} with a token of {len(cfg.token)} characters: use at least 16.")
     token = resolve_token(cfg, data_dir)
     cfg.token = token
     shown = "[::1]" if cfg.host == "::1" else cfg.host

@@ -11,9 +11,9 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from queue import Empty
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import zmq.asyncio
@@ -87,6 +87,7 @@ class Kernel:
         self.exit_code: int | None = None
         self.stopping: str | None = None  # why we are stopping it on purpose: "restart", "shutdown", "timeout"
         self.closed = False
+        self._executing = False
         self._proc: subprocess.Popen | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -101,7 +102,7 @@ class Kernel:
             shutdown_wait_time=2.0,
         )
         try:
-            with open(self.log_file, "ab") as log_fh:
+            with open(os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "ab") as log_fh:
                 # fd-level output is echoed by ipykernel to the kernel's own stdout: send that nowhere.
                 await self.km.start_kernel(
                     env=self.env, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=log_fh
@@ -167,7 +168,8 @@ class Kernel:
         if self.closed:
             return
         self.closed = True
-        if self.client is not None:
+        # Closing sockets under a waiting execute would cancel it; it closes them itself when done.
+        if self.client is not None and not self._executing:
             self.client.stop_channels()
         if self.km is not None:
             try:
@@ -191,6 +193,8 @@ class Kernel:
 
     def kill_now(self) -> None:
         """Synchronous last resort (atexit): SIGKILL the kernel and its process group."""
+        if self.closed:  # already stopped; its group id may belong to someone else by now
+            return
         if self.pid and self.alive():
             try:
                 os.kill(self.pid, signal.SIGKILL)
@@ -213,6 +217,35 @@ class Kernel:
         interrupt_grace_s: float = 5.0,
     ) -> ExecResult:
         """Run one cell; never raises for what the code does (errors, hangs, crashes are statuses)."""
+        self._executing = True
+        try:
+            return await self._execute(
+                code,
+                timeout=timeout,
+                on_output=on_output,
+                silent=silent,
+                store_history=store_history,
+                cap_chars=cap_chars,
+                display_cap_chars=display_cap_chars,
+                interrupt_grace_s=interrupt_grace_s,
+            )
+        finally:
+            self._executing = False
+            if self.closed and self.client is not None:
+                self.client.stop_channels()
+
+    async def _execute(
+        self,
+        code: str,
+        *,
+        timeout: float | None,
+        on_output: OnOutput | None,
+        silent: bool,
+        store_history: bool,
+        cap_chars: int,
+        display_cap_chars: int,
+        interrupt_grace_s: float,
+    ) -> ExecResult:
         t0 = time.monotonic()
         capture = OutputCapture(cap_chars, display_cap_chars)
         if not self.alive():

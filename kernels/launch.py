@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -40,7 +41,9 @@ def check_resource_limits(limits: dict[str, Any] | None) -> dict[str, int] | Non
     if not limits:
         return None
     if not isinstance(limits, dict):
-        raise ValueError(f"resource_limits must be a dict like {{'memory_bytes': 2**30, 'cpu_seconds': 60}}, got {limits!r}")
+        raise ValueError(
+            f"resource_limits must be a dict like {{'memory_bytes': 2**30, 'cpu_seconds': 60}}, got {limits!r}"
+        )
     unknown = set(limits) - _LIMIT_KEYS
     if unknown:
         raise ValueError(
@@ -65,13 +68,47 @@ def kernel_argv(python: str, limits: dict[str, int] | None = None) -> list[str]:
     return [python, "-c", RLIMIT_WRAPPER, str(mem), str(cpu), *tail]
 
 
+RUNTIME_PREFIX = "loopbook-kernels-"
+OWNER_FILE = "owner.pid"
+
+
+def sweep_stale_runtime_dirs() -> None:
+    """Remove default runtime folders whose app died without cleaning up (SIGKILL, power loss).
+
+    Their kernels are gone too: ipykernel exits when its parent process does.
+    """
+    for folder in Path(tempfile.gettempdir()).glob(RUNTIME_PREFIX + "*"):
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            pid = int((folder / OWNER_FILE).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if pid == os.getpid() or _pid_exists(pid):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def make_runtime_dir(path: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """A private (0700) folder for connection files and IPC sockets; returns it and whether we made it.
 
     IPC socket paths must stay under about 100 bytes, so the default lives in the system temp folder.
     """
     if path is None:
-        return Path(tempfile.mkdtemp(prefix="loopbook-kernels-")), True
+        sweep_stale_runtime_dirs()
+        runtime = Path(tempfile.mkdtemp(prefix=RUNTIME_PREFIX))
+        (runtime / OWNER_FILE).write_text(str(os.getpid()))
+        return runtime, True
     runtime = Path(path).expanduser().resolve()
     created = not runtime.exists()
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)

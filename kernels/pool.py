@@ -10,7 +10,6 @@ import os
 import shutil
 import sys
 import time
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,7 +103,6 @@ class KernelPool:
         self._watch_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._started = False
-        _live_pools.add(self)
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -182,7 +180,7 @@ class KernelPool:
                 slot.busy = False
                 slot.last_used, slot.idle_since = time.time(), time.monotonic()
             slot.executions += 1
-            if kernel.stopping in ("restart", "shutdown") and result.status in ("died", "timeout"):
+            if kernel.stopping in ("restart", "shutdown") and result.status in ("died", "timeout", "interrupted"):
                 result.status = "interrupted"
                 result.message = RESTARTED_MESSAGE if kernel.stopping == "restart" else SHUTDOWN_MESSAGE
             if not kernel.alive():
@@ -247,7 +245,12 @@ class KernelPool:
         await asyncio.gather(*(self._retire(k, polite=True) for k in kernels), return_exceptions=True)
         await asyncio.gather(*list(self._background), return_exceptions=True)
         self._remove_runtime_dir()
-        if self._context is not None:
+        # Executes that were running see their kernel gone within a poll; let them report before
+        # the sockets they wait on disappear with the context.
+        end = time.monotonic() + 3.0
+        while any(slot.busy for slot in self._slots.values()) and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+        if self._context is not None and not any(slot.busy for slot in self._slots.values()):
             self._context.destroy(linger=0)
             self._context = None
 
@@ -398,10 +401,12 @@ class KernelPool:
             from_spare=from_spare,
         )
         self._kernels.add(kernel)
+        _owned_kernels.add(kernel)
         try:
             await kernel.start(timeout=self.start_timeout)
         except BaseException:
             self._kernels.discard(kernel)
+            _owned_kernels.discard(kernel)
             raise
         return kernel
 
@@ -488,6 +493,7 @@ class KernelPool:
             await (kernel.shutdown() if polite else kernel.kill())
         finally:
             self._kernels.discard(kernel)
+            _owned_kernels.discard(kernel)
 
     def _in_background(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -497,6 +503,8 @@ class KernelPool:
     def _runtime(self) -> Path:
         if self._runtime_dir is None or not self._runtime_dir.is_dir():
             self._runtime_dir, self._runtime_created = make_runtime_dir(self._runtime_arg)
+            if self._runtime_created:
+                _owned_dirs.add(self._runtime_dir)
         return self._runtime_dir
 
     def _zmq_context(self) -> zmq.asyncio.Context:
@@ -519,28 +527,29 @@ class KernelPool:
             return
         if self._runtime_created:
             shutil.rmtree(runtime, ignore_errors=True)
+            _owned_dirs.discard(runtime)
         else:  # someone else's folder: remove only our files
             for path in runtime.glob("k-*"):
                 path.unlink(missing_ok=True)
         self._runtime_dir = None
 
-    def _kill_now(self) -> None:
-        """atexit: SIGKILL every kernel process group we own and remove the runtime folder."""
-        for kernel in list(self._kernels):
-            kernel.kill_now()
-        self._remove_runtime_dir()
 
 
-_live_pools: weakref.WeakSet[KernelPool] = weakref.WeakSet()
+# What the exit hook must clean even when a pool was dropped without shutdown_all().
+_owned_kernels: set[Kernel] = set()
+_owned_dirs: set[Path] = set()
 
 
 @atexit.register
 def _kill_leftover_kernels() -> None:
-    for pool in list(_live_pools):
+    """SIGKILL every kernel process group still running and remove the runtime folders we made."""
+    for kernel in list(_owned_kernels):
         try:
-            pool._kill_now()
+            kernel.kill_now()
         except Exception:  # atexit must not raise; the kernels' parent-pid poller is the last net
             pass
+    for path in list(_owned_dirs):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _check_key(key: Any) -> str:

@@ -2,6 +2,7 @@
 
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from kernels import KernelPool
+from kernels.launch import make_runtime_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +40,8 @@ def test_memory_and_cpu_limits_apply_to_the_kernel():
         pool = KernelPool(spare=False, resource_limits={"memory_bytes": 1 << 30, "cpu_seconds": 10})
         try:
             limits = await pool.execute(
-                "limited", "import resource\nprint(resource.getrlimit(resource.RLIMIT_AS)[0], resource.getrlimit(resource.RLIMIT_CPU)[0])"
+                "limited",
+                "import resource as r\nprint(r.getrlimit(r.RLIMIT_AS)[0], r.getrlimit(r.RLIMIT_CPU)[0])",
             )
             await pool.execute("limited", "before = 'kept'")
             hog = await pool.execute("limited", "hog = []\nwhile True: hog.append(bytearray(50 * 2**20))")
@@ -89,13 +92,17 @@ def test_shutdown_all_leaves_no_processes_and_no_runtime_dir():
         child = await pool.execute("one", "import subprocess\np = subprocess.Popen(['sleep', '300'])\nprint(p.pid)")
         await pool.ensure("two")
         await pool.start()  # waits for the refilled spare
+        running = asyncio.create_task(pool.execute("two", "import time\ntime.sleep(60)"))
+        while pool.state("two") != "busy":
+            await asyncio.sleep(0.02)
         pids = pool.pids()
         runtime = Path(pool.info("one")["connection_file"]).parent
         files_before = sorted(p.name for p in runtime.iterdir())
         await pool.shutdown_all()
-        return int(child.stdout), pids, runtime, files_before, pool.pids(), pool.state("one")
+        return int(child.stdout), pids, runtime, files_before, pool.pids(), pool.state("one"), await running
 
-    child_pid, pids, runtime, files_before, pids_after, state = asyncio.run(main())
+    child_pid, pids, runtime, files_before, pids_after, state, cut_short = asyncio.run(main())
+    assert cut_short.status == "interrupted" and "shut down" in cut_short.message
     assert len(pids) == 3  # two keys and the spare
     assert any(name.endswith(".json") for name in files_before)
     assert wait_gone(pids + [child_pid]) == []
@@ -126,3 +133,32 @@ def test_kernels_do_not_outlive_an_app_that_exits_without_shutdown(tmp_path):
     assert len(pids) == 2
     assert wait_gone(pids) == []
     assert not Path(conn).parent.exists()
+
+
+def test_kernels_and_folders_of_a_killed_app_are_cleaned_up():
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from kernels import KernelPool
+
+        async def main():
+            pool = KernelPool(spare=False)
+            await pool.ensure("a")
+            print(pool.info("a")["pid"], pool.info("a")["connection_file"], flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # no atexit, no shutdown_all
+
+        asyncio.run(main())
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == -9
+    pid, conn = out.stdout.split()
+    assert wait_gone([int(pid)], timeout=15) == []  # ipykernel exits when its parent dies
+    runtime = Path(conn).parent
+    assert runtime.exists()
+    fresh, created = make_runtime_dir()  # the next app sweeps folders whose owner is gone
+    try:
+        assert created and not runtime.exists()
+    finally:
+        shutil.rmtree(fresh)

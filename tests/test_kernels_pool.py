@@ -51,13 +51,14 @@ def png_bytes():
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0\xff\0\0")) + chunk(b"IEND", b"")
+    pixels = zlib.compress(b"\0\xff\0\0")
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
 def lp():
     session = LoopSession()
-    session.pool = KernelPool()
+    session.pool = KernelPool(interrupt_grace_s=2.0)
     session.run(session.pool.start())
     session.ex = lambda key, code, **kw: session.run(session.pool.execute(key, code, **kw))
     yield session
@@ -105,7 +106,7 @@ def test_image_and_html_display_are_valid_nbformat(lp):
 
 
 def test_big_display_is_replaced_by_a_note(lp):
-    code = "from IPython.display import display\ndisplay({'image/png': 'A' * 20_000_000, 'text/plain': 'big'}, raw=True)"
+    code = "from IPython.display import display\ndisplay({'image/png': 'A' * 20_000_000, 'text/plain': 'x'}, raw=True)"
     res = lp.ex("basic", code)
     (out,) = res.outputs
     assert "image/png" not in out["data"] and "20,000,000 characters omitted" in out["data"]["text/plain"]
@@ -120,6 +121,15 @@ def test_timeout_interrupts_and_the_kernel_keeps_state(lp):
     assert res.outputs == [{"output_type": "stream", "name": "stdout", "text": "spinning\n"}]
     assert text_result(lp.ex("basic", "kept + 1")) == ["42"]
     assert lp.pool.info("basic")["pid"] == pid and lp.pool.state("basic") == "idle"
+
+
+def test_a_cell_that_ignores_the_interrupt_is_stopped_at_the_timeout(lp):
+    lp.ex("stubborn", "lost = 1")
+    code = "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass"
+    res = lp.ex("stubborn", code, timeout=1)
+    assert res.status == "timeout" and "did not stop when interrupted" in res.message
+    assert lp.pool.state("stubborn") == "dead"
+    assert lp.ex("stubborn", "lost").error["ename"] == "NameError"
 
 
 def test_live_outputs_reach_the_callback(lp):
@@ -224,6 +234,20 @@ def test_restart_loses_state_and_reruns_init(lp):
     assert text_result(lp.ex("restarted", "round(tau, 2)")) == ["6.28"]
 
 
+def test_restart_while_a_cell_runs_reports_interrupted(lp):
+    async def run_and_restart():
+        task = asyncio.create_task(lp.pool.execute("restarted", "import time\ntime.sleep(60)"))
+        while lp.pool.state("restarted") != "busy":
+            await asyncio.sleep(0.02)
+        await lp.pool.restart("restarted")
+        return await task
+
+    res = lp.run(run_and_restart())
+    assert res.status == "interrupted" and "restarted" in res.message
+    assert lp.pool.state("restarted") == "idle"
+    assert text_result(lp.ex("restarted", "round(tau, 1)")) == ["6.3"]
+
+
 def test_two_keys_run_in_parallel_and_stay_isolated(lp, tmp_path):
     # Each cell waits for a file the other one writes: both finish only if they really run at once.
     def cell(me, other):
@@ -249,7 +273,8 @@ def test_a_new_key_takes_the_warm_spare_with_its_cwd_and_env(lp, tmp_path):
     lp.run(lp.pool.start())  # waits until the spare answers
     spare_pids = set(lp.pool.pids()) - {lp.pool.info(k)["pid"] for k in lp.pool.keys()}
     assert len(spare_pids) == 1
-    lp.run(lp.pool.ensure("fresh", cwd=tmp_path, env={"LOOPBOOK_TEST": "yes"}, init_code="import os\nseen = os.getcwd()"))
+    init = "import os\nseen = os.getcwd()"
+    lp.run(lp.pool.ensure("fresh", cwd=tmp_path, env={"LOOPBOOK_TEST": "yes"}, init_code=init))
     info = lp.pool.info("fresh")
     assert info["from_spare"] and info["pid"] in spare_pids and info["transport"] == "ipc"
     res = lp.ex("fresh", "print(os.getcwd(), os.environ['LOOPBOOK_TEST'], seen)")
