@@ -18,18 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from fasthtml.common import (A, Article, Body, Button, Details, Div, FastHTML, Form, H1, H2, Head, Header, Html,
-                             Iframe, Img, Input, Li, Meta,
-                             Summary,
-                             Link, Main, NotStr, Option, Safe, P, Pre, Script, Select, Span, Textarea, Title, Ul,
-                             to_xml)
+from fasthtml.common import (A, Article, Body, Button, Details, Div, FastHTML, Form, H1, H2, Head, Header, Html, Input,
+                             Li, Link, Main, Meta, NotStr, P, Pre, Safe, Script, Span, Summary, Title, Ul, to_xml)
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
                                  StreamingResponse)
 from starlette.staticfiles import StaticFiles
 
-from dialog import MESSAGE_TYPES, InvalidInput, Store, StoreError, default_data_dir
+from dialog import MESSAGE_TYPES, Conflict, InvalidInput, Store, StoreError, default_data_dir
 from dialog.notebook import export_dialog, import_ipynb
 from dialog.render import ansi_css, ansi_html, markdown_html
 from execfeedback.ask import ask, sampling_from
@@ -248,7 +245,10 @@ class AccessMiddleware:
         if req.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
             return True
         origin = req.headers.get("origin")
-        return origin is not None and urlsplit(origin).netloc.lower() != req.headers.get("host", "").lower()
+        if origin is None:
+            return False
+        parts = urlsplit(origin)
+        return (parts.scheme, parts.netloc.lower()) != (req.url.scheme, req.headers.get("host", "").lower())
 
     def check(self, req: Request, scope) -> Response | None:
         # Host allow-list: a DNS-rebinding page reaches us under its own name, so refuse unknown names.
@@ -352,6 +352,8 @@ HDRS = [
 
 def http_error(req: Request, exc: Exception):
     """Clean answers for errors raised before our handlers run (bad JSON, unknown routes, bad methods)."""
+    if isinstance(exc, RecursionError):  # FastHTML parses JSON bodies before our handlers do
+        exc = HTTPException(400, "The request body is nested too deeply; send a flat JSON object.")
     status = getattr(exc, "status_code", 500)
     detail = getattr(exc, "detail", None) if status != 500 else None
     detail = detail or {404: "Not found.", 405: "Method not allowed."}.get(
@@ -361,7 +363,7 @@ def http_error(req: Request, exc: Exception):
     return PlainTextResponse(str(detail), status_code=status)
 
 
-app = FastHTML(default_hdrs=False, exception_handlers={s: http_error for s in (400, 404, 405, 413, 422, 500)}, hdrs=HDRS, lifespan=lifespan, sess_cls=None,
+app = FastHTML(default_hdrs=False, exception_handlers={s: http_error for s in (400, 404, 405, 413, 422, 500, RecursionError)}, hdrs=HDRS, lifespan=lifespan, sess_cls=None,
                secret_key=secrets.token_hex(16), title="Loopbook", htmlkw={"lang": "en"}, canonical=False)
 app.add_middleware(AccessMiddleware)
 class AssetFiles(StaticFiles):
@@ -466,13 +468,29 @@ def get(id: str):
 async def patch(id: str, req: Request):
     body = await json_body(req)
     d = S.store.get_dialog(id)
-    if "title" in body:
-        d = S.store.rename_dialog(d["id"], body["title"])
     if "settings" in body:
         if not isinstance(body["settings"], dict):
             raise InvalidInput("'settings' must be an object.")
-        d = S.store.update_dialog_settings(d["id"], **body["settings"])
+        check_settings({**d["settings"], **body["settings"]})
+    with S.store.transaction():  # title and settings change together, or not at all
+        if "title" in body:
+            d = S.store.rename_dialog(d["id"], body["title"])
+        if "settings" in body:
+            d = S.store.update_dialog_settings(d["id"], **body["settings"])
     return d
+
+
+def check_settings(settings: dict) -> None:
+    """Refuse dialog settings that Ask or Solve would refuse later: a bad value is caught where it is set."""
+    known = {*ASK_KEYS, *LOOP_KEYS, "system_prompt"}
+    unknown = set(settings) - known
+    if unknown:
+        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(map(str, unknown)))}; known: "
+                           f"{', '.join(sorted(known))}.")
+    if not isinstance(settings.get("system_prompt") or "", str):
+        raise InvalidInput("'system_prompt' must be a string.")
+    sampling_from({k: v for k, v in settings.items() if k in ASK_KEYS and v is not None})
+    loop_config({k: v for k, v in settings.items() if k in LOOP_KEYS and v is not None})
 
 
 @rt("/api/dialogs/{id}")
@@ -528,9 +546,11 @@ async def patch(id: str, req: Request):
     unknown = set(body) - allowed - {"version"}
     if unknown:
         raise InvalidInput(f"Cannot change {', '.join(sorted(unknown))}; editable fields: {', '.join(sorted(allowed))}.")
-    if "source" in body and isinstance(body["source"], str):
-        note_edit(S.store, S.traces, S.store.get_message(id), body["source"])
-    m = S.store.update_message(id, version=body.get("version"), **{k: v for k, v in body.items() if k in allowed})
+    with S.store.transaction():  # the correction record and the edit land together, or (409) neither does
+        S.store.update_message(id, version=body.get("version"))  # the version check alone, before any write
+        if "source" in body and isinstance(body["source"], str):
+            note_edit(S.store, S.traces, S.store.get_message(id), body["source"])
+        m = S.store.update_message(id, **{k: v for k, v in body.items() if k in allowed})
     return message_json(m)
 
 
@@ -666,6 +686,9 @@ async def start_loop(message_id, body: dict, kind: str):
     unknown = set(body) - set(LOOP_KEYS) - set(ASK_KEYS) - {"model", "backend"}
     if unknown:
         raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(unknown))}.")
+    for key in ("model", "backend"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise InvalidInput(f"'{key}' must be a string.")
     m = S.store.get_message(message_id)
     if m["id"] in S.loops:
         raise InvalidInput("A loop is already running on this cell; stop it first.")
@@ -785,7 +808,9 @@ def get(id: str):
 
 TYPE_LABELS = {"code": "Code", "note": "Note", "prompt": "Prompt"}
 COLLAPSE_LINES = 40      # outputs longer than this many lines, or
-COLLAPSE_CHARS = 4096    # this many characters, show their head and a "show all" button
+COLLAPSE_CHARS = 4096    # this many characters, show their head and a "show all" button:
+HEAD_LINES = 20          # this many lines of it,
+HEAD_CHARS = 2048        # at most this many characters
 _IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 _BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n\r ")
 
@@ -823,13 +848,13 @@ def _ansi(text: str) -> str:
 
 
 def _clip(text: str) -> tuple[str, int]:
-    """The head of a long text (COLLAPSE_LINES lines, COLLAPSE_CHARS characters) and its line count, or
-    the text and 0 when it is short enough to show whole."""
+    """The head of a long text (HEAD_LINES lines, HEAD_CHARS characters) and its line count, or the text
+    and 0 when it is short enough to show whole."""
     if len(text) <= COLLAPSE_CHARS and text.count("\n") <= COLLAPSE_LINES:
         return text, 0
-    head = text[:COLLAPSE_CHARS]
+    head = text[:HEAD_CHARS]
     cut = -1
-    for _ in range(COLLAPSE_LINES):
+    for _ in range(HEAD_LINES):
         cut = head.find("\n", cut + 1)
         if cut < 0:
             break
@@ -873,13 +898,17 @@ def OutputView(o: dict, mid: int = 0, n: int = 0, full: bool = False) -> str:
             return f'<div class="out out-image"><img src="data:image/svg+xml;base64,{svg}" alt="svg output"></div>'
         if "text/html" in data:
             html = _text_of(data["text/html"])
-            # No allow-same-origin: the output runs in an opaque origin and cannot reach the app.
-            return (f'<div class="out-frame h{_frame_height(html)}"><iframe class="out out-html" sandbox="allow-scripts" '
+            # An empty sandbox: an opaque origin, no scripts, forms or navigation. Scripts could not run anyway
+            # (srcdoc frames inherit the page's CSP), and a frame allowed to run them could load our own
+            # /static scripts as gadgets.
+            return (f'<div class="out-frame h{_frame_height(html)}"><iframe class="out out-html" sandbox="" '
                     f'srcdoc="{_e(html)}" title="HTML output" loading="lazy"></iframe></div>')
         if "text/markdown" in data:
             return f'<div class="out out-markdown md">{_md(_text_of(data["text/markdown"]))}</div>'
         cls, text = "out out-result", _text_of(data.get("text/plain", ""))
     shown, lines = (text, 0) if full else _clip(text)
+    if full and _clip(text)[1]:
+        cls += " out-all"  # shown whole on request: it scrolls inside a frame of its own
     pre = f'<pre class="{cls}">{_ansi(shown)}</pre>'
     if not lines:
         return pre
@@ -997,48 +1026,18 @@ def LoopView(m: dict, streaming: bool = False, trace: dict | None | bool = False
                              id=f"loop-{mid}", cls=f"loop status-{t['status']}"), indent=False)
 
 
-def _button(act: str, label: str, title: str = "", cls: str = "") -> str:
-    # Out of the Tab order: every action has a key, and 1,000 cells would be 10,000 tab stops.
-    tip = f' title="{_e(title)}"' if title else ""
-    return f'<button type="button" data-act="{act}" tabindex="-1"{tip} class="{cls or act}">{label}</button>'
-
-
-def CellToolbar(m: dict) -> str:
-    t = m["type"]
-    failed = (m.get("output_meta") or {}).get("status") in ("error", "timeout", "died")
-    options = "".join(f'<option value="{k}"{" selected" if k == t else ""}>{v}</option>' for k, v in TYPE_LABELS.items())
-    parts = [f'<select class="cell-type" data-act="type" tabindex="-1" aria-label="Cell type" title="Cell type (y m p)">'
-             f'{options}</select>']
-    if t == "code":
-        parts.append(_button("run", "Run", "Run (Ctrl+Enter)"))
-        if failed:
-            parts.append(_button("fix", "Fix", "Let the model fix this cell from its error (f)"))
-        parts.append(_button("test", "Untest" if m.get("is_test") else "Test",
-                             "Code cells marked as tests are the visible checks of Solve and Fix", "toggle-test"))
-    elif t == "prompt":
-        parts.append(_button("ask", "Ask", "Ask the model (Ctrl+Enter)", "run ask"))
-        parts.append(_button("solve", "Solve", "Ask for code, run it here, feed errors back until it works (s)"))
-    parts += [_button("pin", "Unpin" if m["pinned"] else "Pin", "Pinned cells survive context truncation (Shift+P)",
-                      "toggle-pin"),
-              _button("skip", "Unskip" if m["skipped"] else "Skip", "Skipped cells are left out of the model's context "
-                      "(Shift+S)", "toggle-skip"),
-              _button("up", "↑", "Move up (Ctrl+Shift+Up)", "move-up"),
-              _button("down", "↓", "Move down (Ctrl+Shift+Down)", "move-down"),
-              _button("add-below", "+", "Add a cell below (b)", "add-below"),
-              _button("delete", "Delete", "Delete (d d; z undoes)", "delete")]
-    return f'<div class="cell-toolbar">{"".join(parts)}</div>'
-
-
-def Cell(m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False, trace: dict | None | bool = False):
-    """One cell as the page shows it. `trace`: its latest Solve/Fix trace, when the caller batched the lookup."""
+def Cell(m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False, trace: dict | None | bool = False,
+         lazy: bool = False):
+    """One cell as the page shows it. `trace`: its latest Solve/Fix trace, when the caller batched the lookup.
+    `lazy`: its editor is made when it nears the screen (static/app.js), not when the page loads."""
     mid, t, src = m["id"], m["type"], m["source"]
     lang = "python" if t == "code" else "markdown"
     flags = [f for f in ("pinned", "skipped") if m.get(f)] + (["test"] if m.get("is_test") else [])
     gutter = ExecCount(m) if t == "code" else f'<span class="kind">{t}</span>'
     gutter += "".join(f'<span class="flag flag-{f}">{f}</span>' for f in flags)
     placeholder = {"code": "code", "note": "a note (markdown)", "prompt": "ask the model (markdown)"}[t]
-    body = [CellToolbar(m),
-            f'<textarea class="cell-source" name="source" data-lang="{lang}" rows="{src.count(chr(10)) + 1}" '
+    # No toolbar here: static/app.js puts one shared toolbar in the selected cell (half of each cell's bytes).
+    body = [f'<textarea class="cell-source{"-lazy" if lazy else ""}" name="source" data-lang="{lang}" rows="{src.count(chr(10)) + 1}" '
             f'aria-label="{t} source" placeholder="{placeholder}">{escape(src, quote=False)}</textarea>']
     if t != "code":
         view = _md(src) if src.strip() else f'<p class="placeholder">Empty {t}: press Enter to write</p>'
@@ -1055,10 +1054,15 @@ def Cell(m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False
                   f'</div></article>')
 
 
+EAGER_EDITORS = 40  # cells whose editor is made at page load; the rest wait until they near the screen
+
+
 def Cells(dialog_id: int, messages: list[dict]):
+    # A CodeMirror editor costs the browser ~4 ms to make: 1,000 at load kept a long dialog blank for 4 s.
     traces = latest_traces(dialog_id)
     return Safe(f'<div id="cells" data-dialog="{dialog_id}">'
-                  + "".join(Cell(m, trace=traces.get(m["id"])) for m in messages) + "</div>")
+                + "".join(Cell(m, trace=traces.get(m["id"]), lazy=n >= EAGER_EDITORS) for n, m in enumerate(messages))
+                + "</div>")
 
 
 def AddBar(dialog_id: int):
@@ -1108,7 +1112,8 @@ def ModelBadge():
 
 def KernelBadge(dialog_id: int):
     state = S.pool.state(dialog_key(dialog_id))
-    return Span(f"kernel: {state}", id="kernel-state", cls=f"kernel-state kernel-{state}", data_state=state,
+    words = {"none": "not started"}.get(state, state)
+    return Span(f"kernel: {words}", id="kernel-state", cls=f"kernel-state kernel-{state}", data_state=state,
                 role="status", aria_live="polite")
 
 
@@ -1126,9 +1131,10 @@ def DialogHeader(d: dict):
             Button("Interrupt", type="button", data_act="interrupt", cls="interrupt", title="Interrupt (i i)"),
             Button("Restart", type="button", data_act="restart", cls="restart", title="Restart the kernel (0 0)"),
             Button("Duplicate", hx_post=f"/d/{did}/duplicate", cls="duplicate", title="Branch this dialog"),
-            Details(Summary("Export"), A(".ipynb", href=f"/d/{did}/export.ipynb", cls="export-ipynb"),
-                    A(".py", href=f"/d/{did}/export.py", cls="export-py"),
-                    A(".md", href=f"/d/{did}/export.md", cls="export-md"), cls="export"),
+            Details(Summary("Export"),
+                    Div(A(".ipynb", href=f"/d/{did}/export.ipynb", cls="export-ipynb"),
+                        A(".py", href=f"/d/{did}/export.py", cls="export-py"),
+                        A(".md", href=f"/d/{did}/export.md", cls="export-md"), cls="menu"), cls="export"),
             Button("?", type="button", data_act="help", cls="help", title="Keyboard shortcuts (?)"),
             cls="actions"),
         cls="topbar")
@@ -1152,9 +1158,23 @@ def page(handler):
     return wrapper
 
 
+# The security headers say Referrer-Policy: no-referrer, under which the browser sends `Origin: null` with
+# same-origin POSTs (forms, fetch, htmx), and the access check refuses those as cross-site. Same-origin
+# still sends nothing to other sites, and lets our own requests say where they come from.
+REFERRER = Meta(name="referrer", content="same-origin")
+ICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+            'fill="#2f6fdf"/><path d="M9 8v16h14" stroke="#fff" stroke-width="4" fill="none"/></svg>')
+
+
+@rt("/favicon.ico")
+def get():
+    return Response(ICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
+
+
 def Home(q: str = "", error: str | None = None):
     dialogs = S.store.list_dialogs(search=q or None)
-    return (Title("Loopbook"),
+    return (Title("Loopbook"), REFERRER,
             Main(H1("Loopbook"),
                  Div(error, cls="import-error", role="alert") if error else None,
                  Form(Input(name="title", placeholder="New dialog title", required=True, autofocus=not q and not error,
@@ -1203,7 +1223,7 @@ def get(id: str):
         return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{escape(str(e))}</p><p><a href='/'>All dialogs</a></p>",
                             status_code=e.status)
     notices = FLASH.pop(d["id"], [])
-    return (Title(f"{d['title']} · Loopbook"),
+    return (Title(f"{d['title']} · Loopbook"), REFERRER,
             DialogHeader(d),
             Main(Cells(d["id"], S.store.messages(d["id"])), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"])),
             KeyHelp(),
@@ -1227,9 +1247,9 @@ async def post(req: Request):
 
 def full_page(parts: tuple, status_code: int = 200) -> HTMLResponse:
     """A whole page with a status other than 200 (FastHTML's own wrapping always answers 200)."""
-    title = next((p for p in parts if getattr(p, "tag", "") == "title"), Title("Loopbook"))
-    body = [p for p in parts if p is not title]
-    return HTMLResponse("<!doctype html>\n" + to_xml(Html(Head(Meta(charset="utf-8"), title, *HDRS), Body(*body),
+    head = [p for p in parts if getattr(p, "tag", "") in ("title", "meta")]
+    body = [p for p in parts if p is not None and getattr(p, "tag", "") not in ("title", "meta")]
+    return HTMLResponse("<!doctype html>\n" + to_xml(Html(Head(Meta(charset="utf-8"), *head, *HDRS), Body(*body),
                                                          lang="en")), status_code=status_code)
 
 
@@ -1272,20 +1292,50 @@ def post(id: str, type: str = "code", after: str = "", before: str = ""):
     return Cell(m)
 
 
+# The text each cell got from the page's last save, and from which tab (this process only).
+PAGE_WRITES: dict[int, tuple[str, str]] = {}
+TAB_HEADER = "x-loopbook-tab"
+
+
+def save_source(id: str, source: str, base: str | None, tab: str | None = None) -> dict:
+    """The page's save. `base` is the text this tab last had from the server: if the cell's text changed
+    since (another tab, the API, the kernel helper, a Fix), refuse rather than overwrite, so the last
+    writer wins only when it saw what it replaces. A tab's own earlier save (still on its way back to it
+    when it sent this one) is no conflict."""
+    with S.store.transaction():
+        m = S.store.get_message(id)
+        own = tab is not None and PAGE_WRITES.get(m["id"]) == (tab, m["source"])
+        if base is not None and not own and not same_text(base, m["source"]) and not same_text(source, m["source"]):
+            raise Conflict(f"Cell {m['id']} was changed elsewhere (another tab, or code in the kernel) since this "
+                           "page loaded it; your edit was not saved. Copy your text, reload the page, and apply "
+                           "it again.")
+        note_edit(S.store, S.traces, m, source)
+        m = S.store.update_message(m["id"], source=source)
+        if tab:
+            PAGE_WRITES[m["id"]] = (tab, m["source"])
+        return m
+
+
+def same_text(a: str, b: str) -> bool:
+    # A browser's textarea turns CR LF into LF and drops one leading newline.
+    def norm(t: str) -> str:
+        t = t.replace("\r\n", "\n").replace("\r", "\n")
+        return t[1:] if t.startswith("\n") else t
+    return norm(a) == norm(b)
+
+
 @rt("/cells/{id}")
 @page
-def put(id: str, source: str = ""):
-    note_edit(S.store, S.traces, S.store.get_message(id), source)
-    S.store.update_message(id, source=source)
+def put(id: str, req: Request, source: str = "", base: str | None = None):
+    save_source(id, source, base, req.headers.get(TAB_HEADER))
     return ""
 
 
 @rt("/cells/{id}/save")
 @page
-def post(id: str, source: str = ""):
+def post(id: str, req: Request, source: str = "", base: str | None = None):
     """Save and re-render: a note or prompt leaving edit mode shows its markdown rendered."""
-    note_edit(S.store, S.traces, S.store.get_message(id), source)
-    return Cell(S.store.update_message(id, source=source))
+    return Cell(save_source(id, source, base, req.headers.get(TAB_HEADER)))
 
 
 # Deleted cells, newest last, so `z` can bring one back with its outputs and reply (this process only).
@@ -1355,10 +1405,9 @@ def post(id: str, offset: int = 0):
 
 @rt("/cells/{id}/run")
 @page
-async def post(id: str, source: str | None = None):
+async def post(id: str, req: Request, source: str | None = None):
     if source is not None:
-        note_edit(S.store, S.traces, S.store.get_message(id), source)
-        S.store.update_message(id, source=source)
+        save_source(id, source, None, req.headers.get(TAB_HEADER))
     await run_message(id)
     return Cell(S.store.get_message(id))
 
@@ -1398,9 +1447,9 @@ def get(id: str):
 
 @rt("/cells/{id}/ask")
 @page
-async def post(id: str, source: str | None = None):
+async def post(id: str, req: Request, source: str | None = None):
     if source is not None:
-        S.store.update_message(id, source=source)
+        save_source(id, source, None, req.headers.get(TAB_HEADER))
     try:
         m, _, _ = await start_ask(id, {})
     except ModelError as e:
@@ -1458,9 +1507,9 @@ def post(id: str):
 
 @rt("/cells/{id}/solve")
 @page
-async def post(id: str, source: str | None = None):
+async def post(id: str, req: Request, source: str | None = None):
     if source is not None:
-        S.store.update_message(id, source=source)
+        save_source(id, source, None, req.headers.get(TAB_HEADER))
     try:
         m, _, _ = await start_loop(id, {}, "solve")
     except ModelError as e:
@@ -1523,7 +1572,7 @@ def get(id: str):
     try:
         t = S.traces.get_trace(id)
     except StoreError as e:
-        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{e}</p>", status_code=e.status)
+        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{escape(str(e))}</p>", status_code=e.status)
     back = f"/d/{t['dialog_id']}" if t.get("dialog_id") else "/"
 
     def Round(a: dict):
