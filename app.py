@@ -30,6 +30,7 @@ from dialog import MESSAGE_TYPES, Conflict, InvalidInput, Store, StoreError, def
 from dialog.notebook import export_dialog, import_ipynb
 from dialog.render import ansi_css, ansi_html, markdown_html
 from execfeedback.ask import ask, sampling_from
+from execfeedback.export import ExportError, options_from_mapping, stream_export_zip
 from execfeedback.helper_setup import dialog_of_kernel_token, kernel_env, kernel_init_code
 from execfeedback.live import LiveHub
 from execfeedback.loop import Loop, LoopConfig
@@ -507,6 +508,19 @@ async def delete(id: str):
 def get(id: str, format: str = "ipynb"):
     text, media, name = export_dialog(S.store, id, format)
     return Response(text, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+@rt("/api/export")
+@api
+async def get(req: Request):
+    """The traces as a dataset: a zip of JSONL files per format and split, plus the dataset card."""
+    try:
+        opts = options_from_mapping(req.query_params.multi_items())
+        chunks, report = await asyncio.to_thread(stream_export_zip, S.store, opts, secrets=[S.token])
+    except ExportError as e:
+        raise InvalidInput(str(e)) from None
+    return StreamingResponse(chunks, media_type="application/zip",
+                             headers={"Content-Disposition": 'attachment; filename="loopbook-dataset.zip"'})
 
 
 @rt("/api/dialogs/import")
@@ -1187,6 +1201,14 @@ def Home(q: str = "", error: str | None = None):
                             aria_label="Notebook file"),
                       Button("Import .ipynb", type="submit"), action="/dialogs/import", method="post",
                       enctype="multipart/form-data", cls="import"),
+                 Form(Select(Option("all formats", value="all"), Option("SFT", value="sft"),
+                             Option("SFT, final turn", value="sft_final"), Option("preference", value="preference"),
+                             Option("KTO", value="kto"), Option("trajectories", value="trajectory"),
+                             name="format", aria_label="Dataset format"),
+                      Select(Option("all outcomes", value="all"), Option("solved", value="solved"),
+                             Option("unsolved", value="unsolved"), name="outcome", aria_label="Outcome"),
+                      Button("Export dataset (.zip)", type="submit"), action="/api/export", method="get",
+                      cls="export-dataset", title="Every trace in this store as training data, with a dataset card"),
                  Ul(*[Li(A(d["title"], href=f"/d/{d['id']}"),
                          Span(f"{d['n_messages']} cells · {d['updated_at'][:16].replace('T', ' ')}", cls="meta"),
                          Button("Delete", hx_delete=f"/d/{d['id']}", hx_target="closest li", hx_swap="outerHTML",
@@ -1498,11 +1520,12 @@ def post(id: str):
     if not blocks:
         raise InvalidInput("The reply has no code blocks.")
     cells, after = [], m["id"]
-    for code in blocks:
-        c = S.store.add_message(m["dialog_id"], "code", code.rstrip("\n"), after=after, author="model")
-        cells.append(Cell(c))
-        after = c["id"]
-    return tuple(cells)
+    with S.store.transaction():  # all the reply's cells, or none
+        for code in blocks:
+            c = S.store.add_message(m["dialog_id"], "code", code.rstrip("\n"), after=after, author="model")
+            cells.append(c)
+            after = c["id"]
+    return tuple(Cell(c) for c in cells)
 
 
 @rt("/cells/{id}/solve")

@@ -7,7 +7,9 @@ import hashlib
 import keyword
 import os
 import re
+import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -15,47 +17,44 @@ from dialog.context import trim_middle
 
 # -- secret scrubbing ------------------------------------------------------------------------------
 
-# (kind, placeholder, needles, pattern, replacement): the regex runs only when a needle occurs, and
-# every pattern starts with a literal, which Python's re finds fast; a leading \b would make it crawl.
-_RULES: list[tuple[str, str, tuple[str, ...], re.Pattern, object]] = []
+# Each group: (needles, [(kind, pattern, replacement)]). Needles are looked for in the lower-cased text,
+# each once per text; a group's regexes run only when one of its needles occurs. Every pattern starts
+# with a literal, which Python's re finds fast (a leading \b or character class makes it try every position).
+_GROUPS: list[tuple[tuple[str, ...], list[tuple[str, re.Pattern, object]]]] = []
 
 
-def _rule(kind: str, placeholder: str, needles: tuple[str, ...], pattern: str, repl=None) -> None:
-    _RULES.append((kind, placeholder, needles, re.compile(pattern), placeholder if repl is None else repl))
+def _group(needles: tuple[str, ...], rules: list[tuple[str, str, object]]) -> None:
+    _GROUPS.append((tuple(n.lower() for n in needles), [(kind, re.compile(p), repl) for kind, p, repl in rules]))
 
 
-_NOT_AFTER_WORD = r"(?<![\w-]{prefix})"
-
-
-def _literal_first(prefix: str, rest: str) -> str:
+def _lit(prefix: str, rest: str) -> str:
     """`prefix` + `rest`, not preceded by a word character (the lookbehind sits after the literal)."""
-    return re.escape(prefix) + _NOT_AFTER_WORD.format(prefix=re.escape(prefix)) + rest
+    p = re.escape(prefix)
+    return f"{p}(?<![\\w-]{p}){rest}"
 
 
-_rule("private_key", "<SECRET_PRIVATE_KEY>", ("PRIVATE KEY",),
-      r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----(?:(?!-----)[\s\S]){0,20000}-----END \1PRIVATE KEY-----")
-# A block cut off by an output cap has no END line: take the base64 body (raw or \n-escaped lines).
-_rule("private_key", "<SECRET_PRIVATE_KEY>", ("PRIVATE KEY",),
-      r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:[A-Za-z0-9+/=\s]|\\n|\\r)*")
-_rule("api_key", "<SECRET_API_KEY>", ("sk-",), _literal_first("sk-", r"(?=[A-Za-z_-]*\d)[A-Za-z0-9_-]{20,}"))
-_rule("api_key", "<SECRET_API_KEY>", ("hf_",), _literal_first("hf_", r"[A-Za-z0-9]{30,}"))
-_rule("api_key", "<SECRET_API_KEY>", ("AIza",), _literal_first("AIza", r"[0-9A-Za-z_-]{35}"))
-for _p in ("ghp_", "gho_", "ghu_", "ghs_", "ghr_"):
-    _rule("github_token", "<SECRET_GITHUB_TOKEN>", (_p,), _literal_first(_p, r"[A-Za-z0-9]{30,}"))
-_rule("github_token", "<SECRET_GITHUB_TOKEN>", ("github_pat_",), _literal_first("github_pat_", r"[A-Za-z0-9_]{30,}"))
-for _p in ("AKIA", "ASIA"):
-    _rule("aws_key", "<SECRET_AWS_KEY>", (_p,), _literal_first(_p, r"[0-9A-Z]{16}(?![0-9A-Za-z])"))
-for _p in ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY"):
-    _rule("aws_key", "<SECRET_AWS_KEY>", (_p,), "(" + re.escape(_p) + r"[\"']?\s*[=:]\s*[\"']?)[A-Za-z0-9/+=]{40}",
-          r"\1<SECRET_AWS_KEY>")
-for _p in ("xoxb-", "xoxa-", "xoxp-", "xoxo-", "xoxs-", "xoxr-"):
-    _rule("token", "<SECRET_TOKEN>", (_p,), _literal_first(_p, r"[A-Za-z0-9-]{10,}"))
-_rule("token", "<SECRET_TOKEN>", ("eyJ",), _literal_first("eyJ", r"[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"))
-for _p in ("Bearer", "bearer", "BEARER", "Basic", "token", "Token"):
-    _rule("token", "<SECRET_TOKEN>", (_p + " ",),
-          "(" + _literal_first(_p, r"[ \t]+") + r")(?=[A-Za-z0-9._~+/-]*\d)[A-Za-z0-9._~+/-]{16,}=*",
-          r"\1<SECRET_TOKEN>")
-_rule("password", "<SECRET_PASSWORD>", ("://",), r"(://[^/\s:@\"'<>]+:)[^/\s@\"'<>]+@", r"\1<SECRET_PASSWORD>@")
+_group(("PRIVATE KEY",), [
+    ("private_key", r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY-----(?:(?!-----)[\s\S]){0,20000}-----END \1PRIVATE KEY-----",
+     "<SECRET_PRIVATE_KEY>"),
+    # A block cut off by an output cap has no END line: take the base64 body (raw or \n-escaped lines).
+    ("private_key", r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----(?:[A-Za-z0-9+/=\s]|\\n|\\r)*", "<SECRET_PRIVATE_KEY>")])
+_group(("sk-",), [("api_key", _lit("sk-", r"(?=[A-Za-z_-]*\d)[A-Za-z0-9_-]{20,}"), "<SECRET_API_KEY>")])
+_group(("hf_",), [("api_key", _lit("hf_", r"[A-Za-z0-9]{30,}"), "<SECRET_API_KEY>")])
+_group(("AIza",), [("api_key", _lit("AIza", r"[0-9A-Za-z_-]{35}"), "<SECRET_API_KEY>")])
+_group(("gh",), [("github_token", _lit("gh", r"[pousr]_[A-Za-z0-9]{30,}"), "<SECRET_GITHUB_TOKEN>")])
+_group(("_pat_",), [("github_token", _lit("github_pat_", r"[A-Za-z0-9_]{30,}"), "<SECRET_GITHUB_TOKEN>")])
+_group(("AKIA", "ASIA"), [("aws_key", _lit("A", r"[KS]IA[0-9A-Z]{16}(?![0-9A-Za-z])"), "<SECRET_AWS_KEY>")])
+_group(("secret_access",), [
+    ("aws_key", "(" + re.escape(name) + r"[\"']?\s*[=:]\s*[\"']?)[A-Za-z0-9/+=]{40}", r"\1<SECRET_AWS_KEY>")
+    for name in ("aws_secret_access_key", "AWS_SECRET_ACCESS_KEY")])
+_group(("xox",), [("token", _lit("xox", r"[abposr]-[A-Za-z0-9-]{10,}"), "<SECRET_TOKEN>")])
+_group(("eyJ",), [("token", _lit("eyJ", r"[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+                   "<SECRET_TOKEN>")])
+for _needle, _words in (("bearer", ("Bearer", "bearer", "BEARER")), ("basic", ("Basic",)), ("token", ("token", "Token"))):
+    _group((_needle,), [
+        ("token", "(" + _lit(word, r"[ \t]+") + r")(?=[A-Za-z0-9._~+/-]*\d)[A-Za-z0-9._~+/-]{16,}=*", r"\1<SECRET_TOKEN>")
+        for word in _words])
+_group(("://",), [("password", r"(://[^/\s:@\"'<>]+:)[^/\s@\"'<>]+@", r"\1<SECRET_PASSWORD>@")])
 
 _SECRET_NAME_BEFORE = re.compile(
     r"(?i:api[_-]?key|apikey|secret[_-]?key|client[_-]?secret|secret|access[_-]?token|auth[_-]?token|token"
@@ -64,14 +63,12 @@ _SECRET_NAME_BEFORE = re.compile(
 
 def _assignment(m: re.Match) -> str:
     # `password = "hunter2hunter2"`, `{"api_key": "..."}`: the name sits just before the = or :.
-    before = m.string[max(0, m.start() - 40):m.start()]
-    if not _SECRET_NAME_BEFORE.search(before):
+    if not _SECRET_NAME_BEFORE.search(m.string, max(0, m.start() - 40), m.start()):
         return m.group(0)
     return f"{m.group(1)}{m.group(2)}<SECRET>{m.group(2)}"
 
 
-_rule("password", "<SECRET>", ("key", "KEY", "Key", "ecret", "ECRET", "oken", "OKEN", "assw", "ASSW", "pwd", "PWD"),
-      r"([:=][ \t]*)([\"'])([^\"'\s<>]{8,})\2", _assignment)
+_group(("api", "secret", "token", "passw", "pwd"), [("password", r"([:=][ \t]*)([\"'])([^\"'\s<>]{8,})\2", _assignment)])
 # Two- and three-letter TLDs and common long ones; `a@b.sum()` and `x@self.weights` are matrix products.
 _EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9-]+\.)+(?:[A-Za-z]{2,3}|info|mail|email|online|site|tech|cloud|local|dev"
                            r"|app|name|mobi)\b(?![(\w])")
@@ -96,6 +93,8 @@ def _scrub_emails(text: str) -> tuple[str, int]:
     out.append(text[last:])
     return "".join(out), n
 
+
+_NEEDLES = tuple(sorted({n for needles, _ in _GROUPS for n in needles}))
 
 SECRET_ENV_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 MIN_LITERAL = 8  # shorter environment values ("1", "false") would wreck ordinary text
@@ -128,6 +127,7 @@ class Scrubber:
                 literals[value.strip()] = ("app_token", "<SECRET_APP_TOKEN>")
         if app_token and len(app_token.strip()) >= 4:
             literals[app_token.strip()] = ("app_token", "<SECRET_APP_TOKEN>")
+        self.literal_sources = Counter(kind for kind, _ in literals.values())
         # Longest first, so a secret that contains another is replaced whole.
         self._literals = sorted(literals.items(), key=lambda kv: -len(kv[0]))
         home = os.path.expanduser("~") if home is None else home
@@ -151,13 +151,15 @@ class Scrubber:
             if value in text:
                 counts[kind] += text.count(value)
                 text = text.replace(value, placeholder)
-        for kind, _placeholder, needles, pattern, repl in _RULES:
-            for needle in needles:
-                if needle in text:
-                    text, n = pattern.subn(repl, text)
-                    if n:
-                        counts[kind] += n
-                    break
+        low = text.lower()
+        present = {n for n in _NEEDLES if n in low}
+        if present:
+            for needles, rules in _GROUPS:
+                if not present.isdisjoint(needles):
+                    for kind, pattern, repl in rules:
+                        text, n = pattern.subn(repl, text)
+                        if n:
+                            counts[kind] += n
         if "@" in text:
             text, n = _scrub_emails(text)
             if n:
@@ -172,50 +174,47 @@ class Scrubber:
 
 _KEEP = frozenset(keyword.kwlist) | frozenset(keyword.softkwlist) | frozenset(
     n for n in dir(builtins) if not n.startswith("_")) | {"self", "cls"}
-_STRING_OR_COMMENT = re.compile(
-    r"""("{3}[\s\S]*?"{3}|'{3}[\s\S]*?'{3}|"(?:\\.|[^"\\\n])*"|'(?:\\.|[^'\\\n])*')|#[^\n]*""")
-_DOCSTRING_LINE = re.compile(r"^[ \t]*\x00(\d+)\x00[ \t]*$", re.MULTILINE)
-# Tokens: a line start with its indentation, a name or number (with a leading dot: an attribute), a symbol.
-_TOKEN = re.compile(r"\n[ \t]*(?=\S)|\.?\w+|[^\w\s]")
+# Each step is one C-level regex pass: a per-token Python loop would cost more than the rest of the export.
+_TRIPLE = re.compile(r'"""[\s\S]*?"""|' r"'''[\s\S]*?'''")
+_STRING = re.compile(r'"(?:\\.|[^"\\\n])*"|' r"'(?:\\.|[^'\\\n])*'")
+_COMMENT = re.compile(r"#[^\n]*")
+_NAME = re.compile(r"(\.?[A-Za-z_]\w*)")
+_INDENT = re.compile(r"\n([ \t]*)(?=\S)")
+_BLANKS = re.compile(r"\n{2,}")
 
 
 def normalise_code(code: str) -> str:
     """Code with comments, docstrings and layout dropped and its own names renamed by first appearance.
 
-    Two snippets that differ only in comments, blank lines, spacing, indentation width or the names
-    they chose for their variables and functions normalise to the same text; attribute names,
-    builtins, keywords, numbers and string literals keep their meaning.
+    Two snippets that differ only in comments, docstrings, blank lines, spacing, indentation width or
+    the names they chose for their variables and functions normalise to the same text; attribute
+    names, builtins, keywords, numbers and string literals keep their meaning.
     """
-    strings: list[str] = []
-
-    def keep_string(m: re.Match) -> str:
-        if m.group(1) is None:
-            return ""
-        strings.append(m.group(1))
-        return f"\x00{len(strings) - 1}\x00"
-
-    body = _STRING_OR_COMMENT.sub(keep_string, "\n" + code)
-    dropped: set[int] = set()
+    body = _TRIPLE.sub("", code) if ('"""' in code or "'''" in code) else code
+    strings = _STRING.findall(body)
     if strings:
-        # A line that is only a string is a docstring (or a no-op): drop it and its text.
-        dropped = {int(i) for i in _DOCSTRING_LINE.findall(body)}
-        if dropped:
-            body = _DOCSTRING_LINE.sub("", body)
-    tokens = _TOKEN.findall(body)
-    names: dict[str, str] = {}
-    n_names = n_indents = 0
-    for t in dict.fromkeys(tokens):
-        c = t[0]
-        if c == "\n":  # indentation widths, like names, by order of first appearance
-            names[t] = f"\n{n_indents}"
-            n_indents += 1
-        elif (c.isalpha() or c == "_") and t not in _KEEP:
-            names[t] = f"v{n_names}"
-            n_names += 1
+        body = _STRING.sub('""', body)
+    if "#" in body:
+        body = _COMMENT.sub("", body)
+    parts = _NAME.split("\n" + body)
+    names = parts[1::2]
+    canon: dict[str, str] = {}
+    n = 0
+    for name in dict.fromkeys(names):
+        if name[0] == "." or name in _KEEP:
+            canon[name] = name
         else:
-            names[t] = t
-    kept = [s for i, s in enumerate(strings) if i not in dropped]
-    return " ".join(map(names.__getitem__, tokens)) + "\x01" + "\x00".join(kept)
+            canon[name] = f"v{n}"
+            n += 1
+    lines = _INDENT.findall("\n" + body)
+    widths: dict[str, int] = {}
+    for w in lines:
+        widths.setdefault(w, len(widths))
+    skeleton = "v".join(parts[0::2]).replace(" ", "").replace("\t", "")
+    skeleton = _BLANKS.sub("\n", skeleton).strip("\n")
+    # The indentation pattern: each line's width, numbered by first appearance (2 or 4 spaces alike).
+    indents = ",".join([str(widths[w]) for w in lines])
+    return "\x01".join((skeleton, " ".join(map(canon.__getitem__, names)), indents, "\x00".join(strings)))
 
 
 def normalise_text(text: str) -> str:
@@ -241,10 +240,10 @@ class Deduper:
         self.exact = 0
         self.near = 0
 
-    def seen(self, line: str, near_key: bytes | None) -> bool:
+    def seen(self, h: bytes, near_key: bytes | None) -> bool:
+        """`h`: the digest of the serialised row; `near_key`: the digest of its normalised content."""
         if self.mode == "none":
             return False
-        h = digest(line)
         if h in self._exact:
             self.exact += 1
             return True
@@ -266,6 +265,21 @@ def cut(text: str, budget: int) -> tuple[str, bool]:
     return trim_middle(text, budget), True
 
 
+@contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (C libraries write there directly) for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 class TokenCounter:
     """Counts the tokens of a chat row with a GGUF's own tokenizer (vocabulary only, no weights)."""
 
@@ -273,7 +287,8 @@ class TokenCounter:
         from llama_cpp import Llama
 
         self.path = str(gguf_path)
-        self.llm = Llama(model_path=self.path, vocab_only=True, verbose=False)
+        with _quiet_stderr():  # llama.cpp logs its context set-up even with verbose=False
+            self.llm = Llama(model_path=self.path, vocab_only=True, verbose=False)
         self._formatter = None
         template = (self.llm.metadata or {}).get("tokenizer.chat_template")
         if template:

@@ -119,3 +119,21 @@ def test_page_shows_attempts_and_trace(c):
     assert f'id="loop-{p}"' in html and f'href="/traces/{out["trace_id"]}"' in html
     page = c.get(f"/traces/{out['trace_id']}").text
     assert "What the model saw" in page and "What it wrote" in page
+
+
+def test_dataset_download_after_solving(c):
+    import io
+    import zipfile
+
+    did, p = dialog_with_test(c, "assert inc(1) == 2", "Write a Python function inc(x) returning x + 1.")
+    c.post(f"/api/messages/{p}/solve", json={"rounds": 0, "max_tokens": 64})
+    r = c.get("/api/export", params={"format": "all"})
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    z = zipfile.ZipFile(io.BytesIO(r.content))
+    names = z.namelist()
+    assert any(n.endswith("README.md") for n in names) and any(n.startswith("trajectory") or "/trajectory" in n
+                                                               for n in names)
+    card = z.read(next(n for n in names if n.endswith("README.md"))).decode()
+    assert "smollm2" in card.lower()
+    bad = c.get("/api/export", params={"format": "nonsense"})
+    assert bad.status_code == 400 and bad.json()["error"]

@@ -1,0 +1,292 @@
+"""Export formats: every file loads in `datasets`, and rows have exactly the shape each format promises."""
+
+import json
+from pathlib import Path
+
+import pytest
+from exporthelpers import PLANTED, ask, build_store, fenced, solved_trace
+
+from dialog import Store
+from execfeedback.export import ExportError, export_to_dir, options_from_mapping
+from execfeedback.export_schema import SCHEMAS
+from execfeedback.traces import TraceStore
+
+APP_TOKEN = "lb-app-token-7Hq2Zr9PxW4n"
+ENV = {"LOOPBOOK_TEST_API_KEY": "envsecret-5f4e3d2c1b0a9988"}
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def all_rows(out: Path, fmt: str) -> list[dict]:
+    return [r for split in ("train", "test") if (out / f"{fmt}.{split}.jsonl").exists()
+            for r in rows(out / f"{fmt}.{split}.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    data = tmp_path_factory.mktemp("store") / "data"
+    ids = build_store(data)
+    (data / "token").write_text(APP_TOKEN)
+    # The app's own token and an environment secret, printed by a notebook and fed back.
+    ids["token_trace"] = solved_trace(
+        TraceStore(ids["store"]), ask(f"Check the API with token {APP_TOKEN}."),
+        f"print(os.environ['LOOPBOOK_TEST_API_KEY'])  # {ENV['LOOPBOOK_TEST_API_KEY']}\n",
+        failing="print(key)\n", feedback=f"Output: {ENV['LOOPBOOK_TEST_API_KEY']} {APP_TOKEN}")
+    yield ids
+    ids["store"].close()
+
+
+def export(built, out, **values):
+    opts = options_from_mapping({"test_fraction": "0.3", **values})
+    return export_to_dir(built["store"], out, opts, environ=ENV)
+
+
+@pytest.fixture(scope="module")
+def full(built, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out") / "all"
+    return out, export(built, out, format="all")
+
+
+def check_chat(messages: list[dict], obs_role: str = "user") -> None:
+    """system?, user, then assistant and observation turns alternating, ending with the assistant."""
+    assert all(set(m) == {"role", "content"} and isinstance(m["content"], str) for m in messages)
+    roles = [m["role"] for m in messages]
+    if roles[0] == "system":
+        roles = roles[1:]
+    assert roles[0] == "user"
+    for prev, cur in zip(roles, roles[1:]):
+        assert prev != cur, roles
+        assert cur in ("assistant", "user", obs_role)
+    assert roles[-1] == "assistant"
+
+
+def test_every_file_loads_with_datasets_and_matches_the_report(full):
+    import datasets
+
+    datasets.disable_progress_bars()
+    out, report = full
+    assert set(report.files) == {p.name for p in out.glob("*.jsonl")}
+    for name, n in report.files.items():
+        ds = datasets.load_dataset("json", data_files=str(out / name), split="train")
+        fmt = name.split(".")[0]
+        assert len(ds) == n > 0
+        assert list(ds.features) == [c.name for c in SCHEMAS[fmt]]
+
+
+def test_sft_rows_are_whole_solved_trajectories(full, built):
+    out, _ = full
+    sft = all_rows(out, "sft")
+    for r in sft:
+        assert list(r) == ["messages"]
+        check_chat(r["messages"])
+    # The trace solved after two feedback rounds: three answers, the two feedback turns between them.
+    mean_rows = [r for r in sft if "Write mean(xs)" in r["messages"][1]["content"]]
+    assert len(mean_rows) == 1
+    msgs = mean_rows[0]["messages"]
+    assert [m["role"] for m in msgs] == ["system", "user", "assistant", "user", "assistant", "user", "assistant"]
+    assert msgs[3]["content"].startswith("Your code raised NameError: name 'total' is not defined")
+    assert "sum(xs) / len(xs) if xs else 0.0" in msgs[-1]["content"]
+    # Unsolved traces give no SFT row.
+    assert not any("ISO date" in r["messages"][1]["content"] for r in sft)
+
+
+def test_sft_final_keeps_only_the_passing_turn(full):
+    out, _ = full
+    rows_ = all_rows(out, "sft_final")
+    mean = [r for r in rows_ if "Write mean(xs)" in r["messages"][1]["content"]][0]["messages"]
+    assert [m["role"] for m in mean] == ["system", "user", "assistant"]
+    assert "sum(xs) / len(xs) if xs else 0.0" in mean[-1]["content"]
+    for r in rows_:
+        check_chat(r["messages"])
+        assert sum(m["role"] == "assistant" for m in r["messages"]) == 1
+
+
+def test_preference_pairs_every_failing_attempt_against_the_passing_one(full, built):
+    out, _ = full
+    prefs = all_rows(out, "preference")
+    for r in prefs:
+        assert list(r) == ["prompt", "chosen", "rejected"]
+        assert [m["role"] for m in r["chosen"]] == ["assistant"] and [m["role"] for m in r["rejected"]] == ["assistant"]
+        assert r["prompt"][-1]["role"] == "user" and r["chosen"] != r["rejected"]
+    by_prompt = {}
+    for r in prefs:
+        by_prompt.setdefault(r["prompt"][-1]["content"], []).append(r)
+    # Two failed candidates of the same round: two pairs, one prompt, one chosen.
+    even = by_prompt["Write is_even(n)."]
+    assert len(even) == 2 and len({json.dumps(r["prompt"]) for r in even}) == 1
+    assert {r["chosen"][0]["content"] for r in even} == {fenced("def is_even(n):\n    return n % 2 == 0\n")}
+    assert {r["rejected"][0]["content"] for r in even} == {fenced("def is_even(n):\n    return n % 2 == 1\n"),
+                                                           fenced("def is_even(n):\n    return n / 2\n")}
+    # Failing attempts of later rounds pair with the round-0 prompt (no feedback turn in it).
+    mean = by_prompt["Write mean(xs) that returns the average of a list."]
+    assert len(mean) == 2 and all(len(r["prompt"]) == 2 for r in mean)
+    # The human's failing cell of a Fix is not a model answer: no pair from it.
+    assert not any("count)" in r["rejected"][0]["content"] for r in prefs)
+
+
+def test_kto_rows_carry_the_exact_context_and_a_label(full):
+    out, report = full
+    kto = all_rows(out, "kto")
+    for r in kto:
+        assert list(r) == ["prompt", "completion", "label"] and isinstance(r["label"], bool)
+        assert [m["role"] for m in r["completion"]] == ["assistant"]
+        check_chat(r["prompt"] + r["completion"])
+    mean = [r for r in kto if r["prompt"][1]["content"].startswith("Write mean(xs)")]
+    assert sorted(len(r["prompt"]) for r in mean) == [2, 4, 6]
+    assert [r["label"] for r in sorted(mean, key=lambda r: len(r["prompt"]))] == [False, False, True]
+    assert report.stats.kto_labels[True] == sum(r["label"] for r in kto)
+
+
+def test_trajectory_rows_hold_every_attempt_manifest_and_sampling(full, built):
+    out, _ = full
+    traj = {r["trace_id"]: r for r in all_rows(out, "trajectory")}
+    two = traj[built["two_rounds"]]
+    assert two["outcome"] == "solved" and two["rounds"] == 3 and two["n_attempts"] == 3
+    assert [s["exec_status"] for s in two["steps"]] == ["error", "check_failed", "ok"]
+    assert [s["ename"] for s in two["steps"]][:2] == ["NameError", "AssertionError"]
+    assert two["steps"][0]["observation"].startswith("Your code raised NameError")
+    manifest = json.loads(two["manifest"])
+    assert manifest["quant"] == "Q4_1" and manifest["path"] == "SmolLM2-135M-Instruct-Q4_1.gguf"
+    assert json.loads(two["sampling"])["top_k"] == 40
+    check_chat(two["messages"])
+    assert traj[built["unsolved"]]["outcome"] == "unsolved" and traj[built["unsolved"]]["stop_reason"] == "budget"
+    cands = traj[built["candidates"]]
+    assert [(s["candidate"], s["in_chain"]) for s in cands["steps"]] == [(0, False), (1, False), (2, True)]
+    assert built["unfinished"] not in traj
+
+
+def test_resample_and_fix_traces_use_the_inputs_the_model_saw(full, built):
+    out, _ = full
+    traj = {r["trace_id"]: r for r in all_rows(out, "trajectory")}
+    # Resampling: round 1 saw the round-0 input again, so the conversation has no feedback turn.
+    assert [m["role"] for m in traj[built["resample"]]["messages"]] == ["system", "user", "assistant"]
+    # Fix: the model's first input is the context with the human's failing code and error appended.
+    fix = traj[built["fix"]]
+    assert fix["prompt"][-1]["content"] == built["fix_input"][-1]["content"]
+    assert [s["author"] for s in fix["steps"]] == ["human", "model"]
+    kto = all_rows(out, "kto")
+    assert not any(r["completion"][0]["content"].startswith("```python\nprint(sum(nums) / count)") for r in kto)
+
+
+def test_corrections_file_and_sft_rows_from_human_edits(full):
+    out, report = full
+    [c] = all_rows(out, "corrections")
+    assert c["model_code"] == "def reverse(s):\n    return s[::-1]\n"
+    assert "''.join(reversed(s))" in c["human_code"] and c["diff"].startswith("--- model")
+    assert c["prompt"][-1]["content"].endswith("Write a function that reverses a string.")
+    sft = all_rows(out, "sft")
+    assert any("''.join(reversed(s))" in r["messages"][-1]["content"] for r in sft)
+    assert report.stats.correction_rows["sft"] == 1
+
+
+def test_tool_role_for_observations(built, tmp_path):
+    out = tmp_path / "tool"
+    export(built, out, format="sft,kto", observation_role="tool")
+    sft = all_rows(out, "sft")
+    mean = [r for r in sft if "Write mean(xs)" in r["messages"][1]["content"]][0]["messages"]
+    assert [m["role"] for m in mean] == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+    for r in sft:
+        check_chat(r["messages"], obs_role="tool")
+    assert "are in `tool` messages" in (out / "README.md").read_text()
+
+
+def test_card_reports_counts_mix_models_hygiene_errors_and_schema(full):
+    out, report = full
+    card = (out / "README.md").read_text()
+    for needle in ("## Files and counts", "## Outcome mix", "solved after 2 feedback turn(s)", "## Models and manifests",
+                   "qwen2.5-coder-1.5b", "Q4_K_M", "## Filters", "### Duplicates", "### Secrets", "## Split",
+                   "## Error types", "| error | NameError |", "## Schema", "### trajectory", "Each step:",
+                   "are in `user` messages", "config_name: sft"):
+        assert needle in card, needle
+    for name, n in report.files.items():
+        assert f"`{name}`: {n}" in card
+
+
+def test_filters_select_what_they_say(built, tmp_path):
+    def traj(**values):
+        out = tmp_path / "f{}".format(len(list(tmp_path.iterdir())))
+        export(built, out, format="trajectory", dedup="none", **values)
+        return all_rows(out, "trajectory")
+
+    assert {r["outcome"] for r in traj(outcome="solved")} == {"solved"}
+    assert {r["outcome"] for r in traj(outcome="unsolved")} == {"unsolved"}
+    assert all(r["rounds"] >= 2 for r in traj(min_rounds="2")) and traj(min_rounds="2")
+    assert {r["model"] for r in traj(model="qwen2.5-coder-1.5b")} == {"qwen2.5-coder-1.5b"}
+    assert {r["eval_run"] for r in traj(eval_run="nightly")} == {"nightly"}
+    assert len(traj(eval_run="nightly")) == 3
+    assert {r["dialog_id"] for r in traj(dialog=str(built["store"].list_dialogs()[-1]["id"]))} == \
+        {built["store"].list_dialogs()[-1]["id"]}
+    assert built["unfinished"] in {r["trace_id"] for r in traj(include_unfinished="1")}
+    with pytest.raises(ExportError, match="No traces match these filters"):
+        traj(until="2001-01-01")
+    assert len(traj(since="2001-01-01")) == len(traj())
+
+
+def test_author_filter_human_edit_exports_only_corrections(built, tmp_path):
+    out = tmp_path / "edits"
+    report = export(built, out, author="human_edit")
+    assert {name.split(".")[0] for name in report.files} == {"corrections", "sft", "sft_final"}
+    assert report.stats.correction_rows["sft"] == 1 and sum(report.files.values()) == 3
+
+
+def test_unknown_filter_values_list_the_known_ones(built, tmp_path):
+    with pytest.raises(ExportError, match=r"--model nope: no trace has that value\. Known: qwen2\.5-coder-1\.5b, "
+                                          r"smollm2-135m"):
+        export(built, tmp_path / "x", model="nope")
+    with pytest.raises(ExportError, match="Eval runs in this store: nightly, heldout"):
+        export(built, tmp_path / "y", eval_run="weekly")
+    with pytest.raises(ExportError, match=r"Dialogs: 1 \(strings\)"):
+        export(built, tmp_path / "z", dialog="999")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_bad_option_values_say_what_is_allowed():
+    for values, message in (({"format": "sft,bogus"}, "--format must be one or more of"),
+                            ({"outcome": "maybe"}, "--outcome must be one of solved, unsolved, all"),
+                            ({"since": "last tuesday"}, "--since must be a date like 2025-01-31"),
+                            ({"test_fraction": "1.5"}, "--test-fraction must be from 0 to 1"),
+                            ({"max_tokens_per_row": "512"}, "needs a tokenizer: pass --tokenizer-gguf"),
+                            ({"colour": "red"}, "Unknown export option 'colour'"),
+                            ({"author": "robot"}, "--author must be one or more of model, human, human_edit")):
+        with pytest.raises(ExportError, match=message):
+            options_from_mapping(values)
+    opts = options_from_mapping([("format", "sft"), ("format", "kto"), ("min-rounds", "2"), ("model", "a,b")])
+    assert opts.formats == ("sft", "kto") and opts.filters.min_rounds == 2 and opts.filters.models == ("a", "b")
+
+
+def test_empty_store_is_a_clear_error(tmp_path):
+    store = Store(tmp_path / "empty")
+    try:
+        with pytest.raises(ExportError, match="has no traces yet"):
+            export_to_dir(store, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+    finally:
+        store.close()
+
+
+def test_zip_download_streams_the_same_files(built):
+    from execfeedback.export import export_zip, stream_export_zip
+    import io
+    import zipfile
+
+    chunks, report = stream_export_zip(built["store"], options_from_mapping({"format": "sft,preference"}),
+                                       folder="ds")
+    data = b"".join(chunks)
+    names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+    assert names == ["ds/README.md", *[f"ds/{n}" for n in report.files]]
+    assert zipfile.ZipFile(io.BytesIO(export_zip(built["store"], options_from_mapping({"format": "kto"})))).namelist()
+    with pytest.raises(ExportError):
+        stream_export_zip(built["store"], options_from_mapping({"model": "nope"}))
+
+
+def test_planted_secrets_never_reach_any_file(full, built):
+    out, report = full
+    text = "\n".join(p.read_text() for p in out.iterdir())
+    for value in (*PLANTED.values(), APP_TOKEN, ENV["LOOPBOOK_TEST_API_KEY"], "/home/alice"):
+        assert value not in text, value
+    for placeholder in ("<SECRET_API_KEY>", "<SECRET_GITHUB_TOKEN>", "<SECRET_AWS_KEY>", "<SECRET_PRIVATE_KEY>",
+                        "<SECRET_TOKEN>", "<EMAIL>"):
+        assert placeholder in text, placeholder
+    assert {"api_key", "github_token", "aws_key", "private_key", "token", "email"} <= set(report.secrets)
