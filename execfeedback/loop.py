@@ -20,6 +20,7 @@ from .extract import extract_code
 from .feedback import FeedbackConfig, error_signature, feedback_message, syntax_error_obs
 from .traces import TraceStore
 
+RETRY_MODES = ("refine", "repair", "resample")
 RESET_NAMESPACE = "get_ipython().run_line_magic('reset', '-f')"
 
 
@@ -28,7 +29,10 @@ class LoopConfig:
     rounds: int = 3                    # feedback rounds after round 0
     candidates: int = 1                # samples per round; the first that passes the visible checks wins
     candidate_temperature: float = 0.8  # used when candidates > 1 (sampling several at 0 gives one answer)
-    retry: str = "refine"              # refine: answer the feedback; resample: round-0 prompt, fresh sample
+    # refine: the conversation grows (code, feedback, code...); repair: one fresh user turn with the task,
+    # the failed code and the feedback (small models copy their last answer less this way);
+    # resample: the round-0 prompt again, sampled warmer.
+    retry: str = "refine"
     exec_timeout: float = 30.0
     fresh_namespace: bool = False      # eval: each attempt runs in a clean namespace
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1024))
@@ -39,8 +43,8 @@ class LoopConfig:
             raise ValueError("rounds must be a whole number from 0 to 20")
         if not isinstance(self.candidates, int) or not 1 <= self.candidates <= 16:
             raise ValueError("candidates must be a whole number from 1 to 16")
-        if self.retry not in ("refine", "resample"):
-            raise ValueError("retry must be 'refine' or 'resample'")
+        if self.retry not in RETRY_MODES:
+            raise ValueError(f"retry must be one of {', '.join(RETRY_MODES)}")
         if not self.exec_timeout > 0:
             raise ValueError("exec_timeout must be positive")
         return self
@@ -119,6 +123,15 @@ def _better(a: Attempt | None, b: Attempt) -> Attempt:
         checks = x.obs.get("checks") or {}
         return (x.code is not None, x.obs.get("status") == "check_failed", checks.get("passed", 0))
     return b if score(b) > score(a) else a
+
+
+def repair_messages(messages: list[dict], code: str | None, feedback: str) -> list[dict]:
+    """The round-0 input with its last user turn extended by the failed code and the feedback."""
+    shown = f"This code was written for the task above and it failed:\n```python\n{code}\n```\n\n" if code else ""
+    last = messages[-1] if messages else {}
+    if last.get("role") == "user" and isinstance(last.get("content"), str):
+        return messages[:-1] + [{"role": "user", "content": f"{last['content']}\n\n{shown}{feedback}"}]
+    return messages + [{"role": "user", "content": f"{shown}{feedback}"}]
 
 
 class Loop:
@@ -208,6 +221,8 @@ class Loop:
             prev_sig = sig
             if cfg.retry == "resample":
                 messages = list(task.messages)
+            elif cfg.retry == "repair":
+                messages = repair_messages(task.messages, best.code, best.record["feedback"])
             else:
                 messages = messages + [{"role": "assistant", "content": best.completion},
                                        {"role": "user", "content": best.record["feedback"]}]
@@ -262,14 +277,17 @@ class Loop:
             obs, outputs, exec_s = await self._execute(task, extraction.code)
         passed = obs["status"] == "ok"
         hidden = None
+        hidden_s = 0.0  # scoring runs code too: it is execution, not loop overhead
         if task.hidden_tests and extraction.code and obs["status"] in ("ok", "check_failed"):
+            t_hidden = time.perf_counter()
             hidden = await self._score_hidden(task, extraction.code)
+            hidden_s = time.perf_counter() - t_hidden
         record = self._record(task, rnd, k, text, finish, extraction, obs, passed, hidden, figures, exec_s,
                               manifest, sampling)
         attempt = Attempt(rnd, k, text, extraction.code, obs, passed, outputs, record)
         attempt.id = self.traces.add_attempt(trace_id, messages, **record)
         record["id"] = attempt.id
-        record["loop_overhead_s"] = round(time.perf_counter() - t0 - exec_s, 5)
+        record["loop_overhead_s"] = round(time.perf_counter() - t0 - exec_s - hidden_s, 5)
         yield {"type": "attempt", "attempt": attempt}
 
     async def _execute(self, task: Task, code: str) -> tuple[dict, list[dict], float]:

@@ -1,0 +1,678 @@
+"""Headless eval: the Solve loop over a problem file, scored on hidden tests, pass@1 per round.
+
+    python -m execfeedback eval PROBLEMS.jsonl --model qwen2.5-coder-1.5b --rounds 3
+
+Problem file format (JSON Lines, UTF-8, one problem per line; blank lines are skipped):
+
+    {"id": "digit_sum",
+     "prompt": "def digit_sum(n: int) -> int:\\n    \\"\\"\\"Return the sum of the decimal digits of n.\\"\\"\\"\\n",
+     "entry_point": "digit_sum",
+     "visible_tests": "assert digit_sum(123) == 6\\n",
+     "hidden_tests": "assert digit_sum(-123) == 6\\nassert digit_sum(10 ** 20) == 1\\n"}
+
+- `id` (string, required): unique in the file; results, traces and resume are keyed by it.
+- `prompt` (string, required): the task, usually a signature and a docstring. The model is asked to
+  "Write this Python function" with the prompt in a code block.
+- `entry_point` (string, optional): the name of the function the tests call.
+- `visible_tests` (string, required, may be empty): Python shown to the model with the prompt and run
+  after each attempt; a failing visible test is fed back ("`f(x)` returned 1, expected 2").
+- `hidden_tests` (string, required): Python run only to score an attempt, in a fresh namespace with the
+  attempt's code; never shown to the model and never fed back.
+Tests are plain `assert` statements or a HumanEval-style `def check(candidate): ...` followed by
+`check(entry_point)`. Other keys are kept with the problem and ignored. A malformed line (bad JSON, a
+missing field, tests that do not parse, a duplicate id) is reported with its line number and skipped;
+the other problems run. The shipped set is `execfeedback/problems/loopbook-30.jsonl`.
+
+How a run works: each problem is one `eval` trace of the same loop the page uses, in a fresh kernel
+namespace (kernels are reused across problems, one per `--concurrency` slot). Model code runs as the
+user's own code, exactly as Jupyter runs it (it can delete files or fork); the eval kernels get a
+memory limit and a CPU-time limit. Hidden tests that hang or kill the kernel fail that problem only.
+A problem passes at round r when the attempt the loop chose at its latest round <= r passed the
+hidden tests. Traces go to the store in `--data-dir`, tagged with the eval run and the problem id.
+The same `--name` resumes an interrupted run: problems with a finished trace in it are not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import statistics
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from dialog import Store
+from dialog.store import default_data_dir
+from kernels import KernelPool
+from local_model import Engine, ModelError, Sampling, load_backend
+
+from .loop import Loop, LoopConfig, Task
+from .problems import SHIPPED, Problem, load_problems, task_message
+from .traces import TraceStore
+
+HELP = "run the loop over a problem file and score pass@1 per round on hidden tests (resumable)"
+OVERHEAD_TARGET_S = 0.020
+FINISHED = ("passed", "failed")  # trace statuses that count as done; "stopped" and "running" run again
+EXIT_OK, EXIT_LINE_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Settings that change results: a resumed run must use the same ones. Concurrency and --limit do not.
+RESULT_KEYS = ("problems", "model", "backend", "base_url", "rounds", "candidates", "retry", "temperature", "seed",
+               "max_tokens", "timeout", "n_ctx")
+
+
+# -- accounting: pure functions over stored attempts -------------------------------------------------
+
+def _score(a: dict) -> tuple:
+    """How the loop ranks failed candidates of one round (see loop._better): ties keep the earlier one."""
+    checks = a.get("checks") or {}
+    return (a.get("code") is not None, a.get("exec_status") == "check_failed", checks.get("passed", 0))
+
+
+def chosen_by_round(attempts: list[dict], final_attempt_id: int | None = None) -> dict[int, dict]:
+    """The attempt the loop went on with at each round: the first that passed the visible checks, else the best."""
+    rounds: dict[int, list[dict]] = {}
+    for a in sorted(attempts, key=lambda a: (a["round"], a.get("candidate", 0), a.get("id") or 0)):
+        rounds.setdefault(a["round"], []).append(a)
+    chosen = {}
+    for rnd, group in rounds.items():
+        passing = [a for a in group if a.get("passed")]
+        if passing:
+            chosen[rnd] = passing[0]
+            continue
+        best = group[0]
+        for a in group[1:]:
+            if _score(a) > _score(best):
+                best = a
+        chosen[rnd] = best
+    final = next((a for a in attempts if final_attempt_id is not None and a.get("id") == final_attempt_id), None)
+    if final is not None and final["round"] == max(rounds):
+        chosen[final["round"]] = final  # the loop said which one it kept; trust it
+    return chosen
+
+
+def passed_by_round(attempts: list[dict], rounds: int, final_attempt_id: int | None = None) -> list[bool]:
+    """Round r passes when the attempt chosen at the latest round <= r passed the hidden tests."""
+    chosen = chosen_by_round(attempts, final_attempt_id) if attempts else {}
+    out, current = [], None
+    for r in range(rounds + 1):
+        current = chosen.get(r, current)
+        out.append(bool(current and current.get("hidden_passed")))
+    return out
+
+
+def error_type(attempt: dict | None) -> str:
+    """What went wrong in an attempt, for the fix-rate table: the exception name, or the status."""
+    if attempt is None:
+        return "no_attempt"
+    status = attempt.get("exec_status")
+    if status == "error":
+        return attempt.get("ename") or "error"
+    if status == "ok":
+        return "hidden_only"  # passed the visible tests, failed hidden ones: nothing was fed back
+    return status or "unknown"
+
+
+def account(problems: list[dict]) -> dict:
+    """Summary figures from per-problem `passed_by_round` lists (and `round0_error` for failures at round 0).
+
+    regressions counts pass -> fail between consecutive rounds, honestly: it is not assumed to be zero.
+    """
+    n = len(problems)
+    width = max((len(p["passed_by_round"]) for p in problems), default=0)
+    counts = []
+    for r in range(width):
+        counts.append(sum(1 for p in problems if p["passed_by_round"][min(r, len(p["passed_by_round"]) - 1)]))
+    regressions = sum(1 for p in problems for a, b in zip(p["passed_by_round"], p["passed_by_round"][1:]) if a and not b)
+    by_error: dict[str, dict] = {}
+    for p in problems:
+        pbr = p["passed_by_round"]
+        if not pbr or pbr[0]:
+            continue
+        row = by_error.setdefault(p.get("round0_error") or "unknown", {"failed": 0, "fixed": 0})
+        row["failed"] += 1
+        row["fixed"] += int(bool(pbr[-1]))
+    for row in by_error.values():
+        row["rate"] = round(row["fixed"] / row["failed"], 4)
+    failed0 = sum(r["failed"] for r in by_error.values())
+    fixed = sum(r["fixed"] for r in by_error.values())
+    return {
+        "n": n,
+        "pass_by_round": [round(c / n, 4) if n else 0.0 for c in counts],
+        "pass_counts_by_round": counts,
+        "regressions": regressions,
+        "fix_rate_by_error": dict(sorted(by_error.items(), key=lambda kv: (-kv[1]["failed"], kv[0]))),
+        "fix_rate": round(fixed / failed0, 4) if failed0 else None,
+    }
+
+
+def _quantile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def generation_figures(attempts: list[dict]) -> dict:
+    """Tokens/s over all generations (tokens / decode time), time to first token, totals."""
+    model = [a for a in attempts if a.get("author", "model") == "model"]
+    tokens = sum(a.get("completion_tokens") or 0 for a in model)
+    decode = sum(a.get("decode_s") or 0.0 for a in model)
+    ttft = [a["ttft_s"] for a in model if a.get("ttft_s") is not None]
+    prompt_eval = sum(a.get("prompt_eval_s") or 0.0 for a in model)
+    return {
+        "attempts": len(model),
+        "completion_tokens": tokens,
+        "tokens_per_s": round(tokens / decode, 2) if decode > 0 else None,
+        "ttft_s": round(statistics.median(ttft), 4) if ttft else None,
+        "ttft_p95_s": round(_quantile(ttft, 0.95), 4) if ttft else None,
+        "generation_s": round(decode + prompt_eval, 3),
+        "exec_s": round(sum(a.get("exec_s") or 0.0 for a in model), 3),
+    }
+
+
+def problem_result(problem_id: str, trace: dict, attempts: list[dict], rounds: int) -> dict:
+    """One problem's line in the results file, from its stored trace and attempts."""
+    chosen = chosen_by_round(attempts, trace.get("final_attempt_id")) if attempts else {}
+    pbr = passed_by_round(attempts, rounds, trace.get("final_attempt_id"))
+    final = chosen[max(chosen)] if chosen else None
+    return {
+        "id": problem_id,
+        "passed_by_round": pbr,
+        "passed": pbr[-1],
+        "status": trace.get("status"),
+        "stop_reason": trace.get("stop_reason"),
+        "rounds_used": trace.get("rounds", 0),
+        "n_attempts": len(attempts),
+        "round0_error": None if pbr[0] else error_type(chosen.get(0)),
+        "final_exec_status": final.get("exec_status") if final else None,
+        "trace_id": trace["id"],
+        "attempts": [{k: a.get(k) for k in ("id", "round", "candidate", "exec_status", "ename", "passed",
+                                             "completion_tokens", "ttft_s", "tokens_per_s", "exec_s")}
+                     | {"hidden_passed": None if a.get("hidden_passed") is None else bool(a["hidden_passed"])}
+                     for a in attempts],
+    }
+
+
+# -- settings and the run name ----------------------------------------------------------------------
+
+@dataclass
+class EvalSettings:
+    problems: str
+    model: str = "default"
+    backend: str | None = None
+    base_url: str | None = None
+    rounds: int = 3
+    candidates: int = 1
+    retry: str = "refine"
+    temperature: float = 0.0
+    seed: int = 0
+    max_tokens: int = 1024
+    timeout: float = 10.0
+    n_ctx: int = 4096
+    concurrency: int = 1
+    limit: int | None = None
+    memory_mb: int = 2048
+    cpu_seconds: int = 600
+
+    def result_config(self) -> dict:
+        return {k: getattr(self, k) for k in RESULT_KEYS}
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(rounds=self.rounds, candidates=self.candidates, retry=self.retry, exec_timeout=self.timeout,
+                          fresh_namespace=True,
+                          sampling=Sampling(temperature=self.temperature, seed=self.seed,
+                                            max_tokens=self.max_tokens)).validate()
+
+    def default_name(self) -> str:
+        """Problems file, model and the settings that change results, plus a hash of all of them."""
+        model = Path(self.model).stem if self.model.endswith(".gguf") else self.model.replace("/", "_")
+        digest = hashlib.sha256(json.dumps(self.result_config(), sort_keys=True).encode()).hexdigest()[:6]
+        return (f"{Path(self.problems).stem}-{model}-r{self.rounds}-k{self.candidates}-{self.retry}"
+                f"-t{self.temperature:g}-s{self.seed}-n{self.max_tokens}-{digest}")
+
+
+def file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# -- the runner -------------------------------------------------------------------------------------
+
+class EvalRunner:
+    """Runs problems through the loop, `concurrency` at a time, one kernel per slot; Ctrl-C stops cleanly."""
+
+    def __init__(self, engine: Engine, traces: TraceStore, settings: EvalSettings, run_id: int, *,
+                 progress: bool = True, log=None):
+        self.engine = engine
+        self.traces = traces
+        self.settings = settings
+        self.config = settings.loop_config()
+        self.run_id = run_id
+        self.progress = progress
+        self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
+        self.results: dict[str, dict] = {}
+        self.overheads: list[dict] = []
+        self.interrupted = False
+        self.model_failed = False
+        self._model_error_streak = 0
+        self._loops: set[Loop] = set()
+        self._sigints = 0
+        self._main: asyncio.Task | None = None
+        self._stopping: set[asyncio.Task] = set()
+
+    async def run(self, problems: list[Problem], *, source: str, done: int = 0, total: int | None = None) -> None:
+        from tqdm import tqdm
+
+        s = self.settings
+        pool = KernelPool(spare=True, default_timeout=s.timeout,
+                          resource_limits={"memory_bytes": s.memory_mb * 2 ** 20, "cpu_seconds": s.cpu_seconds})
+        queue: asyncio.Queue[Problem] = asyncio.Queue()
+        for p in problems:
+            queue.put_nowait(p)
+        loop = asyncio.get_running_loop()
+        self._main = asyncio.current_task()
+        bar = tqdm(total=total or len(problems), initial=done, unit="problem", disable=not self.progress,
+                   dynamic_ncols=True, mininterval=1.0)
+        if self.progress:
+            self.log = lambda text: bar.write(text, file=sys.stderr)
+        handled = True
+        try:
+            loop.add_signal_handler(signal.SIGINT, self._on_sigint)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+            handled = False
+        try:
+            await pool.start()
+            workers = [asyncio.create_task(self._worker(f"eval-{i}", pool, queue, source, bar))
+                       for i in range(min(s.concurrency, len(problems)) or 1)]
+            await asyncio.gather(*workers)
+        except asyncio.CancelledError:  # a second Ctrl-C: gather has cancelled the workers mid-problem
+            self.interrupted = True
+        finally:
+            if handled:
+                loop.remove_signal_handler(signal.SIGINT)
+            bar.close()
+            self._close_dangling(status="stopped", stop_reason="stopped")
+            await pool.shutdown_all()
+
+    def _on_sigint(self) -> None:
+        self._sigints += 1
+        self.interrupted = True
+        if self._sigints == 1:
+            self.log("Stopping: the problems in flight end now and are run again on resume "
+                     "(press Ctrl-C again to quit at once).")
+            self._stop_all()
+        elif self._main is not None:
+            self._main.cancel()
+
+    def _stop_all(self) -> None:
+        """Cancel the generations and interrupt the code in flight; each loop then closes its trace as stopped."""
+        for lp in list(self._loops):
+            task = asyncio.ensure_future(lp.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+
+    async def _worker(self, key: str, pool: KernelPool, queue: asyncio.Queue, source: str, bar) -> None:
+        lp = Loop(self.engine, pool, self.traces, self.config)
+        self._loops.add(lp)
+        try:
+            while not self.interrupted:
+                try:
+                    problem = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                await self._recycle_if_spent(pool, key)
+                result = await self._one(lp, key, problem, source)
+                if result is None:
+                    return
+                if not result:
+                    continue  # no result to count (the model did not answer)
+                self.results[problem.id] = result
+                bar.update(1)
+                bar.set_postfix(passed=sum(r["passed"] for r in self.results.values()), refresh=False)
+                self.log(_problem_line(result))
+        finally:
+            self._loops.discard(lp)
+
+    async def _one(self, lp: Loop, key: str, problem: Problem, source: str) -> dict | None:
+        """The problem's result; None when the run was stopped, {} when the model never answered."""
+        task = Task(kind="eval", messages=[{"role": "user", "content": task_message(problem)}], kernel_key=key,
+                    checks=problem.visible_tests if problem.visible_tests.strip() else None,
+                    hidden_tests=problem.hidden_tests if problem.hidden_tests.strip() else None,
+                    cache_key=key, task_id=problem.id, task_source=source, eval_run_id=self.run_id)
+
+        def on_event(ev: dict) -> None:
+            if ev["type"] == "attempt" and ev["attempt"].get("loop_overhead_s") is not None:
+                self.overheads.append({"round": ev["attempt"]["round"], "s": ev["attempt"]["loop_overhead_s"]})
+
+        try:
+            res = await lp.run_to_end(task, on_event=on_event)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - one broken problem must not end the run
+            self.log(f"{problem.id}: the runner failed on this problem ({type(e).__name__}: {e}); "
+                     "it counts as failed and runs again on resume")
+            tid = self._close_dangling(status="failed", stop_reason="error", task_id=problem.id)
+            return {**problem_result(problem.id, {"id": tid, "status": "failed", "stop_reason": "error"}, [],
+                                     self.settings.rounds), "error": f"{type(e).__name__}: {e}"}
+        if res.stop_reason == "stopped":
+            return None  # interrupted: the trace is kept as stopped and the problem runs again on resume
+        if res.attempts and all(a.record.get("finish_reason") == "error" for a in res.attempts):
+            # The model never answered (a server down, a broken model): not a result; it runs again on resume.
+            self.traces.finish_trace(res.trace_id, status="failed", stop_reason="error")
+            self._model_error_streak += 1
+            self.log(f"{problem.id}: the model answered no attempt (finish_reason 'error'); not counted")
+            if self._model_error_streak >= 2 and not self.model_failed:
+                self.model_failed = self.interrupted = True
+                self._stop_all()
+            return {}
+        self._model_error_streak = 0
+        trace = self.traces.get_trace(res.trace_id, with_inputs=False)
+        return problem_result(problem.id, trace, trace["attempts"], self.settings.rounds)
+
+    async def _recycle_if_spent(self, pool: KernelPool, key: str) -> None:
+        """A kernel's CPU limit counts its whole life: replace it between problems once half is used."""
+        pid = pool.info(key)["pid"]
+        if not pid:
+            return
+        try:
+            import psutil
+
+            t = psutil.Process(pid).cpu_times()
+            used = t.user + t.system
+        except Exception:  # noqa: BLE001 - gone already, or no psutil: the pool replaces dead kernels anyway
+            return
+        if used > self.settings.cpu_seconds / 2:
+            await pool.restart(key)
+
+    def _close_dangling(self, *, status: str, stop_reason: str, task_id: str | None = None) -> int | None:
+        """Traces of this run left 'running' (a crash, Ctrl-C) are closed so they are never taken as results."""
+        where, params = "eval_run_id = ? AND status = 'running'", [self.run_id]
+        if task_id is not None:
+            where += " AND task_id = ?"
+            params.append(task_id)
+        rows = self.traces.store.query(f"SELECT id FROM traces WHERE {where}", tuple(params))
+        for r in rows:
+            self.traces.finish_trace(r["id"], status=status, stop_reason=stop_reason)
+        return rows[-1]["id"] if rows else None
+
+
+def finished_traces(traces: TraceStore, run_id: int) -> dict[str, dict]:
+    """The latest finished trace of each problem in an eval run (resume reuses these)."""
+    rows = traces.store.query("SELECT * FROM traces WHERE eval_run_id = ? AND kind = 'eval' AND status IN (?, ?) "
+                              "AND coalesce(stop_reason, '') != 'error' ORDER BY id", (run_id, *FINISHED))
+    return {r["task_id"]: r for r in rows}
+
+
+def _problem_line(r: dict) -> str:
+    marks = "".join("+" if p else "-" for p in r["passed_by_round"])
+    why = f", round 0: {r['round0_error']}" if r.get("round0_error") else ""
+    return f"{r['id']}: {marks} ({r['stop_reason']}, {r['n_attempts']} attempt(s){why})"
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+def summarize(results: list[dict], attempts: list[dict], overheads: list[dict], *, wall_s: float) -> dict:
+    summary = account(results)
+    summary.update(generation_figures(attempts))
+    summary["wall_s"] = round(wall_s, 2)
+    values = [o["s"] for o in overheads]
+    by_round: dict[int, list[float]] = {}
+    for o in overheads:
+        by_round.setdefault(o["round"], []).append(o["s"])
+    summary["loop_overhead_s"] = {
+        "median": round(statistics.median(values), 5) if values else None,
+        "p95": round(_quantile(values, 0.95), 5) if values else None,
+        "n": len(values),
+        "median_by_round": {str(r): round(statistics.median(v), 5) for r, v in sorted(by_round.items())},
+        "target": OVERHEAD_TARGET_S,
+    }
+    summary["stop_reasons"] = dict(Counter(r["stop_reason"] for r in results))
+    return summary
+
+
+def format_table(results: dict) -> str:
+    s = results["summary"]
+    n = s["n"]
+    cfg = s.get("config", {})
+    lines = [f"Eval {s.get('run_name')}: {n} problem(s), model {s.get('model')} ({(s.get('manifest') or {}).get('backend')}),"
+             f" rounds {cfg.get('rounds')}, candidates {cfg.get('candidates')}, retry {cfg.get('retry')}"]
+    if not s.get("complete", True):
+        lines.append(f"INTERRUPTED: {s.get('n_pending')} problem(s) not run yet; run the same command again to resume.")
+    lines.append("round  pass@1 (hidden tests)" if n else "no problem finished in this run")
+    for r, (frac, cnt) in enumerate(zip(s["pass_by_round"], s["pass_counts_by_round"])):
+        lines.append(f"{r:>5}  {cnt:>3}/{n:<3} {100 * frac:5.1f}%")
+    lines.append(f"regressions (pass -> fail between rounds): {s['regressions']}")
+    if s["fix_rate_by_error"]:
+        lines.append("fix rate by round-0 error (fixed / failed at round 0):")
+        for name, row in s["fix_rate_by_error"].items():
+            note = "  (passed the visible tests, failed hidden ones)" if name == "hidden_only" else ""
+            lines.append(f"  {name:<20} {row['fixed']:>3}/{row['failed']:<3} {100 * row['rate']:5.1f}%{note}")
+    else:
+        lines.append("fix rate by round-0 error: nothing failed at round 0")
+    num = lambda v, fmt: "-" if v is None else format(v, fmt)
+    lines.append(f"tokens/s {num(s.get('tokens_per_s'), '.1f')}   TTFT median {num(s.get('ttft_s'), '.2f')} s "
+                 f"(p95 {num(s.get('ttft_p95_s'), '.2f')} s)   completion tokens {s.get('completion_tokens')}")
+    lines.append(f"wall {s['wall_s']} s (this run)   generation {s.get('generation_s')} s   execution {s.get('exec_s')} s"
+                 + (f"   resumed {s['n_resumed']} problem(s)" if s.get("n_resumed") else ""))
+    o = s.get("loop_overhead_s") or {}
+    if o.get("n"):
+        lines.append(f"loop overhead per round: median {1000 * o['median']:.1f} ms, p95 {1000 * o['p95']:.1f} ms "
+                     f"over {o['n']} attempt(s) (target < {1000 * OVERHEAD_TARGET_S:.0f} ms)")
+    return "\n".join(lines)
+
+
+# -- the command line -------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The `eval` subcommand's options."""
+    p = parser
+    p.add_argument("problems", nargs="?", default=str(SHIPPED),
+                   help=f"a .jsonl problem file (default: the shipped {SHIPPED.name})")
+    p.add_argument("--rounds", type=int, default=3, help="feedback rounds after round 0 (default 3)")
+    p.add_argument("--candidates", type=int, default=1, help="samples per round, first to pass the visible tests wins")
+    p.add_argument("--retry", choices=("refine", "repair", "resample"), default="refine",
+                   help="refine: answer the feedback in a growing conversation (default); repair: one fresh turn "
+                        "with the task, the failed code and the feedback; resample: a fresh sample of the round-0 prompt")
+    p.add_argument("--model", default="default",
+                   help="a model name (`python -m local_model list`), a GGUF path, or a served model name")
+    p.add_argument("--backend", choices=("llama", "anthropic", "openai"), default=None,
+                   help="default: guessed from --model and --base-url")
+    p.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
+    p.add_argument("--n-ctx", type=int, default=4096, help="context window for the in-process model")
+    p.add_argument("--max-tokens", type=int, default=1024, help="tokens per reply (default 1024)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per execution (default 10)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="problems at once, one kernel each; pays off with an OpenAI-compatible server")
+    p.add_argument("--memory-mb", type=int, default=2048, help="memory limit of each eval kernel (default 2048)")
+    p.add_argument("--cpu-seconds", type=int, default=600, help="CPU-time limit of each eval kernel (default 600)")
+    p.add_argument("--limit", type=int, default=None, help="run only the first N problems")
+    p.add_argument("--data-dir", default=None,
+                   help="the store the traces go to (default: $LOOPBOOK_DATA_DIR or ~/.loopbook); models are "
+                        "looked up in DATA_DIR/models when that folder exists, else in the default data dir")
+    p.add_argument("--name", default=None,
+                   help="eval run name (default: from the problem file, model and settings); the same name resumes")
+    p.add_argument("--out", default=None, help="results JSON (default: DATA_DIR/evals/NAME.json)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar and no per-problem lines")
+    return parser
+
+
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _settings(args: argparse.Namespace) -> EvalSettings:
+    return EvalSettings(problems=Path(args.problems).name, model=str(args.model), backend=args.backend,
+                        base_url=args.base_url, rounds=args.rounds, candidates=args.candidates, retry=args.retry,
+                        temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens,
+                        timeout=args.timeout, n_ctx=args.n_ctx, concurrency=args.concurrency, limit=args.limit,
+                        memory_mb=args.memory_mb, cpu_seconds=args.cpu_seconds)
+
+
+def _check_numbers(args: argparse.Namespace) -> str | None:
+    checks = [(args.max_tokens >= 1, "--max-tokens must be at least 1"),
+              (args.concurrency >= 1, "--concurrency must be at least 1"),
+              (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
+              (args.n_ctx >= 256, "--n-ctx must be at least 256"),
+              (args.memory_mb >= 256, "--memory-mb must be at least 256"),
+              (args.cpu_seconds >= 10, "--cpu-seconds must be at least 10"),
+              (args.temperature >= 0, "--temperature must be 0 or more")]
+    return next((msg for ok, msg in checks if not ok), None)
+
+
+def _model_data_dir(data_dir: Path) -> Path | None:
+    return data_dir if (data_dir / "models").is_dir() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run (or resume) an eval; prints the table, writes the results JSON. Exit 0 done, 1 done with bad
+    problem lines skipped, 2 bad usage (no problem file, no model, a name taken by other settings), 130 Ctrl-C."""
+    t_start = time.perf_counter()
+    bad = _check_numbers(args)
+    if bad:
+        return _fail(bad)
+    settings = _settings(args)
+    try:
+        settings.loop_config()
+    except ValueError as e:
+        return _fail(f"{e} (see --help)")
+    try:
+        problems, line_errors = load_problems(args.problems)
+    except FileNotFoundError as e:
+        return _fail(str(e))
+    except (OSError, UnicodeDecodeError) as e:
+        return _fail(f"cannot read the problem file {args.problems}: {e}")
+    for err in line_errors:
+        print(f"error: {err} (this problem is skipped; fix the line and run the same command again to add it)",
+              file=sys.stderr, flush=True)
+    if args.limit:
+        problems = problems[:args.limit]
+    if not problems:
+        return _fail(f"no problem could be loaded from {args.problems}; see the line errors above")
+
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    store = Store(data_dir)
+    try:
+        return _run_with_store(args, settings, store, problems, line_errors, t_start)
+    except KeyboardInterrupt:  # before the problems started (loading the model): nothing to keep
+        print("Interrupted before any problem ran; nothing was lost. Run the same command again.",
+              file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        store.close()
+
+
+def _run_with_store(args, settings: EvalSettings, store: Store, problems: list[Problem], line_errors, t_start) -> int:
+    traces = TraceStore(store)
+    name = args.name or settings.default_name()
+    sha = file_sha256(args.problems)
+    config = {**settings.result_config(), "loop": settings.loop_config().as_dict()}
+    er = traces.start_eval_run(name, problems_path=str(Path(args.problems).resolve()), problems_sha256=sha,
+                               config=config)
+    old = {k: (er.get("config") or {}).get(k) for k in RESULT_KEYS}
+    diff = [k for k in RESULT_KEYS if k in (er.get("config") or {}) and old[k] != config[k]]
+    if diff:
+        said = ", ".join(f"{k}: {old[k]!r} then, {config[k]!r} now" for k in diff)
+        return _fail(f"eval run {name!r} already exists with other settings ({said}); "
+                     "resume it with the same settings or pass a new --name")
+    if er.get("problems_sha256") and er["problems_sha256"] != sha:
+        print(f"note: {Path(args.problems).name} changed since run {name!r} started; finished problems are kept "
+              "by id, the rest run now", file=sys.stderr)
+
+    runner_log = lambda text: print(text, file=sys.stderr, flush=True)
+    # A run killed hard leaves traces 'running': they are not results, the problems run again.
+    for r in store.query("SELECT id FROM traces WHERE eval_run_id = ? AND status = 'running'", (er["id"],)):
+        traces.finish_trace(r["id"], status="stopped", stop_reason="stopped")
+    done = finished_traces(traces, er["id"])
+    todo = [p for p in problems if p.id not in done]
+    resumed = [p for p in problems if p.id in done]
+    if resumed:
+        runner_log(f"Resuming eval run {name!r}: {len(resumed)} problem(s) already done, {len(todo)} to run.")
+
+    runner = None
+    manifest: dict = {}
+    if todo:
+        try:
+            backend = load_backend(settings.model, settings.backend, base_url=settings.base_url, n_ctx=settings.n_ctx,
+                                   data_dir=_model_data_dir(store.data_dir))
+        except ModelError as e:
+            return _fail(f"{e}")
+        engine = Engine(backend)
+        manifest = dict(engine.manifest)
+        if manifest.get("note"):
+            runner_log(f"note: {manifest['note']}")
+        runner = EvalRunner(engine, traces, settings, er["id"], progress=not args.quiet,
+                            log=(lambda _t: None) if args.quiet else runner_log)
+        source = f"eval:{Path(args.problems).name}"
+        try:
+            asyncio.run(runner.run(todo, source=source, done=len(resumed), total=len(problems)))
+        except KeyboardInterrupt:
+            runner.interrupted = True
+        finally:
+            engine.close()
+
+    results_by_id: dict[str, dict] = {}
+    all_attempts: list[dict] = []
+    for p in problems:
+        if runner is not None and p.id in runner.results:
+            results_by_id[p.id] = {**runner.results[p.id], "resumed": False}
+        elif p.id in done:
+            trace = traces.get_trace(done[p.id]["id"], with_inputs=False)
+            results_by_id[p.id] = {**problem_result(p.id, trace, trace["attempts"], settings.rounds), "resumed": True}
+            manifest = manifest or trace.get("manifest") or {}
+        else:
+            continue
+        tid = results_by_id[p.id]["trace_id"]
+        if tid is not None:
+            all_attempts.extend(traces.attempts(tid))
+    per_problem = [results_by_id[p.id] for p in problems if p.id in results_by_id]
+    interrupted = bool(runner and runner.interrupted)
+    summary = summarize(per_problem, all_attempts, runner.overheads if runner else [],
+                        wall_s=time.perf_counter() - t_start)
+    summary.update({
+        "run_name": name, "run_id": er["id"], "complete": len(per_problem) == len(problems),
+        "n_selected": len(problems), "n_pending": len(problems) - len(per_problem),
+        "n_resumed": sum(1 for r in per_problem if r["resumed"]),
+        "model": manifest.get("model") or settings.model, "manifest": manifest,
+        "config": {**settings.result_config(), "concurrency": settings.concurrency, "limit": settings.limit,
+                   "memory_mb": settings.memory_mb, "cpu_seconds": settings.cpu_seconds,
+                   "loop": settings.loop_config().as_dict()},
+        "problems_path": str(Path(args.problems).resolve()), "problems_sha256": sha, "data_dir": str(store.data_dir),
+        "line_errors": [str(e) for e in line_errors],
+    })
+    results = {"summary": summary, "problems": per_problem}
+    out = Path(args.out).expanduser() if args.out else store.data_dir / "evals" / f"{_safe(name)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, out)
+    traces.finish_eval_run(er["id"], summary, status="done" if summary["complete"] else "interrupted")
+    print(format_table(results), flush=True)
+    print(f"results: {out}", flush=True)
+    if runner is not None and runner.model_failed:
+        return _fail(f"the model answered no attempt for two problems in a row; check that {settings.model!r} "
+                     f"works (`python -m local_model manifest`, or the server at --base-url), then run the same "
+                     f"command again to resume (run name {name!r})")
+    if interrupted or not summary["complete"]:
+        print(f"Interrupted. Resume with the same command (run name {name!r}).", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    return EXIT_LINE_ERRORS if line_errors else EXIT_OK
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m execfeedback eval", description=HELP))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
