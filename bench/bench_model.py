@@ -6,8 +6,13 @@
    llama_cpp.Llama.generate on the same loaded model, interleaved rounds; target ratio >= 0.95.
 2. Time to first token on turn 1 vs turn N of a dialog growing about 100 tokens a turn, alone and
    alternating two dialogs; target ratio <= 1.5. Prompt tokens evaluated per turn (<= new + 32).
-3. The KV state mechanism: per-sequence state save/restore (ours) vs Llama.save_state/load_state
+3. What the cache saves: the last turn's TTFT with the cache vs the same prompt read cold.
+4. The KV state mechanism: per-sequence state save/restore (ours) vs Llama.save_state/load_state
    (what LlamaRAMCache does), at the size of the last turn's context.
+
+TTFT still grows with the dialog because each new token attends to all earlier ones: for a model
+as small as SmolLM2-135M that attention is a large share of the work (reading 100 tokens at
+depth 2300 measured about 1.7x reading them at depth 100 here, with no cache involved).
 """
 from __future__ import annotations
 
@@ -61,20 +66,29 @@ def engine_decode(engine: Engine, n: int) -> tuple[float, int]:
     return (count - 1) / (times[-1] - times[0]), count
 
 
-def bench_decode(backend, engine: Engine, n: int, rounds: int) -> None:
+def bench_decode(backend, engine: Engine, n: int, rounds: int) -> float:
     llm = backend.llm
     tokens = llm.tokenize(backend.render(DECODE_PROMPT).encode(), add_bos=False, special=True)
     raw_decode(llm, tokens, 8)  # warm up both paths
     engine_decode(engine, 8)
-    raws, engs = [], []
+    raws, engs, ratios = [], [], []
     for r in range(rounds):
-        raws.append(raw_decode(llm, tokens, n))
-        rate, count = engine_decode(engine, n)
-        engs.append(rate)
-        print(f"  round {r + 1}: raw {raws[-1]:6.1f} tok/s   engine {engs[-1]:6.1f} tok/s   ({count} tokens)")
+        # Alternate which goes first, so a slow spell on this shared machine hits both sides.
+        if r % 2 == 0:
+            raw = raw_decode(llm, tokens, n)
+            eng, count = engine_decode(engine, n)
+        else:
+            eng, count = engine_decode(engine, n)
+            raw = raw_decode(llm, tokens, n)
+        raws.append(raw)
+        engs.append(eng)
+        ratios.append(eng / raw)
+        print(f"  round {r + 1:>2}: raw {raw:6.1f} tok/s   engine {eng:6.1f} tok/s   ratio {eng / raw:.3f}   ({count} tokens)")
     raw_m, eng_m = statistics.median(raws), statistics.median(engs)
-    print(f"decode tokens/s, median of {rounds}: raw llama_cpp.Llama {raw_m:.1f}, Engine {eng_m:.1f}, "
-          f"ratio {eng_m / raw_m:.3f} (target >= 0.95)")
+    print(f"decode tokens/s, median of {rounds}: raw llama_cpp.Llama {raw_m:.1f}, Engine {eng_m:.1f}; "
+          f"ratio of medians {eng_m / raw_m:.3f}, median of paired ratios {statistics.median(ratios):.3f} "
+          f"(target >= 0.95)")
+    return statistics.median(ratios)
 
 
 def run_dialogs(engine: Engine, keys: list[str], turns: int, n_words: int, reply_tokens: int, tag: str) -> dict:
@@ -92,21 +106,34 @@ def run_dialogs(engine: Engine, keys: list[str], turns: int, n_words: int, reply
                               "evaluated": f["evaluated_prompt_tokens"], "new": count(text),
                               "reply": f["completion_tokens"], "kv": f["kv"]})
             msgs.append({"role": "assistant", "content": done["text"]})
+    rows["_dialogs"] = dialogs
     return rows
 
 
-def print_dialog(rows: dict, label: str) -> list[float]:
-    ratios = []
-    for key, rs in rows.items():
-        print(f"  {label}, dialog {key}: turn  prompt  evaluated  new+32  ttft_s  kv")
-        for r in rs:
-            flag = "" if r["evaluated"] <= r["new"] + 32 or r["turn"] == 1 else "  OVER"
-            print(f"    {r['turn']:>4} {r['prompt']:>7} {r['evaluated']:>10} {r['new'] + 32:>7} {r['ttft']:7.3f}  {r['kv']}{flag}")
-        ratio = rs[-1]["ttft"] / rs[0]["ttft"]
-        ratios.append(ratio)
-        print(f"  {label}, dialog {key}: TTFT turn 1 {rs[0]['ttft']:.3f} s, turn {rs[-1]['turn']} {rs[-1]['ttft']:.3f} s, "
-              f"ratio {ratio:.2f} (target <= 1.5); growth {(rs[-1]['prompt'] - rs[0]['prompt']) / (len(rs) - 1):.0f} tokens/turn")
-    return ratios
+def bench_dialogs(engine: Engine, keys: list[str], args, label: str) -> tuple[float, list, dict]:
+    """Runs the dialog(s) `repeats` times with fresh keys; TTFT per turn is the median over runs."""
+    runs = [run_dialogs(engine, keys, args.turns, args.words, args.reply_tokens, f"{label}{r}")
+            for r in range(args.repeats)]
+    over = 0
+    worst = 0.0
+    dialogs = [run.pop("_dialogs") for run in runs]
+    for key in keys:
+        rs = runs[0][key]
+        ttft = [statistics.median(run[key][i]["ttft"] for run in runs) for i in range(len(rs))]
+        print(f"  {label}, dialog {key}: turn  prompt  evaluated  new+32  ttft_s (median of {args.repeats})  kv")
+        for r, t in zip(rs, ttft):
+            bad = r["turn"] > 1 and r["evaluated"] > r["new"] + 32
+            over += bad
+            print(f"    {r['turn']:>4} {r['prompt']:>7} {r['evaluated']:>10} {r['new'] + 32:>7} {t:8.3f}  {r['kv']}"
+                  + ("  OVER" if bad else ""))
+        first, last = statistics.mean(ttft[:3]), statistics.mean(ttft[-3:])
+        ratio = ttft[-1] / ttft[0]
+        worst = max(worst, ratio)
+        print(f"  {label}, dialog {key}: TTFT turn 1 {ttft[0]:.3f} s, turn {rs[-1]['turn']} {ttft[-1]:.3f} s, "
+              f"ratio {ratio:.2f} (target <= 1.5); mean of last 3 / first 3 turns {last / first:.2f}; "
+              f"prompt grows {(rs[-1]['prompt'] - rs[0]['prompt']) / (len(rs) - 1):.0f} tokens/turn")
+    print(f"  {label}: turns evaluating more than their new tokens + 32: {over}")
+    return worst, dialogs[-1][keys[0]], runs[-1][keys[0]][-1]
 
 
 def bench_state_mechanisms(backend) -> None:
@@ -141,39 +168,49 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--turns", type=int, default=20)
-    ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--decode-tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3, help="dialog runs; TTFT per turn is their median")
     ap.add_argument("--reply-tokens", type=int, default=16)
     ap.add_argument("--words", type=int, default=72, help="words per user turn (about 100 tokens with the reply)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads-batch", type=int, default=None)
     ap.add_argument("--n-ctx", type=int, default=4096)
     args = ap.parse_args()
 
     t = time.perf_counter()
-    backend = load_backend(args.model, n_ctx=args.n_ctx, n_threads=args.threads)
+    backend = load_backend(args.model, n_ctx=args.n_ctx, n_threads=args.threads, n_threads_batch=args.threads_batch)
     load_s = time.perf_counter() - t
     m = backend.manifest
     print(f"machine: {platform.node()} {platform.machine()}, {__import__('os').cpu_count()} cores; "
           f"python {platform.python_version()}, llama-cpp-python {m['llama_cpp_version']}")
     print(f"model: {m['model']} ({m['file_name']}, {m['quant']}), loaded in {load_s:.2f} s; {m['gpu']}; "
-          f"n_ctx {m['n_ctx']}, n_threads {m['n_threads']}")
+          f"n_ctx {m['n_ctx']}; threads: {m['threads']}")
     if m.get("note"):
         print(f"note: {m['note']}")
     engine = Engine(backend)
     try:
         print(f"\n[1] decode speed, {args.decode_tokens} tokens, {args.rounds} interleaved rounds")
-        bench_decode(backend, engine, args.decode_tokens, args.rounds)
+        decode_ratio = bench_decode(backend, engine, args.decode_tokens, args.rounds)
 
-        print(f"\n[2] growing dialogs, {args.turns} turns of about {args.words} words + {args.reply_tokens}-token replies")
-        single = print_dialog(run_dialogs(engine, ["a"], args.turns, args.words, args.reply_tokens, "solo"), "alone")
-        pair = print_dialog(run_dialogs(engine, ["a", "b"], args.turns, args.words, args.reply_tokens, "pair"), "alternating")
+        print(f"\n[2] growing dialogs, {args.turns} turns of {args.words} words + {args.reply_tokens}-token replies")
+        alone, dialog, last = bench_dialogs(engine, ["a"], args, "alone")
+        pair, _, _ = bench_dialogs(engine, ["a", "b"], args, "alternating")
 
-        print("\n[3] KV state mechanism")
+        print("\n[3] what the cache saves: the last turn's prompt read cold (a different system line, so no prefix is shared)")
+        msgs = dialog[:-1]  # the last prompt of the last "alone" run, without its reply
+        cold = engine.generate([{"role": "system", "content": "You are a careful assistant."}] + msgs,
+                               Sampling(max_tokens=1))["figures"]
+        print(f"  turn {args.turns}: cached TTFT {last['ttft']:.3f} s ({last['evaluated']} tokens evaluated) vs cold "
+              f"{cold['ttft_s']:.3f} s ({cold['evaluated_prompt_tokens']} tokens): {cold['ttft_s'] / last['ttft']:.1f}x")
+
+        print("\n[4] KV state mechanism")
         bench_state_mechanisms(backend)
 
         print("\nsummary")
-        print(f"  TTFT ratio turn {args.turns}/turn 1: alone {single[0]:.2f}, alternating "
-              f"{' and '.join(f'{r:.2f}' for r in pair)} (target <= 1.5)")
+        print(f"  decode Engine/raw: {decode_ratio:.3f} (target >= 0.95)")
+        print(f"  TTFT turn {args.turns} / turn 1: alone {alone:.2f}, alternating (worse dialog) {pair:.2f} "
+              f"(target <= 1.5)")
     finally:
         engine.close()
 

@@ -57,11 +57,18 @@ def sampling_from(settings: dict, overrides: dict | None = None) -> Sampling:
         s = Sampling(**base)
     except TypeError as e:
         raise InvalidInput(str(e)) from None
-    if not isinstance(s.max_tokens, int) or not 1 <= s.max_tokens <= 32768:
-        raise InvalidInput("max_tokens must be an integer between 1 and 32768.")
-    if not isinstance(s.temperature, (int, float)) or not 0 <= s.temperature <= 5:
-        raise InvalidInput("temperature must be a number between 0 and 5.")
+    for key, kind, low, high in SAMPLING_RANGES:
+        value = getattr(s, key)
+        ok = not isinstance(value, bool) and isinstance(value, (int,) if kind == "an integer" else (int, float))
+        if not ok or not low <= value <= high:  # NaN fails this too
+            raise InvalidInput(f"{key} must be {kind} between {low} and {high}; got {value!r}.")
     return s
+
+
+# What each sampling setting may be; checked here, so a bad value is a 400, not a failed generation.
+SAMPLING_RANGES = [("max_tokens", "an integer", 1, 32768), ("temperature", "a number", 0, 5),
+                   ("top_p", "a number", 0, 1), ("top_k", "an integer", 0, 100_000), ("min_p", "a number", 0, 1),
+                   ("repeat_penalty", "a number", 0, 10), ("seed", "an integer", -1, 2**32 - 1)]
 
 
 async def ask(store: Store, engine: Engine, message_id: Any, *, sampling: Sampling | None = None,

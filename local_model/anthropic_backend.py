@@ -34,7 +34,8 @@ def to_anthropic(messages: list[Message], cache: bool = True) -> tuple[str | Non
                 if p["text"]:
                     blocks.append({"type": "text", "text": p["text"]})
             else:
-                blocks.append({"type": "image", "source": {"type": "base64", "media_type": p.get("mime") or "image/png", "data": p["data"]}})
+                source = {"type": "base64", "media_type": p.get("mime") or "image/png", "data": p["data"]}
+                blocks.append({"type": "image", "source": source})
         if not blocks:
             continue
         if out and out[-1]["role"] == m["role"]:
@@ -66,7 +67,8 @@ class AnthropicBackend:
         self.n_ctx = CONTEXT_TOKENS
         self.client = anthropic.Anthropic(api_key=key, base_url=base_url, max_retries=1, timeout=timeout_s)
         self.manifest: dict[str, Any] = {
-            "backend": "anthropic", "model": self.model, "file_name": None, "sha256": None, "quant": None,
+            "backend": "anthropic", "model": self.model, "requested": model,
+            "file_name": None, "sha256": None, "quant": None,
             "chat_template_hash": None, "llama_cpp_version": None, "n_ctx": self.n_ctx, "n_gpu_layers": None,
             "flash_attn": None, "gpu": "remote (Anthropic API)", "lora": None,
             "base_url": base_url or "https://api.anthropic.com",

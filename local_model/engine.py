@@ -85,7 +85,8 @@ class Engine:
                 self._queue.remove(req)
                 del self._requests[request_id]
         if queued:
-            req.sink(done_event("", "cancelled", Figures(extra={"queue_s": round(time.perf_counter() - req.submitted, 4)})))
+            waited = round(time.perf_counter() - req.submitted, 4)
+            req.sink(done_event("", "cancelled", Figures(extra={"queue_s": waited})))
         return True
 
     async def stream(self, messages: list[Message], sampling: Sampling | None = None,
@@ -95,27 +96,43 @@ class Engine:
         Leaving the loop early (a closed page) cancels the request.
         """
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue[Event | BaseException] = asyncio.Queue()
+        # Events pile up in a buffer and the loop is woken once per batch: a consumer that falls
+        # behind takes what piled up in one wake-up instead of one cross-thread call per token.
+        buf: deque[Event | BaseException] = deque()
+        lock = threading.Lock()
+        wake = asyncio.Event()
+        scheduled = False
 
         def sink(ev: Event | BaseException) -> None:
+            nonlocal scheduled
+            with lock:
+                buf.append(ev)
+                if scheduled:
+                    return
+                scheduled = True
             try:
-                loop.call_soon_threadsafe(q.put_nowait, ev)
+                loop.call_soon_threadsafe(wake.set)
             except RuntimeError:
                 pass  # the loop is gone; nobody is listening
 
         rid = self.submit(messages, sampling, cache_key, request_id, sink)
         finished = False
         try:
-            while True:
-                ev = await q.get()
-                if isinstance(ev, BaseException):
-                    finished = True
-                    raise ev
-                if ev.get("type") == "done":
-                    finished = True
-                yield ev
-                if finished:
-                    return
+            while not finished:
+                await wake.wait()
+                with lock:
+                    batch = list(buf)
+                    buf.clear()
+                    scheduled = False
+                    wake.clear()
+                for ev in batch:
+                    if isinstance(ev, BaseException):
+                        finished = True
+                        raise ev
+                    finished = ev.get("type") == "done"
+                    yield ev
+                    if finished:
+                        break
         finally:
             if not finished:
                 self.cancel(rid)
@@ -163,14 +180,21 @@ class Engine:
                                               should_stop=lambda r=req: r.cancelled):
                     if ev.get("type") == "done":
                         ev["figures"]["queue_s"] = round(started - req.submitted, 4)
+                        self._finish(req)  # idle before the caller hears "done"
                     req.sink(ev)
             except ModelError as e:
+                self._finish(req)
                 req.sink(e)
             except Exception as e:  # noqa: BLE001 - the worker must survive any one request
+                self._finish(req)
                 err = ModelError(f"the model failed: {type(e).__name__}: {e}")
                 err.__cause__ = e
                 req.sink(err)
             finally:
-                with self._cv:
-                    self._current = None
-                    self._requests.pop(req.id, None)
+                self._finish(req)
+
+    def _finish(self, req: _Request) -> None:
+        with self._cv:
+            if self._current is req:
+                self._current = None
+            self._requests.pop(req.id, None)

@@ -30,9 +30,13 @@ def is_gguf(path: str | os.PathLike) -> bool:
 def check_gguf(path: str | os.PathLike, install_hint: str) -> Path:
     """Return the path if it is a readable GGUF file, else raise ModelError saying what to do."""
     p = Path(path).expanduser()
-    if not p.exists():
+    try:
+        exists, is_file = p.exists(), p.is_file()
+    except OSError as e:  # e.g. a path too long for the file system
+        raise ModelError(f"cannot use {str(p)[:200]!r} as a model file: {e.strerror}. {install_hint}") from None
+    if not exists:
         raise ModelError(f"model file {p} does not exist. {install_hint}")
-    if not p.is_file():
+    if not is_file:
         raise ModelError(f"model path {p} is not a file. {install_hint}")
     try:
         with open(p, "rb") as f:

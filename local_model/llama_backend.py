@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import gpu
+from .threads import choose_threads
 from .gguf import cached_sha256, read_metadata
 from .messages import check_messages, text_only
 from .prefix_cache import (
@@ -41,8 +42,8 @@ class LlamaBackend:
 
     def __init__(self, resolved: ResolvedModel, *, n_ctx: int = 4096, n_gpu_layers: int | None = None,
                  flash_attn: bool | None = None, lora_path: str | None = None, cache_bytes: int = 2 << 30,
-                 verbose: bool = False, n_threads: int | None = None, n_batch: int = 512,
-                 data_dir: str | None = None):
+                 verbose: bool = False, n_threads: int | None = None, n_threads_batch: int | None = None,
+                 n_batch: int = 512, data_dir: str | None = None):
         import llama_cpp
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -54,12 +55,14 @@ class LlamaBackend:
         except ModelError as e:
             raise ModelError(f"{e}. {hint}") from e
         self.plan = gpu.choose(meta, path.stat().st_size, n_ctx, n_gpu_layers, flash_attn)
+        n_threads, n_threads_batch, threads_reason = choose_threads(n_threads, n_threads_batch)
         if lora_path is not None and not Path(lora_path).is_file():
             raise ModelError(f"LoRA adapter {lora_path} does not exist; train or export one first")
         try:
             self.llm = llama_cpp.Llama(
                 model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=self.plan.n_gpu_layers,
                 flash_attn=self.plan.flash_attn, lora_path=lora_path, verbose=verbose, n_threads=n_threads,
+                n_threads_batch=n_threads_batch,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise ModelError(f"llama.cpp could not load {path}: {e}. The file may be truncated or corrupt. {hint}") from e
@@ -90,6 +93,7 @@ class LlamaBackend:
         self.manifest: dict[str, Any] = {
             "backend": "llama",
             "model": resolved.name or path.stem,
+            "requested": resolved.requested,
             "file_name": path.name,
             "path": str(path),
             "sha256": cached_sha256(path, sha_cache_file(data_dir)),
@@ -102,6 +106,8 @@ class LlamaBackend:
             "gpu": self.plan.reason,
             "lora": str(lora_path) if lora_path else None,
             "n_threads": self.llm.n_threads,
+            "n_threads_batch": self.llm.n_threads_batch,
+            "threads": threads_reason,
             "note": resolved.note,
         }
 

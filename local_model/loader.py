@@ -21,8 +21,8 @@ def load_backend(model: str | os.PathLike | None = None, backend: str | None = N
                  base_url: str | None = None, api_key: str | None = None, n_ctx: int = 4096,
                  n_gpu_layers: int | None = None, flash_attn: bool | None = None,
                  lora_path: str | None = None, cache_bytes: int = 2 << 30, verbose: bool = False,
-                 n_threads: int | None = None, data_dir: str | os.PathLike | None = None,
-                 timeout_s: float = 120.0) -> Backend:
+                 n_threads: int | None = None, n_threads_batch: int | None = None,
+                 data_dir: str | os.PathLike | None = None, timeout_s: float = 120.0) -> Backend:
     """Build a backend. `model`: a short name ("default", "smollm2-135m", ...), a GGUF path, or a
     remote model name. `backend`: "llama" (in process), "anthropic" or "openai" (any
     OpenAI-compatible base_url); guessed from the model and base_url when left out."""
@@ -33,7 +33,7 @@ def load_backend(model: str | os.PathLike | None = None, backend: str | None = N
         resolved = resolve(model, data_dir)
         return LlamaBackend(resolved, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                             lora_path=lora_path, cache_bytes=cache_bytes, verbose=verbose,
-                            n_threads=n_threads, data_dir=data_dir)
+                            n_threads=n_threads, n_threads_batch=n_threads_batch, data_dir=data_dir)
     if kind == "anthropic":
         from .anthropic_backend import AnthropicBackend
 

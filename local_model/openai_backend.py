@@ -37,7 +37,8 @@ class OpenAIBackend:
                                     timeout=timeout_s, max_retries=0)
         self.model = model or self._first_model()
         self.manifest: dict[str, Any] = {
-            "backend": "openai", "model": self.model, "file_name": None, "sha256": None, "quant": None,
+            "backend": "openai", "model": self.model, "requested": model,
+            "file_name": None, "sha256": None, "quant": None,
             "chat_template_hash": None, "llama_cpp_version": None, "n_ctx": n_ctx, "n_gpu_layers": None,
             "flash_attn": None, "gpu": f"remote (OpenAI-compatible server at {self.base_url})", "lora": None,
             "base_url": self.base_url,

@@ -106,7 +106,10 @@ def resolve(model: str | os.PathLike | None = None, data: str | os.PathLike | No
     requested = str(model or DEFAULT_ALIAS)
     name = canonical_name(requested)
     if name is None:
-        looks_like_path = os.sep in requested or requested.endswith(".gguf") or Path(requested).expanduser().exists()
+        try:
+            looks_like_path = os.sep in requested or requested.endswith(".gguf") or Path(requested).expanduser().exists()
+        except OSError:  # e.g. a name too long to be a file name: then it is no path
+            looks_like_path = False
         if not looks_like_path:
             known = ", ".join([*MODELS, *ALIASES])
             raise ModelError(

@@ -324,7 +324,7 @@
 
   function scheduleSave(id) {
     clearTimeout(saveTimers.get(id));
-    saveTimers.set(id, setTimeout(() => save(id), SAVE_DELAY_MS));
+    saveTimers.set(id, setTimeout(() => save(id).catch(() => {}), SAVE_DELAY_MS)); // a refusal is told in a toast
   }
 
   function save(id) {

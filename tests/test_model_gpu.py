@@ -1,9 +1,10 @@
-"""The GPU offload decision: the arithmetic with given VRAM figures, and this machine's choice."""
+"""The hardware decisions: GPU offload (with given VRAM figures), CPU threads, and this machine's choice."""
 from __future__ import annotations
 
 from local_model.gguf import read_metadata
 from local_model.gpu import COMPUTE_MARGIN, GiB, choose, layer_sizes, plan_offload
 from local_model.registry import resolve
+from local_model.threads import choose_threads
 
 MiB = 1 << 20
 
@@ -55,3 +56,10 @@ def test_this_machine_says_what_it_chose(tmp_path):
     assert plan.reason
     if not llama_cpp.llama_supports_gpu_offload():
         assert plan.n_gpu_layers == 0 and plan.reason == "CPU (llama.cpp built without GPU offload)"
+
+
+def test_threads_back_off_on_a_busy_machine():
+    assert choose_threads(cpus=8, load=0.5)[:2] == (4, 8)
+    decode, batch, why = choose_threads(cpus=2, load=11.7)
+    assert (decode, batch) == (1, 1) and "busy" in why and "11.7" in why
+    assert choose_threads(n_threads=3, n_threads_batch=5, cpus=8, load=20)[:2] == (3, 5)

@@ -195,3 +195,9 @@ def test_unknown_model_name_lists_the_known_ones():
     with pytest.raises(ModelError) as e:
         load_backend("no-such-model")
     assert "smollm2-135m" in str(e.value) and "qwen2.5-coder-1.5b" in str(e.value)
+
+
+def test_missing_lora_adapter_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelError) as e:
+        load_backend("smollm2-135m", lora_path=str(tmp_path / "adapter.gguf"), data_dir=tmp_path)
+    assert "LoRA adapter" in str(e.value) and "does not exist" in str(e.value)
