@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fasthtml.common import (A, Article, Body, Button, Details, Div, FastHTML, Form, H1, H2, Head, Header, Html, Input,
-                             Li, Link, Main, Meta, NotStr, P, Pre, Safe, Script, Span, Summary, Title, Ul, to_xml)
+                             Li, Link, Main, Meta, NotStr, Option, P, Pre, Safe, Script, Select, Span, Summary, Textarea, Title, Ul, to_xml)
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
@@ -981,9 +981,19 @@ def Reply(m: dict, streaming: bool = False):
     figures = Figures(meta)
     return Safe(
         f'<div id="reply-{mid}" class="reply status-{_e(status)}">{note}<div class="md">{_md(m.get("reply") or "")}</div>'
-        f'<div class="reply-foot"><button type="button" data-act="extract" class="extract" tabindex="-1" '
-        f'title="Put the reply\'s code blocks in new code cells">Code to cells</button>'
+        f'<div class="reply-foot"><span><button type="button" data-act="extract" class="extract" tabindex="-1" '
+        f'title="Put the reply\'s code blocks in new code cells">Code to cells</button> '
+        f'<button type="button" data-act="edit-reply" class="edit-reply" tabindex="-1" '
+        f'title="Edit the reply by hand (the model sees your version from now on)">Edit reply</button></span>'
         f'{to_xml(figures, indent=False) if figures else ""}</div></div>')
+
+
+def ReplyEditor(m: dict):
+    return Div(Textarea(m.get("reply") or "", name="reply", cls="reply-source", rows=max(4, (m.get("reply") or "").count("\n") + 2),
+                        aria_label="Reply"),
+               Div(Button("Save reply", type="button", data_act="save-reply", cls="save-reply"),
+                   Button("Cancel", type="button", data_act="cancel-reply", cls="cancel-reply"), cls="reply-foot"),
+               id=f"reply-{m['id']}", cls="reply editing")
 
 
 STATUS_WORDS = {"ok": "passed", "error": "error", "timeout": "timed out", "died": "kernel died",
@@ -1508,6 +1518,23 @@ async def get(id: str, req: Request):
         yield sse_event("done", final, n + 1)
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+@rt("/cells/{id}/reply")
+@page
+def get(id: str, edit: str = ""):
+    m = S.store.get_message(id)
+    return ReplyEditor(m) if edit else Reply(m)
+
+
+@rt("/cells/{id}/reply")
+@page
+def post(id: str, reply: str = ""):
+    m = S.store.get_message(id)
+    if m["type"] != "prompt":
+        raise InvalidInput("Only a prompt has a reply to edit.")
+    meta = {**(m.get("reply_meta") or {}), "status": "done", "edited_by_hand": True}
+    return Reply(S.store.update_message(m["id"], reply=reply, reply_meta=meta))
 
 
 @rt("/cells/{id}/extract")

@@ -656,6 +656,14 @@
     if (cell) select(cell);
   }
 
+  // A reply edited by hand: the editor and the rendered reply swap in place.
+  async function swapReply(cell, method, query, values) {
+    const id = cell.dataset.id;
+    const html = await call(method, `/cells/${id}/reply${query}`, values);
+    const old = document.getElementById(`reply-${id}`);
+    if (old) htmx.swap(old, html, SWAP("outerHTML"));
+  }
+
   async function showAll(button) {
     const box = button.closest(".out-collapsed");
     const html = await call("GET", button.dataset.url);
@@ -809,6 +817,12 @@
     "add-below": (cell) => serial(() => addCell(cell.dataset.id, "below", "code", { edit: true })),
     delete: (cell) => serial(() => deleteCell(cell.dataset.id)),
     extract: (cell) => serial(() => extract(cell.dataset.id)),
+    "edit-reply": (cell) => swapReply(cell, "GET", "?edit=1").then(() => {
+      const box = cell.querySelector(".reply-source");
+      if (box) box.focus();
+    }).catch(() => {}),
+    "save-reply": (cell) => swapReply(cell, "POST", "", { reply: cell.querySelector(".reply-source").value }).catch(() => {}),
+    "cancel-reply": (cell) => swapReply(cell, "GET", "").catch(() => {}),
     "show-all": (cell, el) => showAll(el).catch(() => {}),
     "add-code": () => serial(() => addCell(null, "end", "code", { edit: true })),
     "add-note": () => serial(() => addCell(null, "end", "note", { edit: true })),

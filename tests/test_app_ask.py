@@ -143,3 +143,14 @@ def test_interrupted_reply_is_marked_after_restart(tmp_path):
             assert "incomplete" in c.get(f"/d/{m['dialog_id']}").text
     finally:
         s2.stop()
+
+
+def test_reply_edited_by_hand_reaches_the_model(c):
+    did, mid = prompt(c, "q")
+    c.patch(f"/api/messages/{mid}", json={"reply": "model words"})
+    form = c.get(f"/cells/{mid}/reply", params={"edit": 1}, headers={"HX-Request": "true"}).text
+    assert "reply-source" in form and "model words" in form
+    html = c.post(f"/cells/{mid}/reply", data={"reply": "my **own** words"}, headers={"HX-Request": "true"}).text
+    assert "<strong>own</strong>" in html
+    m = c.get(f"/api/messages/{mid}").json()
+    assert m["reply"] == "my **own** words" and m["reply_meta"]["edited_by_hand"]
