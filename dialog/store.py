@@ -70,9 +70,12 @@ def _check_id(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise InvalidInput(f"{what} id must be an integer; got {value!r}.")
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise InvalidInput(f"{what} id must be an integer; got {value!r}.") from None
+    if not -2**63 <= number < 2**63:  # SQLite's INTEGER range; beyond it sqlite3 raises OverflowError
+        raise InvalidInput(f"{what} id {number} is out of range.")
+    return number
 
 
 class Store:
@@ -306,7 +309,9 @@ class Store:
                                            (m["dialog_id"],))]
             ids.remove(m["id"])
             if offset is not None:
-                index = max(0, min(len(ids), m["position"] + int(offset)))
+                if isinstance(offset, bool) or not isinstance(offset, int):
+                    raise InvalidInput(f"'offset' must be a whole number of places (-1 is up); got {offset!r}.")
+                index = max(0, min(len(ids), m["position"] + offset))
             else:
                 anchor = after if after is not None else before
                 if anchor is None:
