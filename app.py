@@ -486,8 +486,8 @@ def check_settings(settings: dict) -> None:
     known = {*ASK_KEYS, *LOOP_KEYS, "system_prompt"}
     unknown = set(settings) - known
     if unknown:
-        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(map(str, unknown)))}; known: "
-                           f"{', '.join(sorted(known))}.")
+        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(map(str, unknown)))} (set one to null to remove "
+                           f"it); known: {', '.join(sorted(known))}.")
     if not isinstance(settings.get("system_prompt") or "", str):
         raise InvalidInput("'system_prompt' must be a string.")
     sampling_from({k: v for k, v in settings.items() if k in ASK_KEYS and v is not None})

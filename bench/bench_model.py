@@ -9,6 +9,7 @@
 3. What the cache saves: the last turn's TTFT with the cache vs the same prompt read cold.
 4. The KV state mechanism: per-sequence state save/restore (ours) vs Llama.save_state/load_state
    (what LlamaRAMCache does), at the size of the last turn's context.
+5. The cost of depth itself: 100 new tokens read at depth 100 vs at the last turn's depth.
 
 TTFT still grows with the dialog because each new token attends to all earlier ones: for a model
 as small as SmolLM2-135M that attention is a large share of the work (reading 100 tokens at
@@ -112,8 +113,12 @@ def run_dialogs(engine: Engine, keys: list[str], turns: int, n_words: int, reply
 
 def bench_dialogs(engine: Engine, keys: list[str], args, label: str) -> tuple[float, list, dict]:
     """Runs the dialog(s) `repeats` times with fresh keys; TTFT per turn is the median over runs."""
-    runs = [run_dialogs(engine, keys, args.turns, args.words, args.reply_tokens, f"{label}{r}")
-            for r in range(args.repeats)]
+    runs, probes = [], []
+    for r in range(args.repeats):
+        runs.append(run_dialogs(engine, keys, args.turns, args.words, args.reply_tokens, f"{label}{r}"))
+        # A fresh dialog's first turn right after the last turn: a baseline taken at the same
+        # moment, so a machine that got busier or quieter during the run does not skew the ratio.
+        probes.append(run_dialogs(engine, ["p"], 1, args.words, args.reply_tokens, f"{label}{r}probe")["p"][0]["ttft"])
     over = 0
     worst = 0.0
     dialogs = [run.pop("_dialogs") for run in runs]
@@ -126,14 +131,45 @@ def bench_dialogs(engine: Engine, keys: list[str], args, label: str) -> tuple[fl
             over += bad
             print(f"    {r['turn']:>4} {r['prompt']:>7} {r['evaluated']:>10} {r['new'] + 32:>7} {t:8.3f}  {r['kv']}"
                   + ("  OVER" if bad else ""))
-        first, last = statistics.mean(ttft[:3]), statistics.mean(ttft[-3:])
         ratio = ttft[-1] / ttft[0]
+        paired = statistics.median(run[key][-1]["ttft"] / p for run, p in zip(runs, probes))
         worst = max(worst, ratio)
         print(f"  {label}, dialog {key}: TTFT turn 1 {ttft[0]:.3f} s, turn {rs[-1]['turn']} {ttft[-1]:.3f} s, "
-              f"ratio {ratio:.2f} (target <= 1.5); mean of last 3 / first 3 turns {last / first:.2f}; "
-              f"prompt grows {(rs[-1]['prompt'] - rs[0]['prompt']) / (len(rs) - 1):.0f} tokens/turn")
+              f"ratio {ratio:.2f} (target <= 1.5); turn {rs[-1]['turn']} / a fresh turn 1 read right after: "
+              f"{paired:.2f}; prompt grows {(rs[-1]['prompt'] - rs[0]['prompt']) / (len(rs) - 1):.0f} tokens/turn")
     print(f"  {label}: turns evaluating more than their new tokens + 32: {over}")
     return worst, dialogs[-1][keys[0]], runs[-1][keys[0]][-1]
+
+
+def bench_depth(backend, depth: int, reps: int = 4) -> float:
+    """Reading 100 new tokens at depth 100 vs `depth`, interleaved, on two fresh contexts: the
+    part of TTFT growth that no cache can remove (each new token attends to all earlier ones)."""
+    import llama_cpp
+
+    llm0 = backend.llm
+    mk = lambda: llama_cpp.Llama(model_path=llm0.model_path, n_ctx=backend.n_ctx, verbose=False,  # noqa: E731
+                                 n_threads=llm0.n_threads, n_threads_batch=llm0.n_threads_batch,
+                                 n_gpu_layers=backend.plan.n_gpu_layers, flash_attn=backend.plan.flash_attn)
+    text = " ".join(user_turn(i, "depth", 72) for i in range(40)).encode()
+    toks = llm0.tokenize(text, add_bos=False)[: depth + 100]
+    sides = {"shallow": (mk(), 100), "deep": (mk(), depth)}
+    for llm, base in sides.values():
+        llm.eval(toks[:base])
+    times = {"shallow": [], "deep": []}
+    for r in range(reps):
+        for name in (("shallow", "deep") if r % 2 == 0 else ("deep", "shallow")):
+            llm, base = sides[name]
+            llm._ctx.kv_cache_seq_rm(-1, base, -1)
+            llm.n_tokens = base
+            t = time.perf_counter()
+            llm.eval(toks[base:base + 100])
+            times[name].append(time.perf_counter() - t)
+    for llm, _ in sides.values():
+        llm.close()
+    s, d = statistics.median(times["shallow"]), statistics.median(times["deep"])
+    print(f"  100 new tokens at depth 100: {s:.3f} s, at depth {depth}: {d:.3f} s (median of {reps}, interleaved): "
+          f"ratio {d / s:.2f}")
+    return d / s
 
 
 def bench_state_mechanisms(backend) -> None:
@@ -207,10 +243,13 @@ def main() -> None:
         print("\n[4] KV state mechanism")
         bench_state_mechanisms(backend)
 
+        print("\n[5] the attention cost of depth, with no cache logic involved")
+        depth = bench_depth(backend, last["prompt"])
+
         print("\nsummary")
         print(f"  decode Engine/raw: {decode_ratio:.3f} (target >= 0.95)")
         print(f"  TTFT turn {args.turns} / turn 1: alone {alone:.2f}, alternating (worse dialog) {pair:.2f} "
-              f"(target <= 1.5)")
+              f"(target <= 1.5); of which reading at depth alone costs {depth:.2f}x")
     finally:
         engine.close()
 

@@ -152,7 +152,38 @@ def _m2_traces(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS = [_m1_initial, _m2_traces]
+def _m3_adapters(conn: sqlite3.Connection) -> None:
+    # One row per LoRA adapter trained (or imported) for a base GGUF; the file lives in <data_dir>/adapters/.
+    # Rows appear only once the adapter file is complete and loads, so every row names a usable file.
+    _script(
+        conn,
+        """
+        CREATE TABLE adapters (
+            id INTEGER PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            file_name TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            base_model TEXT,
+            base_file TEXT NOT NULL,
+            base_sha256 TEXT NOT NULL,
+            architecture TEXT NOT NULL,
+            method TEXT NOT NULL DEFAULT 'sft',
+            source TEXT NOT NULL DEFAULT 'trained',
+            export TEXT NOT NULL DEFAULT '{}',
+            hyperparameters TEXT NOT NULL DEFAULT '{}',
+            training TEXT NOT NULL DEFAULT '{}',
+            eval_before TEXT NOT NULL DEFAULT '{}',
+            eval_after TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE INDEX idx_adapters_base ON adapters(base_sha256)
+        """,
+    )
+
+
+MIGRATIONS = [_m1_initial, _m2_traces, _m3_adapters]
 
 
 def migrate(conn: sqlite3.Connection, migrations: list = MIGRATIONS) -> tuple[int, int]:

@@ -14,6 +14,8 @@ import sys
 COMMANDS: dict[str, str] = {
     "export": "execfeedback.export_cli",
     "eval": "execfeedback.eval",
+    "finetune": "execfeedback.finetune",
+    "adapter": "execfeedback.adapters_cli",
 }
 
 

@@ -61,8 +61,8 @@ OVERHEAD_TARGET_S = 0.020
 FINISHED = ("passed", "failed")  # trace statuses that count as done; "stopped" and "running" run again
 EXIT_OK, EXIT_LINE_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Settings that change results: a resumed run must use the same ones. Concurrency and --limit do not.
-RESULT_KEYS = ("problems", "model", "backend", "base_url", "rounds", "candidates", "retry", "temperature", "seed",
-               "max_tokens", "timeout", "n_ctx")
+RESULT_KEYS = ("problems", "model", "adapter", "backend", "base_url", "rounds", "candidates", "retry", "temperature",
+               "seed", "max_tokens", "timeout", "n_ctx")
 
 
 # -- accounting: pure functions over stored attempts -------------------------------------------------
@@ -204,6 +204,7 @@ def problem_result(problem_id: str, trace: dict, attempts: list[dict], rounds: i
 class EvalSettings:
     problems: str
     model: str = "default"
+    adapter: str | None = None
     backend: str | None = None
     base_url: str | None = None
     rounds: int = 3
@@ -232,6 +233,8 @@ class EvalSettings:
         """Problems file, model and the settings that change results, plus a hash of all of them."""
         model = Path(self.model).stem if self.model.endswith(".gguf") else self.model.replace("/", "_")
         digest = hashlib.sha256(json.dumps(self.result_config(), sort_keys=True).encode()).hexdigest()[:6]
+        if self.adapter:
+            model += f"+{self.adapter}"
         return (f"{Path(self.problems).stem}-{model}-r{self.rounds}-k{self.candidates}-{self.retry}"
                 f"-t{self.temperature:g}-s{self.seed}-n{self.max_tokens}-{digest}")
 
@@ -479,6 +482,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "with the task, the failed code and the feedback; resample: a fresh sample of the round-0 prompt")
     p.add_argument("--model", default="default",
                    help="a model name (`python -m local_model list`), a GGUF path, or a served model name")
+    p.add_argument("--adapter", default=None,
+                   help="a registered LoRA adapter (`python -m execfeedback adapter list`) to run on the base model")
     p.add_argument("--backend", choices=("llama", "anthropic", "openai"), default=None,
                    help="default: guessed from --model and --base-url")
     p.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
@@ -508,7 +513,8 @@ def _fail(message: str, code: int = EXIT_USAGE) -> int:
 
 
 def _settings(args: argparse.Namespace) -> EvalSettings:
-    return EvalSettings(problems=Path(args.problems).name, model=str(args.model), backend=args.backend,
+    return EvalSettings(problems=Path(args.problems).name, model=str(args.model), adapter=args.adapter,
+                        backend=args.backend,
                         base_url=args.base_url, rounds=args.rounds, candidates=args.candidates, retry=args.retry,
                         temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens,
                         timeout=args.timeout, n_ctx=args.n_ctx, concurrency=args.concurrency, limit=args.limit,
@@ -598,12 +604,23 @@ def _run_with_store(args, settings: EvalSettings, store: Store, problems: list[P
     runner = None
     manifest: dict = {}
     if todo:
+        lora_path, adapter_entry = None, {}
+        if settings.adapter:
+            from .adapters import resolve_adapter
+            from dialog import StoreError
+            try:
+                # The base's sha256 is checked first: llama.cpp crashes on an adapter for another base.
+                lora_path, adapter_entry = resolve_adapter(store, settings.adapter, model=settings.model,
+                                                           data_dir=_model_data_dir(store.data_dir))
+            except (StoreError, ValueError, LookupError) as e:
+                return _fail(f"adapter {settings.adapter!r}: {e}")
         try:
             backend = load_backend(settings.model, settings.backend, base_url=settings.base_url, n_ctx=settings.n_ctx,
-                                   data_dir=_model_data_dir(store.data_dir))
+                                   data_dir=_model_data_dir(store.data_dir), lora_path=lora_path)
         except ModelError as e:
             return _fail(f"{e}")
         engine = Engine(backend)
+        engine.manifest.update(adapter_entry)
         manifest = dict(engine.manifest)
         if manifest.get("note"):
             runner_log(f"note: {manifest['note']}")

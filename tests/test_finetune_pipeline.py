@@ -1,0 +1,204 @@
+"""Fine-tuning end to end with the real SmolLM2-135M GGUF: store -> export -> LoRA -> GGUF adapter -> llama.cpp.
+
+A few dozen rows and a few steps at a high learning rate: enough for the loss to fall and the
+greedy output to change, small enough for CI (the first test dequantizes the GGUF once; the rest
+load the cached base).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+for _mod in ("torch", "transformers", "peft", "gguf"):
+    pytest.importorskip(_mod, reason="fine-tuning needs the train extra (torch, transformers, peft, gguf)")
+
+from dialog import Store  # noqa: E402
+from execfeedback import adapters, finetune  # noqa: E402
+from finetunehelpers import SYSTEM, add_solved_traces, base_cache, smollm2_path  # noqa: E402
+from local_model.gguf import sha256_file  # noqa: E402
+
+pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--base", "smollm2-135m", "--lr", "1e-3", "--batch-size", "4", "--threads", "1", "--eval-rows", "4",
+        "--base-cache", base_cache(), "--quiet"]
+PROMPT = [{"role": "system", "content": SYSTEM},
+          {"role": "user", "content": "Write a Python function times_99(x) that returns x * 99."}]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("finetune") / "data"
+    store = Store(d)
+    add_solved_traces(store, 40, fix_every=2)
+    store.close()
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(data_dir):
+    """One real run: 8 steps over 40 traces (20 fixed after a NameError, 20 right at once)."""
+    rc = finetune.main(["--data-dir", str(data_dir), "--out", "fix-v1", "--max-steps", "8", *FAST])
+    assert rc == 0
+    store = Store(data_dir)
+    try:
+        yield adapters.get(store, "fix-v1")
+    finally:
+        store.close()
+
+
+def _greedy(lora: str | None) -> str:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(smollm2_path()), lora_path=lora, n_ctx=512, n_threads=1, verbose=False, seed=0)
+    try:
+        out = llm.create_chat_completion(PROMPT, temperature=0.0, max_tokens=32, seed=0)
+        return out["choices"][0]["message"]["content"]
+    finally:
+        llm.close()
+
+
+def test_the_loss_falls_and_the_record_says_what_was_trained(trained, data_dir):
+    t, e, h = trained["training"], trained["export"], trained["hyperparameters"]
+    assert t["steps"] == 8 and t["train_loss_after"] < t["train_loss_before"]
+    assert t["loss_last"] < t["loss_first"]
+    assert e["used_rows"] + e["test_rows_used"] <= 40 and e["fix_rows"] > 0 and e["first_rows"] > 0
+    assert e["files"]["sft.train.jsonl"] == e["used_rows"] and len(e["hash"]) == 64
+    assert h["lora_r"] == 16 and h["fix_weight"] == 2.0 and h["failed_weight"] == 0.0
+    assert trained["base_sha256"] == sha256_file(smollm2_path()) and trained["architecture"] == "llama"
+    assert t["train_tokens"] > 0 and t["device"] == "cpu"
+    run = json.loads((data_dir / "finetune" / "fix-v1" / "run.json").read_text())
+    assert len(run["losses"]) == 8
+    assert not (data_dir / "finetune" / "fix-v1" / "checkpoint").exists()  # done: nothing left to resume
+
+
+def test_the_adapter_loads_in_llama_cpp_and_changes_the_greedy_output(trained):
+    path = Path(trained["path"])
+    assert path.stat().st_size == trained["size_bytes"] < 20 * 2**20
+    embedded = adapters.read_embedded(path)
+    assert embedded["record"]["name"] == "fix-v1" and embedded["alpha"] == 32.0
+    base, tuned = _greedy(None), _greedy(str(path))
+    assert tuned != base
+
+
+def test_the_app_path_checks_the_base(trained, data_dir):
+    store = Store(data_dir)
+    try:
+        assert adapters.lora_path_for(store, "fix-v1", trained["base_sha256"]) == trained["path"]
+        with pytest.raises(adapters.BaseMismatch, match="was trained on SmolLM2"):
+            adapters.lora_path_for(store, "fix-v1", "ab" * 32)
+    finally:
+        store.close()
+
+
+def test_a_second_run_of_the_same_name_is_refused(trained, data_dir, capsys):
+    with pytest.raises(SystemExit, match="adapter named 'fix-v1' exists already.*--replace"):
+        finetune.main(["--data-dir", str(data_dir), "--out", "fix-v1", "--max-steps", "1", *FAST])
+
+
+def _cmd(data_dir: Path, name: str, steps: int) -> list[str]:
+    return [sys.executable, "-m", "execfeedback.finetune", "--data-dir", str(data_dir), "--out", name,
+            "--max-steps", str(steps), "--save-every", "1", *FAST]
+
+
+def test_an_interrupted_run_registers_nothing_and_resumes(trained, data_dir):
+    ck = data_dir / "finetune" / "resumed" / "checkpoint" / "state.json"
+    proc = subprocess.Popen(_cmd(data_dir, "resumed", 5), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(ck.read_text())["step"] >= 2:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Run the same command again to resume" in err
+    stopped_at = json.loads(ck.read_text())["step"]
+    assert 2 <= stopped_at < 5
+    store = Store(data_dir)
+    try:
+        assert not adapters.exists(store, "resumed")
+    finally:
+        store.close()
+    assert not (data_dir / "adapters" / "resumed.gguf").exists()
+
+    # Other settings do not silently continue that checkpoint (checked before the model loads).
+    with pytest.raises(SystemExit, match="was made with other data, hyperparameters or base model .lora_r 16 then, "
+                                         "8 now.*--restart"):
+        finetune.main(["--data-dir", str(data_dir), "--out", "resumed", "--max-steps", "5", *FAST, "--lora-r", "8"])
+
+    again = subprocess.run(_cmd(data_dir, "resumed", 5)[:-1], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert f"Resuming from the checkpoint at step {stopped_at} of 5" in again.stderr
+    store = Store(data_dir)
+    try:
+        rec = adapters.get(store, "resumed")
+    finally:
+        store.close()
+    assert rec["training"]["resumed_at"] == stopped_at and rec["training"]["steps"] == 5
+    run = json.loads((data_dir / "finetune" / "resumed" / "run.json").read_text())
+    assert len(run["losses"]) == 5
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_on_the_preference_pairs(trained, data_dir):
+    pytest.importorskip("trl", reason="--dpo needs trl (part of the train extra)")
+    rc = finetune.main(["--data-dir", str(data_dir), "--out", "fix-dpo", "--max-steps", "1", "--dpo",
+                        "--dpo-max-steps", "2", "--dpo-lr", "1e-4", *FAST, "--batch-size", "2"])
+    assert rc == 0
+    store = Store(data_dir)
+    try:
+        rec = adapters.get(store, "fix-dpo")
+    finally:
+        store.close()
+    dpo = rec["training"]["dpo"]
+    assert rec["method"] == "sft+dpo" and dpo["steps"] == 2 and len(dpo["losses"]) == 2 and dpo["pairs"] > 0
+    assert rec["export"]["files"]["preference.train.jsonl"] == dpo["pairs"]
+    assert not (data_dir / "finetune" / "fix-dpo" / "dpo").exists()
+    assert adapters.read_embedded(rec["path"])["record"]["method"] == "sft+dpo"
+
+
+def test_the_eval_runs_with_the_adapter_and_names_it(trained, data_dir, tmp_path):
+    import argparse
+    import contextlib
+    import io
+
+    from execfeedback.eval import add_arguments, run
+
+    out = tmp_path / "results.json"
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        [str(ROOT / "execfeedback/problems/loopbook-30.jsonl"), "--model", "smollm2-135m", "--adapter", "fix-v1",
+         "--limit", "1", "--rounds", "0", "--max-tokens", "48", "--quiet", "--data-dir", str(data_dir),
+         "--out", str(out)])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert run(args) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["manifest"]["adapter"] == "fix-v1" and "fix-v1" in summary["run_name"]
+    store = Store(data_dir)
+    try:
+        rows = store.query("SELECT manifest FROM attempts WHERE trace_id IN "
+                           "(SELECT id FROM traces WHERE eval_run_id IS NOT NULL)")
+        assert rows and all(json.loads(r["manifest"])["adapter"] == "fix-v1" for r in rows)
+    finally:
+        store.close()
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        [str(ROOT / "execfeedback/problems/loopbook-30.jsonl"), "--model", "smollm2-135m", "--adapter", "nope",
+         "--limit", "1", "--quiet", "--data-dir", str(data_dir)])
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert run(args) != 0

@@ -1,0 +1,122 @@
+"""The browser's side of the promises, in a real Chromium: output frames, framing, cross-site forms."""
+
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+
+from apphelpers import TOKEN
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip("no /usr/bin/chromium: install it with `apt-get install -y chromium` to run the browser tests",
+                allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+# What an output could try from inside its frame: inline script, our own htmx as a gadget, plain requests.
+HOSTILE_HTML = """<p id="inside">inside the frame</p>
+<script>document.getElementById('inside').textContent = 'inline script ran'; parent.document.title = 'pwned';</script>
+<script src="/static/vendor/htmx.min.js"></script>
+<div hx-post="/api/dialogs" hx-vals='{"title": "gadget-post"}' hx-trigger="load"></div>
+<div id="leak" hx-get="/api/dialogs" hx-trigger="load" hx-swap="innerHTML">nothing leaked</div>
+<form method="post" action="/dialogs"><input name="title" value="frame-form"><button id="go">go</button></form>
+<a id="top" href="/api/dialogs" target="_top">top</a>"""
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def evil_site():
+    """Another origin on this machine (same site as Loopbook: only the port differs), serving given pages."""
+    pages = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = pages.get(self.path, "").encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}", pages
+    srv.shutdown()
+
+
+def logged_in(browser, server):
+    context = browser.new_context()
+    page = context.new_page()
+    page.goto(f"{server.base}/?token={TOKEN}")
+    assert page.url.rstrip("/") == server.base  # the token left the URL; the cookie stays
+    return context, page
+
+
+def titles(c):
+    return [d["title"] for d in c.get("/api/dialogs").json()]
+
+
+def test_html_output_frames_render_but_cannot_reach_the_app(browser, server, c):
+    did = c.post("/api/dialogs", json={"title": "read me if you can"}).json()["id"]
+    code = f"from IPython.display import HTML, display\ndisplay(HTML({HOSTILE_HTML!r}))"
+    mid = c.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": code}).json()["id"]
+    assert c.post(f"/api/messages/{mid}/run").json()["status"] == "ok"
+    context, page = logged_in(browser, server)
+    console = []
+    page.on("console", lambda m: console.append(m.text))
+    page.goto(f"{server.base}/d/{did}")
+    page.wait_for_selector("iframe.out-html")
+    frame = page.frame_locator("iframe.out-html")
+    frame.locator("#inside").wait_for()
+    page.wait_for_timeout(1500)  # give any script, htmx gadget or request time to happen
+    inner = page.frames[1]
+    assert inner.evaluate("document.getElementById('inside').textContent") == "inside the frame"
+    assert inner.evaluate("typeof window.htmx") == "undefined"  # not even our own script runs in there
+    assert inner.evaluate("document.getElementById('leak').textContent") == "nothing leaked"
+    assert page.title() != "pwned"
+    assert not any("frame-src" in m or "Refused to frame" in m for m in console), console
+    # Clicking its form or its link does nothing either: no forms, no top navigation from the sandbox.
+    frame.locator("#go").click()
+    frame.locator("#top").click()
+    page.wait_for_timeout(500)
+    assert page.url == f"{server.base}/d/{did}"
+    assert not {"gadget-post", "frame-form"} & set(titles(c))
+    context.close()
+
+
+def test_another_origin_cannot_frame_or_post_to_loopbook(browser, server, c, evil_site):
+    evil, pages = evil_site
+    pages["/frame"] = f'<iframe id="f" src="{server.base}/"></iframe>'
+    pages["/csrf"] = f"""<form id="f" method="post" action="{server.base}/dialogs">
+        <input name="title" value="csrf-form"></form>
+        <script>
+          fetch("{server.base}/api/dialogs", {{method: "POST", mode: "no-cors", credentials: "include",
+            headers: {{"Content-Type": "text/plain"}}, body: JSON.stringify({{title: "csrf-fetch"}})}});
+          fetch("{server.base}/api/dialogs", {{credentials: "include"}})
+            .then(r => r.text()).then(t => document.title = "read:" + t).catch(e => document.title = "blocked");
+          setTimeout(() => document.getElementById("f").submit(), 300);
+        </script>"""
+    context, page = logged_in(browser, server)
+    page.goto(f"{evil}/frame")
+    page.wait_for_timeout(1000)
+    framed = page.frames[1]
+    assert "Loopbook" not in framed.content()  # frame-ancestors 'none' / X-Frame-Options: DENY
+    probe = context.new_page()
+    probe.goto(f"{evil}/csrf")
+    probe.wait_for_timeout(2000)
+    assert not probe.title().startswith("read:[")  # no CORS: the evil page cannot read the answer
+    assert "Cross-site request refused" in probe.content()  # the form's POST landed on our 403
+    assert not {"csrf-form", "csrf-fetch"} & set(titles(c))
+    context.close()
