@@ -1062,7 +1062,7 @@ def Cell(m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False
     placeholder = {"code": "code", "note": "a note (markdown)", "prompt": "ask the model (markdown)"}[t]
     # No toolbar here: static/app.js puts one shared toolbar in the selected cell (half of each cell's bytes).
     body = [f'<textarea class="cell-source{"-lazy" if lazy else ""}" name="source" data-lang="{lang}" rows="{src.count(chr(10)) + 1}" '
-            f'aria-label="{t} source" placeholder="{placeholder}">{escape(src, quote=False)}</textarea>']
+            f'aria-label="{t} source" placeholder="{placeholder}">\n{escape(src, quote=False)}</textarea>']  # the parser drops that one newline, not the source's own
     if t != "code":
         view = _md(src) if src.strip() else f'<p class="placeholder">Empty {t}: press Enter to write</p>'
         body.append(f'<div class="md-view md">{view}</div>')
