@@ -1496,12 +1496,16 @@ async def post(id: str):
     return ""
 
 
+def last_event_id(req: Request) -> int:
+    """Where a reconnecting EventSource left off, so it is not sent the same tokens twice."""
+    value = req.headers.get("last-event-id") or "0"
+    return int(value) if value.isdigit() and len(value) < 12 else 0
+
+
 @rt("/cells/{id}/stream")
 async def get(id: str, req: Request):
-    from html import escape
-
     live = S.hub.get(f"reply-{id}")
-    start = int(req.headers.get("last-event-id") or 0)
+    start = last_event_id(req)
 
     async def events():
         n = start
@@ -1579,10 +1583,8 @@ async def post(id: str):
 
 @rt("/cells/{id}/loop-stream")
 async def get(id: str, req: Request):
-    from html import escape
-
     live = S.hub.get(f"loop-{id}")
-    start = int(req.headers.get("last-event-id") or 0)
+    start = last_event_id(req)
 
     async def events():
         n = start

@@ -285,3 +285,11 @@ def test_a_source_that_starts_with_a_newline_survives_the_page(c):
     g.feed(c.get(f"/d/{did}").text)
     # HTML drops one newline right after <textarea>: the page must put one there for it to drop.
     assert g.texts and g.texts[0] == "\n\nx = 1"
+
+
+def test_a_garbled_last_event_id_is_ignored(c):
+    did = new_dialog(c)
+    mid = c.post(f"/api/dialogs/{did}/messages", json={"type": "prompt", "source": "q"}).json()["id"]
+    for path in (f"/cells/{mid}/stream", f"/cells/{mid}/loop-stream"):
+        r = c.get(path, headers={"Last-Event-ID": "not-a-number"})
+        assert r.status_code == 200 and "event: done" in r.text
