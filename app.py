@@ -29,6 +29,8 @@ from starlette.staticfiles import StaticFiles
 from dialog import MESSAGE_TYPES, Conflict, InvalidInput, Store, StoreError, default_data_dir
 from dialog.notebook import export_dialog, import_ipynb
 from dialog.render import ansi_css, ansi_html, markdown_html
+from execfeedback.adapters import get as get_adapter
+from execfeedback.adapters import resolve_adapter
 from execfeedback.ask import ask, sampling_from
 from execfeedback.export import ExportError, options_from_mapping, stream_export_zip
 from execfeedback.helper_setup import dialog_of_kernel_token, kernel_env, kernel_init_code
@@ -483,13 +485,17 @@ async def patch(id: str, req: Request):
 
 def check_settings(settings: dict) -> None:
     """Refuse dialog settings that Ask or Solve would refuse later: a bad value is caught where it is set."""
-    known = {*ASK_KEYS, *LOOP_KEYS, "system_prompt"}
+    known = {*ASK_KEYS, *LOOP_KEYS, "system_prompt", "adapter"}
     unknown = set(settings) - known
     if unknown:
         raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(map(str, unknown)))} (set one to null to remove "
                            f"it); known: {', '.join(sorted(known))}.")
     if not isinstance(settings.get("system_prompt") or "", str):
         raise InvalidInput("'system_prompt' must be a string.")
+    if settings.get("adapter") is not None:
+        if not isinstance(settings["adapter"], str):
+            raise InvalidInput("'adapter' must be the name of a registered adapter.")
+        get_adapter(S.store, settings["adapter"])  # NotFound names it
     sampling_from({k: v for k, v in settings.items() if k in ASK_KEYS and v is not None})
     loop_config({k: v for k, v in settings.items() if k in LOOP_KEYS and v is not None})
 
@@ -623,6 +629,23 @@ async def post(id: str, req: Request):
 ASK_KEYS = ("max_tokens", "temperature", "seed", "top_p", "top_k", "min_p", "repeat_penalty")
 
 
+ENGINE_KEYS = ("model", "backend", "adapter")
+
+
+async def engine_for(body: dict, settings: dict):
+    """The engine a request runs on: its model, and the request's or else the dialog's LoRA adapter."""
+    for key in ENGINE_KEYS:
+        if body.get(key) is not None and not isinstance(body[key], str):
+            raise InvalidInput(f"'{key}' must be a string.")
+    adapter = body.get("adapter") or settings.get("adapter")
+    lora_path, entry = None, {}
+    if adapter:
+        # The base's sha256 is checked before llama.cpp sees the adapter: it crashes on another base's.
+        lora_path, entry = resolve_adapter(S.store, adapter, model=body.get("model") or S.models.model,
+                                           data_dir=S.store.data_dir)
+    return await S.models.get(body.get("model"), body.get("backend"), lora_path=lora_path, manifest_extra=entry)
+
+
 async def start_ask(message_id, body: dict):
     """Validate, pick the engine, and start answering in the background; returns (message, live log)."""
     m = S.store.get_message(message_id)
@@ -630,16 +653,14 @@ async def start_ask(message_id, body: dict):
         raise InvalidInput(f"Message {m['id']} is a {m['type']} cell; only prompts are answered.")
     if S.hub.running(f"reply-{m['id']}"):
         raise InvalidInput("This prompt is already being answered; stop it first.")
-    unknown = set(body) - set(ASK_KEYS) - {"model", "backend"}
+    unknown = set(body) - set(ASK_KEYS) - set(ENGINE_KEYS)
     if unknown:
-        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(unknown))}; known: model, backend, {', '.join(ASK_KEYS)}.")
-    for key in ("model", "backend"):
-        if body.get(key) is not None and not isinstance(body[key], str):
-            raise InvalidInput(f"'{key}' must be a string.")
+        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(unknown))}; known: "
+                           f"{', '.join(ENGINE_KEYS)}, {', '.join(ASK_KEYS)}.")
     settings = S.store.get_dialog(m["dialog_id"])["settings"]
     defaults = {"max_tokens": S.cfg.max_tokens, "temperature": S.cfg.temperature, **settings}
     sampling = sampling_from(defaults, {k: body.get(k) for k in ASK_KEYS})
-    engine = await S.models.get(body.get("model"), body.get("backend"))
+    engine = await engine_for(body, settings)
     live = S.hub.open(f"reply-{m['id']}")
     task = asyncio.create_task(ask(S.store, engine, m["id"], sampling=sampling, live=live))
     return m, live, task
@@ -697,12 +718,9 @@ LOOP_KEYS = ("rounds", "candidates", "retry", "exec_timeout")
 
 async def start_loop(message_id, body: dict, kind: str):
     """Build the Task (Solve on a prompt, Fix on a failed code cell) and run the loop in the background."""
-    unknown = set(body) - set(LOOP_KEYS) - set(ASK_KEYS) - {"model", "backend"}
+    unknown = set(body) - set(LOOP_KEYS) - set(ASK_KEYS) - set(ENGINE_KEYS)
     if unknown:
         raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(unknown))}.")
-    for key in ("model", "backend"):
-        if body.get(key) is not None and not isinstance(body[key], str):
-            raise InvalidInput(f"'{key}' must be a string.")
     m = S.store.get_message(message_id)
     if m["id"] in S.loops:
         raise InvalidInput("A loop is already running on this cell; stop it first.")
@@ -712,7 +730,7 @@ async def start_loop(message_id, body: dict, kind: str):
     base = LoopConfig(rounds=S.cfg.rounds, candidates=S.cfg.candidates, exec_timeout=min(S.cfg.exec_timeout or 60.0, 60.0),
                       sampling=sampling)
     cfg = loop_config(settings, {k: body.get(k) for k in LOOP_KEYS}, base)
-    engine = await S.models.get(body.get("model"), body.get("backend"))
+    engine = await engine_for(body, settings)
     await prepare_kernel(m["dialog_id"])
     task = solve_task(S.store, engine, m["id"], sampling.max_tokens) if kind == "solve" else \
         fix_task(S.store, engine, m["id"])

@@ -19,6 +19,7 @@ class Resident:
         self.backend_kind = backend
         self.load_kwargs = load_kwargs
         self.engine: Engine | None = None
+        self.lora_path: str | None = None
         self.error: str | None = None
         self.loading = False
         self._lock = asyncio.Lock()
@@ -34,15 +35,19 @@ class Resident:
             return {"state": "loading", "model": self.model}
         return {"state": "error" if self.error else "idle", "model": self.model, "error": self.error}
 
-    async def get(self, model: str | None = None, backend: str | None = None) -> Engine:
-        """The engine for `model` (default: the resident one), loading or swapping when needed."""
+    async def get(self, model: str | None = None, backend: str | None = None, *, lora_path: str | None = None,
+                  manifest_extra: dict | None = None) -> Engine:
+        """The engine for `model` (default: the resident one) with LoRA `lora_path` (None: the bare base),
+        loading or swapping when needed; `manifest_extra` names the adapter in every manifest."""
         async with self._lock:
             wanted = (model or self.model, backend or self.backend_kind)
-            if self.engine is not None and (model is None or self._matches(model, backend)):
+            if self.engine is not None and (model is None or self._matches(model, backend)) \
+                    and self.lora_path == lora_path:
                 return self.engine
             self.loading = True
             try:
-                new = await asyncio.to_thread(self._load, *wanted)
+                new = await asyncio.to_thread(self._load, *wanted, lora_path)
+                new.manifest.update(manifest_extra or {})
             except ModelError as e:
                 if self.engine is None:
                     self.error = str(e)
@@ -50,7 +55,7 @@ class Resident:
             finally:
                 self.loading = False
             old, self.engine = self.engine, new
-            self.model, self.backend_kind, self.error = wanted[0], wanted[1], None
+            self.model, self.backend_kind, self.error, self.lora_path = wanted[0], wanted[1], None, lora_path
             if old is not None:
                 await asyncio.to_thread(old.close)
             return new
@@ -60,9 +65,9 @@ class Resident:
         same_model = model in (self.model, m.get("model"), m.get("requested"), m.get("file_name"))
         return same_model and (backend is None or backend == m.get("backend"))
 
-    def _load(self, model: str | None, backend: str | None) -> Engine:
+    def _load(self, model: str | None, backend: str | None, lora_path: str | None = None) -> Engine:
         with self._thread_lock:
-            return Engine(load_backend(model, backend, **self.load_kwargs))
+            return Engine(load_backend(model, backend, lora_path=lora_path, **self.load_kwargs))
 
     def close(self) -> None:
         if self.engine is not None:

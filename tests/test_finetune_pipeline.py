@@ -202,3 +202,28 @@ def test_the_eval_runs_with_the_adapter_and_names_it(trained, data_dir, tmp_path
          "--limit", "1", "--quiet", "--data-dir", str(data_dir)])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert run(args) != 0
+
+
+def test_the_app_picks_an_adapter_per_dialog_and_names_it(trained, data_dir):
+    sys.path.insert(0, str(ROOT / "tests"))
+    from apphelpers import Server
+
+    s = Server(data_dir, "--model", "smollm2-135m", "--max-tokens", "8").start()
+    try:
+        with s.client() as c:
+            for _ in range(600):
+                if c.get("/api/model").json()["state"] != "loading":
+                    break
+                time.sleep(0.1)
+            did = c.post("/api/dialogs", json={"title": "tuned"}).json()["id"]
+            assert c.patch(f"/api/dialogs/{did}", json={"settings": {"adapter": "nope"}}).status_code == 404
+            assert c.patch(f"/api/dialogs/{did}", json={"settings": {"adapter": "fix-v1"}}).status_code == 200
+            mid = c.post(f"/api/dialogs/{did}/messages", json={"type": "prompt", "source": "hi"}).json()["id"]
+            r = c.post(f"/api/messages/{mid}/ask", json={})
+            assert r.status_code == 200, r.text
+            assert r.json()["manifest"]["adapter"] == "fix-v1"
+            other = c.post("/api/dialogs", json={"title": "base"}).json()["id"]
+            mid2 = c.post(f"/api/dialogs/{other}/messages", json={"type": "prompt", "source": "hi"}).json()["id"]
+            assert "adapter" not in c.post(f"/api/messages/{mid2}/ask", json={}).json()["manifest"]
+    finally:
+        s.stop()
