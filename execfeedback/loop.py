@@ -355,7 +355,9 @@ class Loop:
             "round": rnd, "candidate": k, "dialog_id": task.dialog_id, "message_id": task.message_id,
             "task_id": task.task_id, "task_source": task.task_source, "completion": text, "finish_reason": finish,
             "code": extraction.code, "extracted": bool(extraction.ok and extraction.code),
-            "extract_reason": extraction.reason, "exec_status": obs["status"], "passed": passed,
+            # A generation that failed says why, so a trace of a dead server is readable later.
+            "extract_reason": f"model error: {figures['error']}" if figures.get("error") else extraction.reason,
+            "exec_status": obs["status"], "passed": passed,
             "ename": obs.get("ename"), "evalue": obs.get("evalue"), "traceback": obs.get("traceback") or [],
             "stdout": stdout[-cap:], "stderr": stderr[-cap:], "stdout_chars": len(stdout),
             "stderr_chars": len(stderr), "truncated": bool(obs.get("truncated") or len(stdout) > cap or len(stderr) > cap),

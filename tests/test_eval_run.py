@@ -218,6 +218,9 @@ def test_a_model_that_never_answers_stops_the_run_resumably(tmp_path):
     assert res["summary"]["n"] == 0 and res["summary"]["complete"] is False
     er, traces = traces_of(tmp_path / "data", "down")
     assert [(t["status"], t["stop_reason"]) for t in traces] == [("failed", "error")] * 2
+    # Each attempt keeps why the model gave nothing, not just that it did not.
+    reasons = [a["extract_reason"] for t in traces for a in t["attempts"]]
+    assert reasons and all(r.startswith("model error: ") and len(r) > len("model error: ") for r in reasons)
 
 
 @pytest.mark.slow
