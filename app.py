@@ -500,13 +500,18 @@ def check_settings(settings: dict) -> None:
     loop_config({k: v for k, v in settings.items() if k in LOOP_KEYS and v is not None})
 
 
+async def delete_dialog(dialog_id) -> int:
+    """A deleted dialog takes its kernel with it."""
+    d = S.store.get_dialog(dialog_id)
+    await S.pool.shutdown(dialog_key(d["id"]))
+    S.store.delete_dialog(d["id"])
+    return d["id"]
+
+
 @rt("/api/dialogs/{id}")
 @api
 async def delete(id: str):
-    d = S.store.get_dialog(id)
-    await S.pool.shutdown(dialog_key(d["id"]))
-    S.store.delete_dialog(d["id"])
-    return {"deleted": d["id"]}
+    return {"deleted": await delete_dialog(id)}
 
 
 @rt("/api/dialogs/{id}/export")
@@ -632,6 +637,12 @@ ASK_KEYS = ("max_tokens", "temperature", "seed", "top_p", "top_k", "min_p", "rep
 ENGINE_KEYS = ("model", "backend", "adapter")
 
 
+def request_sampling(settings: dict, body: dict):
+    """Sampling: the server's defaults, then the dialog's settings, then the request's."""
+    defaults = {"max_tokens": S.cfg.max_tokens, "temperature": S.cfg.temperature, **settings}
+    return sampling_from(defaults, {k: body.get(k) for k in ASK_KEYS})
+
+
 async def engine_for(body: dict, settings: dict):
     """The engine a request runs on: its model, and the request's or else the dialog's LoRA adapter."""
     for key in ENGINE_KEYS:
@@ -658,8 +669,7 @@ async def start_ask(message_id, body: dict):
         raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(unknown))}; known: "
                            f"{', '.join(ENGINE_KEYS)}, {', '.join(ASK_KEYS)}.")
     settings = S.store.get_dialog(m["dialog_id"])["settings"]
-    defaults = {"max_tokens": S.cfg.max_tokens, "temperature": S.cfg.temperature, **settings}
-    sampling = sampling_from(defaults, {k: body.get(k) for k in ASK_KEYS})
+    sampling = request_sampling(settings, body)
     engine = await engine_for(body, settings)
     live = S.hub.open(f"reply-{m['id']}")
     task = asyncio.create_task(ask(S.store, engine, m["id"], sampling=sampling, live=live))
@@ -725,8 +735,7 @@ async def start_loop(message_id, body: dict, kind: str):
     if m["id"] in S.loops:
         raise InvalidInput("A loop is already running on this cell; stop it first.")
     settings = S.store.get_dialog(m["dialog_id"])["settings"]
-    defaults = {"max_tokens": S.cfg.max_tokens, "temperature": S.cfg.temperature, **settings}
-    sampling = sampling_from(defaults, {k: body.get(k) for k in ASK_KEYS})
+    sampling = request_sampling(settings, body)
     base = LoopConfig(rounds=S.cfg.rounds, candidates=S.cfg.candidates, exec_timeout=min(S.cfg.exec_timeout or 60.0, 60.0),
                       sampling=sampling)
     cfg = loop_config(settings, {k: body.get(k) for k in LOOP_KEYS}, base)
@@ -807,20 +816,23 @@ def get():
     return status
 
 
+async def kernel_action(dialog_id, action: str) -> str:
+    """Interrupt or restart a dialog's kernel; returns its state afterwards."""
+    key = dialog_key(S.store.get_dialog(dialog_id)["id"])
+    await getattr(S.pool, action)(key)
+    return S.pool.state(key)
+
+
 @rt("/api/dialogs/{id}/interrupt")
 @api
 async def post(id: str):
-    d = S.store.get_dialog(id)
-    await S.pool.interrupt(dialog_key(d["id"]))
-    return {"kernel": S.pool.state(dialog_key(d["id"]))}
+    return {"kernel": await kernel_action(id, "interrupt")}
 
 
 @rt("/api/dialogs/{id}/restart")
 @api
 async def post(id: str):
-    d = S.store.get_dialog(id)
-    await S.pool.restart(dialog_key(d["id"]))
-    return {"kernel": S.pool.state(dialog_key(d["id"]))}
+    return {"kernel": await kernel_action(id, "restart")}
 
 
 @rt("/api/dialogs/{id}/kernel")
@@ -1306,9 +1318,7 @@ def full_page(parts: tuple, status_code: int = 200) -> HTMLResponse:
 @rt("/d/{id}")
 @page
 async def delete(id: str):
-    d = S.store.get_dialog(id)
-    await S.pool.shutdown(dialog_key(d["id"]))
-    S.store.delete_dialog(d["id"])
+    await delete_dialog(id)
     return ""
 
 
@@ -1476,17 +1486,17 @@ def get(id: str, n: int):
 @rt("/d/{id}/interrupt")
 @page
 async def post(id: str):
-    d = S.store.get_dialog(id)
-    await S.pool.interrupt(dialog_key(d["id"]))
-    return KernelBadge(d["id"])
+    did = S.store.get_dialog(id)["id"]
+    await kernel_action(did, "interrupt")
+    return KernelBadge(did)
 
 
 @rt("/d/{id}/restart")
 @page
 async def post(id: str):
-    d = S.store.get_dialog(id)
-    await S.pool.restart(dialog_key(d["id"]))
-    return KernelBadge(d["id"])
+    did = S.store.get_dialog(id)["id"]
+    await kernel_action(did, "restart")
+    return KernelBadge(did)
 
 
 @rt("/d/{id}/kernel")

@@ -26,7 +26,8 @@ class AskResult:
     error: str | None = None
 
 
-def dialog_cache_key(dialog_id: int) -> str:
+def dialog_key(dialog_id: int) -> str:
+    """The kernel and model-cache key of a dialog."""
     return f"dialog-{dialog_id}"
 
 
@@ -89,7 +90,7 @@ async def ask(store: Store, engine: Engine, message_id: Any, *, sampling: Sampli
     text, last_save = "", time.monotonic()
     result = AskResult("", "error", {}, manifest)
     try:
-        async for ev in engine.stream(messages, sampling, cache_key=dialog_cache_key(m["dialog_id"]), request_id=rid):
+        async for ev in engine.stream(messages, sampling, cache_key=dialog_key(m["dialog_id"]), request_id=rid):
             if ev["type"] == "token":
                 text += ev["text"]
                 if live:

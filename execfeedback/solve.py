@@ -8,16 +8,11 @@ from dialog import InvalidInput, Store
 from dialog.context import ContextOptions, build_context
 from local_model import Engine
 
-from .ask import context_for
+from .ask import context_for, dialog_key
 from .loop import LoopConfig, LoopResult, Task
 from .traces import TraceStore
 
 SETTING_KEYS = ("rounds", "candidates", "retry", "exec_timeout")
-
-
-def dialog_key(dialog_id: int) -> str:
-    """The kernel (and model cache) key of a dialog."""
-    return f"dialog-{dialog_id}"
 
 
 def visible_checks(cells: list[dict]) -> str | None:

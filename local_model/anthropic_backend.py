@@ -155,12 +155,7 @@ class AnthropicBackend:
             finish, error = "error", str(self._error(e))
         finally:
             events.close()
-        fig.total_s = time.perf_counter() - t0
-        if t_first is not None and t_last is not None:
-            fig.decode_s = t_last - t_first
-            fig.prompt_eval_s = fig.ttft_s or 0.0
-            if fig.decode_s > 0 and fig.completion_tokens > 1:
-                fig.tokens_per_s = (fig.completion_tokens - 1) / fig.decode_s
+        fig.set_stream_timing(t0, t_first, t_last, time.perf_counter())
         yield done_event(text, finish, fig, error)
 
     def close(self) -> None:

@@ -154,12 +154,7 @@ class OpenAIBackend:
         timings = fig.extra.get("server_timings")
         if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
             fig.cached_prompt_tokens = timings["cache_n"]
-        fig.total_s = time.perf_counter() - t0
-        if t_first is not None and t_last is not None:
-            fig.prompt_eval_s = fig.ttft_s or 0.0
-            fig.decode_s = t_last - t_first
-            if fig.decode_s > 0 and fig.completion_tokens > 1:
-                fig.tokens_per_s = (fig.completion_tokens - 1) / fig.decode_s
+        fig.set_stream_timing(t0, t_first, t_last, time.perf_counter())
         yield done_event(text, finish or "stop", fig, error)
 
     def close(self) -> None:

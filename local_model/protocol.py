@@ -54,6 +54,15 @@ class Figures:
     total_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def set_stream_timing(self, t0: float, t_first: float | None, t_last: float | None, now: float) -> None:
+        """Remote backends: the server's prompt and decode time, read off when the first and last tokens came."""
+        self.total_s = now - t0
+        if t_first is not None and t_last is not None:
+            self.prompt_eval_s = self.ttft_s or 0.0
+            self.decode_s = t_last - t_first
+            if self.decode_s > 0 and self.completion_tokens > 1:
+                self.tokens_per_s = (self.completion_tokens - 1) / self.decode_s
+
     def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "extra"}
         if self.tokens_per_s is None and self.decode_s > 0 and self.completion_tokens:
