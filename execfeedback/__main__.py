@@ -16,6 +16,7 @@ COMMANDS: dict[str, str] = {
     "eval": "execfeedback.eval",
     "finetune": "execfeedback.finetune",
     "adapter": "execfeedback.adapters_cli",
+    "problems": "execfeedback.benchmarks_cli",
 }
 
 

@@ -61,8 +61,8 @@ OVERHEAD_TARGET_S = 0.020
 FINISHED = ("passed", "failed")  # trace statuses that count as done; "stopped" and "running" run again
 EXIT_OK, EXIT_LINE_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 # Settings that change results: a resumed run must use the same ones. Concurrency and --limit do not.
-RESULT_KEYS = ("problems", "model", "adapter", "backend", "base_url", "rounds", "candidates", "retry", "temperature",
-               "seed", "max_tokens", "timeout", "n_ctx")
+RESULT_KEYS = ("problems", "model", "adapter", "backend", "base_url", "rounds", "candidates", "retry",
+               "repeat_resamples", "temperature", "seed", "max_tokens", "timeout", "n_ctx")
 
 
 # -- accounting: pure functions over stored attempts -------------------------------------------------
@@ -210,6 +210,7 @@ class EvalSettings:
     rounds: int = 3
     candidates: int = 1
     retry: str = "refine"
+    repeat_resamples: int = 2
     temperature: float = 0.0
     seed: int = 0
     max_tokens: int = 1024
@@ -224,7 +225,8 @@ class EvalSettings:
         return {k: getattr(self, k) for k in RESULT_KEYS}
 
     def loop_config(self) -> LoopConfig:
-        return LoopConfig(rounds=self.rounds, candidates=self.candidates, retry=self.retry, exec_timeout=self.timeout,
+        return LoopConfig(rounds=self.rounds, candidates=self.candidates, retry=self.retry,
+                          repeat_resamples=self.repeat_resamples, exec_timeout=self.timeout,
                           fresh_namespace=True,
                           sampling=Sampling(temperature=self.temperature, seed=self.seed,
                                             max_tokens=self.max_tokens)).validate()
@@ -442,7 +444,7 @@ def format_table(results: dict) -> str:
     n = s["n"]
     cfg = s.get("config", {})
     lines = [f"Eval {s.get('run_name')}: {n} problem(s), model {s.get('model')} ({(s.get('manifest') or {}).get('backend')}),"
-             f" rounds {cfg.get('rounds')}, candidates {cfg.get('candidates')}, retry {cfg.get('retry')}"]
+             f" rounds {cfg.get('rounds')}, candidates {cfg.get('candidates')}, retry {cfg.get('retry')}, repeat resamples {cfg.get('repeat_resamples', 0)}"]
     if not s.get("complete", True):
         lines.append(f"INTERRUPTED: {s.get('n_pending')} problem(s) not run yet; run the same command again to resume.")
     lines.append("round  pass@1 (hidden tests)" if n else "no problem finished in this run")
@@ -480,6 +482,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--retry", choices=("refine", "repair", "resample"), default="refine",
                    help="refine: answer the feedback in a growing conversation (default); repair: one fresh turn "
                         "with the task, the failed code and the feedback; resample: a fresh sample of the round-0 prompt")
+    p.add_argument("--repeat-resamples", type=int, default=2,
+                   help="when a feedback round returns code already tried, sample again warmer, up to N times "
+                        "(default 2; 0: off)")
     p.add_argument("--model", default="default",
                    help="a model name (`python -m local_model list`), a GGUF path, or a served model name")
     p.add_argument("--adapter", default=None,
@@ -516,6 +521,7 @@ def _settings(args: argparse.Namespace) -> EvalSettings:
     return EvalSettings(problems=Path(args.problems).name, model=str(args.model), adapter=args.adapter,
                         backend=args.backend,
                         base_url=args.base_url, rounds=args.rounds, candidates=args.candidates, retry=args.retry,
+                        repeat_resamples=args.repeat_resamples,
                         temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens,
                         timeout=args.timeout, n_ctx=args.n_ctx, concurrency=args.concurrency, limit=args.limit,
                         memory_mb=args.memory_mb, cpu_seconds=args.cpu_seconds)
@@ -528,7 +534,8 @@ def _check_numbers(args: argparse.Namespace) -> str | None:
               (args.n_ctx >= 256, "--n-ctx must be at least 256"),
               (args.memory_mb >= 256, "--memory-mb must be at least 256"),
               (args.cpu_seconds >= 10, "--cpu-seconds must be at least 10"),
-              (args.temperature >= 0, "--temperature must be 0 or more")]
+              (args.temperature >= 0, "--temperature must be 0 or more"),
+              (0 <= args.repeat_resamples <= 8, "--repeat-resamples must be from 0 to 8")]
     return next((msg for ok, msg in checks if not ok), None)
 
 

@@ -33,6 +33,9 @@ class LoopConfig:
     # the failed code and the feedback (small models copy their last answer less this way);
     # resample: the round-0 prompt again, sampled warmer.
     retry: str = "refine"
+    # A feedback round that returns code the trace already tried is sampled again, warmer, up to this
+    # many times: greedy small models often copy their failed answer, which would end the loop as "no progress".
+    repeat_resamples: int = 2
     exec_timeout: float = 30.0
     fresh_namespace: bool = False      # eval: each attempt runs in a clean namespace
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1024))
@@ -43,6 +46,8 @@ class LoopConfig:
             raise ValueError("rounds must be a whole number from 0 to 20")
         if not isinstance(self.candidates, int) or not 1 <= self.candidates <= 16:
             raise ValueError("candidates must be a whole number from 1 to 16")
+        if not isinstance(self.repeat_resamples, int) or not 0 <= self.repeat_resamples <= 8:
+            raise ValueError("repeat_resamples must be a whole number from 0 to 8")
         if self.retry not in RETRY_MODES:
             raise ValueError(f"retry must be one of {', '.join(RETRY_MODES)}")
         if not self.exec_timeout > 0:
@@ -51,7 +56,8 @@ class LoopConfig:
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "candidates": self.candidates, "candidate_temperature": self.candidate_temperature,
-                "retry": self.retry, "exec_timeout": self.exec_timeout, "fresh_namespace": self.fresh_namespace,
+                "retry": self.retry, "repeat_resamples": self.repeat_resamples, "exec_timeout": self.exec_timeout,
+                "fresh_namespace": self.fresh_namespace,
                 "feedback": self.feedback.to_dict()}
 
 
@@ -125,6 +131,14 @@ def _better(a: Attempt | None, b: Attempt) -> Attempt:
     return b if score(b) > score(a) else a
 
 
+def same_code(a: str | None, b: str | None) -> bool:
+    """Equal up to trailing whitespace and blank lines: what a copied answer looks like."""
+    if a is None or b is None:
+        return False
+    norm = lambda c: "\n".join(line.rstrip() for line in c.strip().splitlines() if line.strip())
+    return norm(a) == norm(b)
+
+
 def repair_messages(messages: list[dict], code: str | None, feedback: str) -> list[dict]:
     """The round-0 input with its last user turn extended by the failed code and the feedback."""
     shown = f"This code was written for the task above and it failed:\n```python\n{code}\n```\n\n" if code else ""
@@ -181,12 +195,13 @@ class Loop:
 
         for rnd in range(first_round, first_round + cfg.rounds + 1):
             best: Attempt | None = None
-            for k in range(cfg.candidates):
+            k, resamples = 0, 0
+            while k < cfg.candidates + resamples:
                 if stopped():
                     break
                 yield {"type": "attempt_start", "round": rnd, "candidate": k}
                 attempt = None
-                async for ev in self._attempt(task, trace_id, messages, rnd, k, manifest):
+                async for ev in self._attempt(task, trace_id, messages, rnd, k, manifest, warm=k >= cfg.candidates):
                     if ev["type"] == "token":
                         yield ev
                     else:
@@ -199,6 +214,10 @@ class Loop:
                     best = attempt
                     break
                 best = _better(best, attempt)
+                k += 1
+                if (rnd > 0 and resamples < cfg.repeat_resamples and k == cfg.candidates + resamples
+                        and any(same_code(attempt.code, a.code) for a in attempts[:-1])):
+                    resamples += 1
             if best is None or stopped():
                 stop_reason = "stopped"
                 final = best or final
@@ -246,10 +265,10 @@ class Loop:
     # -- one attempt -----------------------------------------------------------------------------
 
     async def _attempt(self, task: Task, trace_id: int, messages: list[dict], rnd: int, k: int,
-                       manifest: dict) -> AsyncIterator[dict]:
+                       manifest: dict, warm: bool = False) -> AsyncIterator[dict]:
         cfg = self.config
         sampling = cfg.sampling
-        if cfg.candidates > 1 or (cfg.retry == "resample" and rnd > 0):
+        if warm or cfg.candidates > 1 or (cfg.retry == "resample" and rnd > 0):
             sampling = replace(sampling, temperature=max(sampling.temperature, cfg.candidate_temperature),
                                seed=sampling.seed + 1000 * rnd + k)
         self._request_id = rid = uuid.uuid4().hex

@@ -131,6 +131,30 @@ def test_a_run_name_is_not_resumed_with_other_settings(shipped_runs):
     assert "already exists with other settings" in err and "rounds: 1 then, 2 now" in err
 
 
+def test_a_copied_answer_is_sampled_again_warmer(shipped_runs):
+    """Greedy SmolLM2 copies its failed code in round 1; the loop then samples again (temperature > 0)."""
+    data = shipped_runs["data"]
+    for name, extra in (("rr2", ()), ("rr0", ("--repeat-resamples", "0"))):
+        rc, _, err = run_eval(str(SHIPPED), *SMOL, "--limit", "2", "--data-dir", str(data), "--name", name, *extra)
+        assert rc == 0, err
+    from execfeedback.loop import same_code
+    resampled = 0
+    for name, budget in (("rr2", 2), ("rr0", 0)):
+        for t in traces_of(data, name)[1]:
+            atts = t["attempts"]
+            for i, a in enumerate(atts):
+                if a["round"] == 0 or a["passed"]:
+                    continue
+                copied = any(same_code(a["code"], b["code"]) for b in atts[:i])
+                after = [b for b in atts[i + 1:] if b["round"] == a["round"]]
+                extra = a["candidate"] < budget and copied
+                assert bool(after) == extra, (name, a["round"], a["candidate"])
+                if after:
+                    resampled += 1
+                    assert after[0]["candidate"] == a["candidate"] + 1 and after[0]["sampling"]["temperature"] > 0
+    assert resampled >= 1  # SmolLM2 does copy itself here: the rule was exercised
+
+
 def write_problems(path: Path, rows: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
