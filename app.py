@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from fasthtml.common import (A, Article, Body, Button, Details, Div, FastHTML, Form, H1, H2, Head, Header, Html, Input,
-                             Li, Link, Main, Meta, NotStr, Option, P, Pre, Safe, Script, Select, Span, Summary, Textarea, Title, Ul, to_xml)
+                             Label, Li, Link, Main, Meta, NotStr, Option, P, Pre, Safe, Script, Select, Span, Summary, Textarea, Title, Ul, to_xml)
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
@@ -27,15 +27,17 @@ from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, 
 from starlette.staticfiles import StaticFiles
 
 from dialog import MESSAGE_TYPES, Conflict, InvalidInput, Store, StoreError, default_data_dir
+from dialog.context import DEFAULT_SYSTEM_PROMPT
 from dialog.notebook import export_dialog, import_ipynb
 from dialog.render import ansi_css, ansi_html, markdown_html
 from execfeedback.adapters import get as get_adapter
+from execfeedback.adapters import list_adapters
 from execfeedback.adapters import resolve_adapter
 from execfeedback.ask import ask, sampling_from
 from execfeedback.export import ExportError, options_from_mapping, stream_export_zip
 from execfeedback.helper_setup import dialog_of_kernel_token, kernel_env, kernel_init_code
 from execfeedback.live import LiveHub
-from execfeedback.loop import Loop, LoopConfig
+from execfeedback.loop import RETRY_MODES, Loop, LoopConfig
 from execfeedback.solve import dialog_key, fix_task, land, loop_config, note_edit, solve_task, summary
 from execfeedback.traces import TraceStore
 from kernels import KernelInitError, KernelPool, KernelStartError
@@ -498,6 +500,33 @@ def check_settings(settings: dict) -> None:
         get_adapter(S.store, settings["adapter"])  # NotFound names it
     sampling_from({k: v for k, v in settings.items() if k in ASK_KEYS and v is not None})
     loop_config({k: v for k, v in settings.items() if k in LOOP_KEYS and v is not None})
+
+
+# The Settings panel's fields and how each is read; check_settings judges the values.
+FORM_SETTINGS = {"adapter": str, "rounds": int, "candidates": int, "retry": str, "system_prompt": str}
+
+
+def settings_from_form(form) -> dict:
+    """The Settings panel's form as a settings patch: an empty field is None (the app default), an absent
+    one (a disabled choice the browser does not send) is left as it is."""
+    patch = {}
+    for key, kind in FORM_SETTINGS.items():
+        if key not in form:
+            continue
+        value = form.get(key)
+        text = value.replace("\r\n", "\n") if isinstance(value, str) else ""
+        if not text.strip():
+            patch[key] = None
+        elif kind is int:
+            try:
+                patch[key] = int(text)
+            except ValueError:
+                raise InvalidInput(f"{key} must be a whole number, not {text.strip()[:40]!r}; leave it empty to use "
+                                   "the app default.") from None
+        else:
+            patch[key] = text if key == "system_prompt" else text.strip()
+    check_unicode(patch)
+    return patch
 
 
 async def delete_dialog(dialog_id) -> int:
@@ -1171,6 +1200,73 @@ def KernelBadge(dialog_id: int):
                 role="status", aria_live="polite")
 
 
+def AutorunNote(d: dict, *, oob: bool = False):
+    adapter = d["settings"].get("adapter")
+    text = "Solve and Fix run model code in this kernel" + (f" · adapter {adapter}" if adapter else "") \
+        + f" · cwd {S.cfg.kernel_cwd or os.getcwd()}"
+    return Span(text, id="autorun-note", cls="autorun-note" + (" has-adapter" if adapter else ""),
+                title=f"{text}. Model code runs automatically only inside Solve and Fix; elsewhere it waits for Run.",
+                **({"hx_swap_oob": "true"} if oob else {}))
+
+
+def AdapterSelect(current: str | None):
+    """Every registered adapter; those trained on another base than the loaded model are shown but disabled."""
+    manifest = S.models.engine.manifest if S.models.engine is not None else None
+    sha = manifest.get("sha256") if manifest else None
+    loaded = (manifest or {}).get("file_name") or (manifest or {}).get("model") or "the loaded model"
+    options = [Option("none (base model)", value="", selected=not current)]
+    names = set()
+    for a in list_adapters(S.store):
+        names.add(a["name"])
+        base = a.get("base_model") or a["base_file"]
+        if manifest is None:
+            fits, why = True, f"For {base}; checked against the model when it is used (no model is loaded yet)."
+        elif sha is None:
+            fits, why = False, f"Needs the in-process GGUF base {base}; {loaded} has no file to load it onto."
+        else:
+            fits = a["base_sha256"] == sha
+            why = f"For {base}." if fits else \
+                f"Needs base model {base} (sha256 {a['base_sha256'][:12]}...); the loaded model is {loaded}."
+        options.append(Option(f"{a['name']} · {base}", value=a["name"], selected=a["name"] == current,
+                              disabled=not fits, title=why))
+    if current and current not in names:
+        # Disabled, so the browser does not send it back: saving other fields leaves it as it is.
+        options.append(Option(f"{current} (no longer registered)", value=current, selected=True, disabled=True,
+                              title="Choose another adapter, or none."))
+    return Select(*options, name="adapter", cls="settings-adapter", aria_label="Adapter")
+
+
+def SettingsPanel(d: dict, *, open: bool = False, oob: bool = False):
+    """The dialog's settings as a form; an empty field means the app default, shown as the placeholder."""
+    s = d["settings"]
+
+    def number(key: str, label: str, low: int, high: int, default: int):
+        value = s.get(key)
+        # A value set through the API may lie beyond the form's range; the form must still submit it.
+        high = max(high, value) if isinstance(value, int) else high
+        return Label(Span(label), Input(type="number", name=key, min=low, max=high, step=1,
+                                        value="" if value is None else str(value), placeholder=f"default {default}"),
+                     cls="field")
+
+    # Compact, as the cells are: no whitespace text between the fields.
+    return Safe(to_xml(Details(
+        Summary("Settings"),
+        Form(Label(Span("Adapter"), AdapterSelect(s.get("adapter")), cls="field"),
+             number("rounds", "Feedback rounds", 0, 10, S.cfg.rounds),
+             number("candidates", "Candidates", 1, 8, S.cfg.candidates),
+             Label(Span("Retry"), Select(Option(f"default ({LoopConfig.retry})", value=""),
+                                         *[Option(m, value=m, selected=m == s.get("retry")) for m in RETRY_MODES],
+                                         name="retry"), cls="field"),
+             # The parser drops one newline after <textarea>; this one, so a prompt's own first newline stays.
+             Label(Span("System prompt"), Textarea("\n" + s["system_prompt"] if s.get("system_prompt") else "",
+                                                   name="system_prompt", rows=5, placeholder=DEFAULT_SYSTEM_PROMPT),
+                   cls="field wide"),
+             Div(Span("Empty fields use the app default.", cls="hint"), Button("Save settings", type="submit"),
+                 cls="settings-foot"),
+             hx_post=f"/d/{d['id']}/settings", hx_target="#toast", hx_swap="beforeend", cls="menu settings-form"),
+        id="settings", cls="settings", open=open, **({"hx_swap_oob": "true"} if oob else {})), indent=False))
+
+
 def DialogHeader(d: dict):
     did = d["id"]
     return Header(
@@ -1179,8 +1275,7 @@ def DialogHeader(d: dict):
              hx_post=f"/d/{did}/rename", hx_trigger="change, submit", hx_swap="none", cls="rename"),
         KernelBadge(did),
         ModelBadge(),
-        Span(f"Solve and Fix run model code in this kernel · cwd {S.cfg.kernel_cwd or os.getcwd()}",
-             cls="autorun-note", title="Model code runs automatically only inside Solve and Fix; elsewhere it waits for Run."),
+        AutorunNote(d),
         Div(Button("Run all", type="button", data_act="run-all", cls="run-all", title="Run every code cell in order"),
             Button("Interrupt", type="button", data_act="interrupt", cls="interrupt", title="Interrupt (i i)"),
             Button("Restart", type="button", data_act="restart", cls="restart", title="Restart the kernel (0 0)"),
@@ -1189,6 +1284,7 @@ def DialogHeader(d: dict):
                     Div(A(".ipynb", href=f"/d/{did}/export.ipynb", cls="export-ipynb"),
                         A(".py", href=f"/d/{did}/export.py", cls="export-py"),
                         A(".md", href=f"/d/{did}/export.md", cls="export-md"), cls="menu"), cls="export"),
+            SettingsPanel(d),
             Button("?", type="button", data_act="help", cls="help", title="Keyboard shortcuts (?)"),
             cls="actions"),
         cls="topbar")
@@ -1343,6 +1439,17 @@ def get(id: str, fmt: str):
 def post(id: str, title: str = ""):
     S.store.rename_dialog(id, title)
     return ""
+
+
+@rt("/d/{id}/settings")
+@page
+async def post(id: str, req: Request):
+    """Save the Settings panel: the same check as the API, then a toast, the panel and the header note."""
+    d = S.store.get_dialog(id)
+    patch = settings_from_form(await req.form())
+    check_settings({**d["settings"], **patch})
+    d = S.store.update_dialog_settings(d["id"], **patch)
+    return Div("Settings saved", cls="toast-msg"), SettingsPanel(d, open=True, oob=True), AutorunNote(d, oob=True)
 
 
 @rt("/d/{id}/cells")
