@@ -158,11 +158,36 @@ def run_candidate(src, ns, filename):
             if tb is not None:
                 info = {"ename": type(exc).__name__, "function": tb.tb_frame.f_code.co_name,
                         "line": tb.tb_lineno, "locals": _frame_locals(tb.tb_frame)}
+                if isinstance(exc, AssertionError):
+                    explained = _explain_own_assert(exc, src, filename)
+                    if explained is not None:
+                        info["check"] = explained
                 sys.stderr.write("\n" + LOCALS_MARK + " " + json.dumps(info) + "\n")
                 sys.stderr.flush()
         except BaseException:
             pass
         raise
+
+
+def _explain_own_assert(exc, src, filename):
+    """What a failing assert in the answer's own code computed ("`f(2)` returned 3, expected 4"), like a check."""
+    tree = ast.parse(src, filename)  # afresh: run_candidate took the last expression out of its tree
+    top = None
+    tb = exc.__traceback__
+    while tb is not None:  # the answer's module-level frame: which of its statements was running
+        if tb.tb_frame.f_code.co_filename == filename and tb.tb_frame.f_code.co_name == "<module>":
+            top = tb.tb_lineno
+        tb = tb.tb_next
+    if top is None:
+        return None
+    stmt = next((s for s in tree.body if s.lineno <= top <= (s.end_lineno or s.lineno)), None)
+    if stmt is None:
+        return None
+    try:
+        failure = _explain_exception(exc, stmt, tree, src, filename)
+    except Exception:
+        return None
+    return failure if failure and (failure.get("got") is not None or failure.get("message")) else None
 
 
 # ---- checks ----

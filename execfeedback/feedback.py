@@ -41,6 +41,8 @@ class FeedbackConfig:
     died_template: str = "The Python process running your code died (it crashed or ran out of memory)."
     syntax_error_template: str = "Your code has a syntax error at line {lineno}:"
     no_code_template: str = "Your reply had no code block."
+    cut_off_template: str = ("Your reply reached the length limit ({max_tokens} tokens) and was cut off, so the "
+                             "code is incomplete. Write a shorter solution and do not repeat yourself.")
     instruction: str = "Return the whole corrected code in one ```python block."
     no_code_instruction: str = "Return the whole code in one ```python block."
 
@@ -70,6 +72,9 @@ def feedback_message(obs: dict, config: FeedbackConfig = FeedbackConfig()) -> st
     if status not in STATUSES:
         raise ValueError(f"unknown status {status!r}; expected one of {', '.join(STATUSES)}")
     parts = _STATUS_PARTS[status](obs, config)
+    if obs.get("cut_off") and status in ("syntax_error", "no_code"):
+        # The error is only where the reply stopped: saying so beats pointing at a half-written line.
+        parts.insert(0, config.cut_off_template.format(max_tokens=obs.get("max_tokens") or "?"))
     stdout = _clean_stdout(obs.get("stdout"))
     if status != "no_code" and stdout.strip() and config.stdout_tail_chars:
         parts.append("Output (last part):\n" + _tail(stdout, config.stdout_tail_chars))
@@ -84,6 +89,13 @@ def feedback_message(obs: dict, config: FeedbackConfig = FeedbackConfig()) -> st
 def _error_parts(obs, cfg):
     ename, evalue = obs.get("ename") or "Exception", _one_line(obs.get("evalue"))
     parts = [cfg.error_template.format(ename=ename, evalue=evalue).rstrip(": ")]
+    own = (obs.get("locals") or {}).get("check") if isinstance(obs.get("locals"), dict) else None
+    if own and cfg.include_check_values:
+        # An assert in the answer's own code failed: say what it computed, as for a visible check.
+        f = CheckFailure.from_dict(own)
+        line = describe_failure(f) or (f"Assertion message: {f.message}" if f.message else None)
+        if line:
+            parts[0] += " in an assert of your own code:\n    " + f.source.replace("\n", "\n    ") + "\n" + line
     if cfg.include_traceback:
         tb = clean_traceback(obs.get("traceback"), cfg.traceback_chars)
         if tb:

@@ -294,6 +294,8 @@ class Loop:
             exec_s = 0.0
         else:
             obs, outputs, exec_s = await self._execute(task, extraction.code)
+        if finish == "length":
+            obs.update(cut_off=True, max_tokens=sampling.max_tokens)
         passed = obs["status"] == "ok"
         hidden = None
         hidden_s = 0.0  # scoring runs code too: it is execution, not loop overhead

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,15 +28,11 @@ def gpu_offload_supported() -> bool:
 
 
 def free_vram() -> tuple[int | None, str | None]:
-    """Free bytes on the first GPU and its name: torch when importable, else nvidia-smi."""
-    try:
-        import torch
+    """Free bytes on the first GPU and its name: nvidia-smi, else torch when it is already imported.
 
-        if torch.cuda.is_available():
-            free, _total = torch.cuda.mem_get_info()
-            return int(free), torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001 - torch is optional; any failure means "ask nvidia-smi"
-        pass
+    Never imports torch: its CUDA libraries and llama.cpp's, loaded into one process, crash it
+    ("free(): invalid pointer", seen on an H100 with torch cu130 and llama.cpp built on CUDA 13).
+    """
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(
@@ -47,6 +44,13 @@ def free_vram() -> tuple[int | None, str | None]:
                 return int(float(free_mib)) << 20, name
         except (OSError, ValueError, subprocess.SubprocessError):
             pass
+    torch = sys.modules.get("torch")
+    try:
+        if torch is not None and torch.cuda.is_available():
+            free, _total = torch.cuda.mem_get_info()
+            return int(free), torch.cuda.get_device_name()
+    except Exception:  # noqa: BLE001 - any failure means "unknown"
+        pass
     return None, None
 
 

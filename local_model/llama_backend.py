@@ -45,6 +45,10 @@ class LlamaBackend:
                  verbose: bool = False, n_threads: int | None = None, n_threads_batch: int | None = None,
                  n_batch: int = 512, data_dir: str | None = None):
         import llama_cpp
+
+        # llama.cpp's backends (CUDA) load first: on an H100 with CUDA 13, loading them after the chat
+        # formatter import and the GGUF header read segfaulted; this order ran every eval there.
+        gpu.gpu_offload_supported()
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         path = resolved.path

@@ -156,6 +156,31 @@ def test_feedback_from_a_real_kernel_error(kc):
     assert "def decode(self" not in msg
 
 
+def test_an_assert_in_the_answers_own_code_says_what_it_computed(kc):
+    """Seen with the coder model on HumanEval: its own test asserts failed and it was told only 'AssertionError'."""
+    reset(kc)
+    code = ("def vowels_count(s):\n    return sum(c in 'aeiou' for c in s.lower())\n\n"
+            "assert vowels_count('abcde') == 2\nassert vowels_count('ACEDY') == 3\n")
+    run = execute(kc, instrument_candidate(code))
+    assert run["status"] == "error" and run["error"]["ename"] == "AssertionError"
+    info, _ = parse_locals_output(run["stderr"])
+    assert info["check"]["call"] == "vowels_count('ACEDY')"
+    assert (info["check"]["got"], info["check"]["expected"]) == ("2", "3")
+    obs = {"status": "error", "ename": "AssertionError", "evalue": "", "traceback": run["error"]["traceback"],
+           "locals": info}
+    msg = feedback_message(obs)
+    assert msg.startswith("Your code raised AssertionError in an assert of your own code:\n"
+                          "    assert vowels_count('ACEDY') == 3\n`vowels_count('ACEDY')` returned 2, expected 3")
+    # an assert inside a function the answer calls is explained too; other errors are not touched
+    reset(kc)
+    code = "def check():\n    assert len('abc') == 4, 'length'\n\ncheck()\n"
+    info, _ = parse_locals_output(execute(kc, instrument_candidate(code))["stderr"])
+    assert info["check"]["got"] == "3" and info["check"]["expected"] == "4"
+    reset(kc)
+    info, _ = parse_locals_output(execute(kc, instrument_candidate("x = 1\n1 / 0\n"))["stderr"])
+    assert "check" not in info
+
+
 def test_an_interrupted_candidate_reports_where_it_was_looping(kernel, tmp_path):
     km, kc = kernel
     reset(kc)

@@ -229,3 +229,18 @@ def test_error_signature_of_check_failures_tells_checks_apart():
     raised_a, _ = report_for("def f(s):\n    return s[99]\n", "assert f('cata') == 'catac'\n")
     raised_b, _ = report_for("def f(s):\n    return s + 1\n", "assert f('cata') == 'catac'\n")
     assert sig(raised_a) != sig(raised_b) and "IndexError" in sig(raised_a)
+
+
+def test_a_reply_cut_off_at_the_token_limit_is_named_as_the_cause():
+    """Seen on HumanEval: the model repeated `if n == k:` lines until the limit; 'syntax error at line 101' misled it."""
+    obs = syntax_error_obs("def f(n):\n    if n == 1:\n        return 1\n    if")
+    obs.update(cut_off=True, max_tokens=768)
+    msg = feedback_message(obs)
+    assert msg.startswith("Your reply reached the length limit (768 tokens) and was cut off")
+    assert "syntax error at line 4" in msg
+    no_code = feedback_message({"status": "no_code", "cut_off": True, "max_tokens": 64})
+    assert no_code.startswith("Your reply reached the length limit (64 tokens)")
+    # a check that failed is about the code, not the length: no cut-off line there
+    assert "length limit" not in feedback_message({"status": "check_failed", "cut_off": True,
+                                                   "checks": {"passed": 0, "total": 1, "failures": []}})
+    assert "length limit" not in feedback_message(syntax_error_obs("def f(:\n"))
