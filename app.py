@@ -80,6 +80,8 @@ KNOBS = [
     Knob("--temperature", "LOOPBOOK_TEMPERATURE", 0.0, "sampling temperature for replies", float),
     Knob("--rounds", "LOOPBOOK_ROUNDS", 3, "feedback rounds after the first attempt in Solve and Fix", int),
     Knob("--candidates", "LOOPBOOK_CANDIDATES", 1, "code samples per round; the first that passes the checks wins", int),
+    Knob("--repeat-resamples", "LOOPBOOK_REPEAT_RESAMPLES", 2,
+         "when a feedback round returns code already tried, sample again warmer, up to N times", int),
     Knob("--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT", 120.0, "seconds a cell may run before it is interrupted (0: no limit)", float),
     Knob("--output-cap", "LOOPBOOK_OUTPUT_CAP", 200_000, "characters of output kept per cell (head and tail)", int),
     Knob("--kernel-cwd", "LOOPBOOK_KERNEL_CWD", None, "working directory of the kernels (default: where you start)"),
@@ -106,6 +108,7 @@ class Config:
     temperature: float = 0.0
     rounds: int = 3
     candidates: int = 1
+    repeat_resamples: int = 2
     exec_timeout: float = 120.0
     output_cap: int = 200_000
     kernel_cwd: str | None = None
@@ -752,7 +755,7 @@ async def post(id: str):
     return {"stopped": await stop_message(id)}
 
 
-LOOP_KEYS = ("rounds", "candidates", "retry", "exec_timeout")
+LOOP_KEYS = ("rounds", "candidates", "retry", "repeat_resamples", "exec_timeout")
 
 
 async def start_loop(message_id, body: dict, kind: str):
@@ -765,8 +768,8 @@ async def start_loop(message_id, body: dict, kind: str):
         raise InvalidInput("A loop is already running on this cell; stop it first.")
     settings = S.store.get_dialog(m["dialog_id"])["settings"]
     sampling = request_sampling(settings, body)
-    base = LoopConfig(rounds=S.cfg.rounds, candidates=S.cfg.candidates, exec_timeout=min(S.cfg.exec_timeout or 60.0, 60.0),
-                      sampling=sampling)
+    base = LoopConfig(rounds=S.cfg.rounds, candidates=S.cfg.candidates, repeat_resamples=S.cfg.repeat_resamples,
+                      exec_timeout=min(S.cfg.exec_timeout or 60.0, 60.0), sampling=sampling)
     cfg = loop_config(settings, {k: body.get(k) for k in LOOP_KEYS}, base)
     engine = await engine_for(body, settings)
     await prepare_kernel(m["dialog_id"])

@@ -300,9 +300,26 @@ def _finetune(store, name: str, args, hyper, versions: dict, log) -> int:
     print(f"Weighted loss: training rows {figures['train_loss_before']} -> {figures['train_loss_after']}"
           + (f"; held-out rows {figures['test_loss_before']} -> {figures['test_loss_after']}" if test.rows else "")
           + ".")
+    warning = overfit_warning(figures, len(prepared.rows))
+    if warning:
+        print(warning)
     print(f"Next: evaluate base and adapter on held-out problems: python -m execfeedback eval HELD_OUT.jsonl "
           f"--data-dir {data_dir} --model {base.name or base.path} --adapter {name}")
     return 0
+
+
+def overfit_warning(figures: dict, n_rows: int) -> str | None:
+    """A plain warning when the held-out loss rose: the adapter learnt its rows, not the skill.
+
+    Measured on an H100 with the coder model: 34 rows, 3 epochs, held-out loss 0.196 -> 0.225, and
+    the adapter then lost 10 points of pass@1 on held-out problems.
+    """
+    before, after = figures.get("test_loss_before"), figures.get("test_loss_after")
+    if before is None or after is None or after <= before:
+        return None
+    return (f"Warning: the held-out loss rose ({before} -> {after}): the adapter fits its {n_rows} training rows "
+            "but not new tasks, and may do worse than the base. Collect more solved traces (hundreds of rows), or "
+            "train fewer epochs, and compare with `eval --adapter` before using it.")
 
 
 def main(argv: list[str] | None = None) -> int:

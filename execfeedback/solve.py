@@ -12,7 +12,7 @@ from .ask import context_for, dialog_key
 from .loop import LoopConfig, LoopResult, Task
 from .traces import TraceStore
 
-SETTING_KEYS = ("rounds", "candidates", "retry", "exec_timeout")
+SETTING_KEYS = ("rounds", "candidates", "retry", "repeat_resamples", "exec_timeout")
 
 
 def visible_checks(cells: list[dict]) -> str | None:

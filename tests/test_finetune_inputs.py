@@ -165,3 +165,12 @@ def test_running_out_of_memory_says_what_to_change_and_keeps_a_checkpoint(enough
     assert "Out of RAM at step" in err and "--batch-size 4 --grad-accum 2" in err and "--max-length" in err
     assert json.loads(ck.read_text())["step"] >= 1  # the run can resume with the smaller batch
     _nothing_registered(enough, "oom")
+
+
+def test_a_rising_held_out_loss_is_warned_about():
+    from execfeedback.finetune import overfit_warning
+
+    assert overfit_warning({"test_loss_before": 0.19588, "test_loss_after": 0.22483}, 34).startswith(
+        "Warning: the held-out loss rose (0.19588 -> 0.22483): the adapter fits its 34 training rows")
+    assert overfit_warning({"test_loss_before": 0.2, "test_loss_after": 0.1}, 34) is None
+    assert overfit_warning({"test_loss_before": None, "test_loss_after": None}, 34) is None
