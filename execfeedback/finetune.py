@@ -71,6 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     t.add_argument("--failed-weight", type=float, default=0.0,
                    help="loss weight of the failed answers before the fix (default 0: context only)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--keep", choices=["best", "last"], default="best",
+                   help="best: the epoch with the lowest held-out loss (default); last: the final weights")
     t.add_argument("--dpo", action="store_true", help="after SFT, DPO on the preference pairs (TRL)")
     t.add_argument("--dpo-beta", type=float, default=0.1)
     t.add_argument("--dpo-lr", type=float, default=2e-5)
@@ -106,7 +108,8 @@ def hyper_from_args(args: argparse.Namespace):
                  grad_accum=args.grad_accum, max_length=args.max_length, lora_r=args.lora_r,
                  lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, fix_weight=args.fix_weight,
                  failed_weight=args.failed_weight, seed=args.seed, dpo=args.dpo, dpo_beta=args.dpo_beta,
-                 dpo_lr=args.dpo_lr, dpo_epochs=args.dpo_epochs, dpo_max_steps=args.dpo_max_steps).validate()
+                 dpo_lr=args.dpo_lr, dpo_epochs=args.dpo_epochs, dpo_max_steps=args.dpo_max_steps,
+                 keep=args.keep).validate()
 
 
 def require_train_extra(dpo: bool = False) -> dict:
@@ -300,6 +303,9 @@ def _finetune(store, name: str, args, hyper, versions: dict, log) -> int:
     print(f"Weighted loss: training rows {figures['train_loss_before']} -> {figures['train_loss_after']}"
           + (f"; held-out rows {figures['test_loss_before']} -> {figures['test_loss_after']}" if test.rows else "")
           + ".")
+    kept_line = kept_epoch_line(figures)
+    if kept_line:
+        print(kept_line)
     warning = overfit_warning(figures, len(prepared.rows))
     if warning:
         print(warning)
@@ -308,18 +314,44 @@ def _finetune(store, name: str, args, hyper, versions: dict, log) -> int:
     return 0
 
 
+def _loss(x: float | None) -> str:
+    return "?" if x is None else f"{x:.3g}"
+
+
+def kept_epoch_line(figures: dict) -> str | None:
+    """Which epoch's weights the adapter holds, beside the held-out loss before training and after each epoch."""
+    measured, kept = figures.get("epoch_test_losses") or [], figures.get("kept_epoch")
+    if not measured or kept is None:
+        return None
+    trail = " -> ".join(_loss(x) for x in [figures.get("test_loss_before"), *measured])
+    cut = " (the last one cut short by --max-steps)" if figures.get("epochs_done") not in (None, len(measured)) else ""
+    how = "--keep last" if figures.get("keep") == "last" else "the lowest held-out loss"
+    best = figures.get("best_epoch")
+    other = f"; epoch {best} had the lowest" if best is not None and best != kept else ""
+    return f"Kept epoch {kept} of {len(measured)}{cut}, by {how} (held-out loss {trail}{other})."
+
+
 def overfit_warning(figures: dict, n_rows: int) -> str | None:
-    """A plain warning when the held-out loss rose: the adapter learnt its rows, not the skill.
+    """A plain warning when training did not lower the held-out loss: the adapter learnt its rows, not the skill.
 
     Measured on an H100 with the coder model: 34 rows, 3 epochs, held-out loss 0.196 -> 0.225, and
     the adapter then lost 10 points of pass@1 on held-out problems.
     """
     before, after = figures.get("test_loss_before"), figures.get("test_loss_after")
+    advice = ("Collect more solved traces (hundreds of rows), or train fewer epochs, and compare with `eval --adapter` "
+              "before using it.")
+    if figures.get("no_held_out_gain"):
+        measured = [x for x in figures.get("epoch_test_losses") or [] if x is not None]
+        return (f"Warning: the held-out loss never went below the base's ({before}; the best epoch reached "
+                f"{min(measured)}). Epoch {figures.get('kept_epoch')} was kept ({after}), but the adapter fits its "
+                f"{n_rows} training rows, not new tasks, and may do worse than the base. " + advice)
     if before is None or after is None or after <= before:
         return None
+    best = figures.get("best_epoch")
+    hint = (f" Epoch {best} did better; --keep best (the default) keeps it."
+            if best is not None and best != figures.get("kept_epoch") else "")
     return (f"Warning: the held-out loss rose ({before} -> {after}): the adapter fits its {n_rows} training rows "
-            "but not new tasks, and may do worse than the base. Collect more solved traces (hundreds of rows), or "
-            "train fewer epochs, and compare with `eval --adapter` before using it.")
+            "but not new tasks, and may do worse than the base." + hint + " " + advice)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,11 @@ logits of a long feedback context never exist), and a stop must land on a whole 
 exactly. Row order is fixed by the seed and the effective batch (batch size x accumulation), so a
 run resumed with `--batch-size 2 --grad-accum 2` after running out of memory at `--batch-size 4`
 continues the same optimisation.
+
+With held-out rows, the loss on them is measured at the end of every epoch and the epoch with the
+lowest one is kept (`keep="best"`): on a few dozen rows the last epoch is often overfit (measured on
+an H100 with the 1.5B coder model, 34 rows, 3 epochs: held-out loss 0.196 -> 0.225 and 10 points of
+held-out pass@1 lost).
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any, Callable
 from .finetune_data import Encoded, FinetuneError, FinetuneInterrupted, is_oom
 
 CHECKPOINT = "checkpoint"
+BEST = "best.safetensors"
+KEEP = ("best", "last")
 
 
 @dataclass
@@ -53,6 +60,7 @@ class Hyper:
     dpo_lr: float = 2e-5
     dpo_epochs: int = 1
     dpo_max_steps: int | None = None
+    keep: str = "best"  # best: the epoch with the lowest held-out loss; last: the final weights
 
     @property
     def effective_batch(self) -> int:
@@ -68,7 +76,8 @@ class Hyper:
                   (0 <= self.lora_dropout < 1, "--lora-dropout must be in [0, 1)"),
                   (self.fix_weight > 0, "--fix-weight must be positive"),
                   (self.failed_weight >= 0, "--failed-weight must be 0 or more"),
-                  (self.dpo_beta > 0, "--dpo-beta must be positive")]
+                  (self.dpo_beta > 0, "--dpo-beta must be positive"),
+                  (self.keep in KEEP, "--keep must be best or last")]
         for ok, message in checks:
             if not ok:
                 raise FinetuneError(message)
@@ -77,7 +86,8 @@ class Hyper:
     def resume_key(self) -> dict:
         """What a checkpoint must agree on to be resumed (the micro-batch split may change)."""
         d = asdict(self)
-        for k in ("batch_size", "grad_accum", "dpo", "dpo_beta", "dpo_lr", "dpo_epochs", "dpo_max_steps"):
+        for k in ("batch_size", "grad_accum", "dpo", "dpo_beta", "dpo_lr", "dpo_epochs", "dpo_max_steps",
+                  "keep"):  # keep chooses among the same epochs: a rerun may change it
             d.pop(k)
         d["effective_batch"] = self.effective_batch
         return d
@@ -105,6 +115,7 @@ def pick_device(requested: str = "auto"):
 def add_lora(model, hyper: Hyper, *, gradient_checkpointing: bool):
     import warnings
 
+    import torch
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
@@ -113,6 +124,7 @@ def add_lora(model, hyper: Hyper, *, gradient_checkpointing: bool):
     model.config.use_cache = False
     cfg = LoraConfig(r=hyper.lora_r, lora_alpha=hyper.lora_alpha, lora_dropout=hyper.lora_dropout,
                      target_modules=hyper.target_modules, bias="none", task_type="CAUSAL_LM")
+    torch.manual_seed(hyper.seed)  # the LoRA A matrices start random: --seed makes a run repeatable
     with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user to do
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(model, cfg)
@@ -203,19 +215,23 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _lora_weights(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().contiguous().cpu()
+            for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+
+
 def save_checkpoint(run_dir: Path, model, opt, sched, state: dict) -> Path:
     """Write the checkpoint beside the old one, then swap: a kill mid-save leaves the old one whole."""
     import torch
-    from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     final = run_dir / CHECKPOINT
     tmp = run_dir / f"{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    lora = {k: v.detach().contiguous().cpu()
-            for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
-    save_file(lora, tmp / "adapter.safetensors")
+    save_file(_lora_weights(model), tmp / "adapter.safetensors")
     torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state()},
                tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps(state, indent=1))
@@ -265,6 +281,57 @@ def _load_checkpoint(run_dir: Path, model, opt, sched) -> None:
     opt.load_state_dict(blob["optimizer"])
     sched.load_state_dict(blob["scheduler"])
     _set_rng_state(blob["rng"])
+
+
+# -- the best epoch -------------------------------------------------------------------------------------
+
+def save_best(run_dir: Path, model, *, epoch: int, step: int, test_loss: float) -> Path:
+    """Write the LoRA weights of the best epoch so far (beside the old file, then swap), labelled with it."""
+    from safetensors.torch import save_file
+
+    final, tmp = run_dir / BEST, run_dir / f"{BEST}.tmp"
+    save_file(_lora_weights(model), tmp,
+              metadata={"epoch": str(epoch), "step": str(step), "test_loss": repr(test_loss)})
+    os.replace(tmp, final)
+    return final
+
+
+def read_best_label(run_dir: Path) -> dict | None:
+    """{epoch, step, test_loss} of the weights in best.safetensors; None when it is missing or unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    path = run_dir / BEST
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return {"epoch": int(meta["epoch"]), "step": int(meta["step"]), "test_loss": float(meta["test_loss"])}
+    except (OSError, ValueError, KeyError, SafetensorError):
+        return None
+
+
+def _adopt_newer_best(run_dir: Path, state: dict) -> None:
+    """A stop between writing best.safetensors and the next checkpoint leaves the file ahead of the state.
+
+    The file only ever holds a new lowest held-out loss, so the state takes its label; the replayed
+    epoch then replaces it only if it does better still.
+    """
+    label = read_best_label(run_dir)
+    if label and label["step"] > state["step"]:
+        state.update(best_epoch=label["epoch"], best_step=label["step"], best_test_loss=label["test_loss"])
+
+
+def _load_best(run_dir: Path, model, state: dict) -> bool:
+    """Put the best epoch's weights back into the model; False (model untouched) when the file does not match."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    label = read_best_label(run_dir)
+    if not label or label["step"] != state.get("best_step"):
+        return False
+    set_peft_model_state_dict(model, load_file(run_dir / BEST))
+    return True
 
 
 # -- stopping cleanly -----------------------------------------------------------------------------------
@@ -343,18 +410,36 @@ def train_sft(model, rows: list[Encoded], test_rows: list[Encoded], hyper: Hyper
     state = check_resumable(run_dir, spec.fingerprint, hyper, spec.resume)
     if state is not None:
         _load_checkpoint(run_dir, model, opt, sched)
+        state.setdefault("epoch_test_losses", [])  # a checkpoint from before epochs were measured
+        _adopt_newer_best(run_dir, state)
         spec.log(f"Resuming from the checkpoint at step {state['step']} of {total} in {run_dir / CHECKPOINT}.")
     else:
+        (run_dir / BEST).unlink(missing_ok=True)  # an earlier run's best epoch is not this run's
         torch.manual_seed(hyper.seed)
         random.seed(hyper.seed)
         sample = [rows[i] for i in _order(n, hyper.seed, -1)[: spec.eval_rows]]
         state = {"fingerprint": spec.fingerprint, "hyper": hyper.resume_key(), "step": 0, "total": total,
-                 "losses": [], "tokens": 0, "train_s": 0.0, **spec.extra_state,
+                 "losses": [], "tokens": 0, "train_s": 0.0, "epoch_test_losses": [], "best_epoch": None,
+                 "best_step": None, "best_test_loss": None, **spec.extra_state,
                  "train_loss_before": mean_loss(model, sample, pad_id=spec.pad_id, device=device, autocast=autocast,
                                                 batch_size=hyper.batch_size),
                  "test_loss_before": mean_loss(model, test_rows[:128], pad_id=spec.pad_id, device=device,
                                                autocast=autocast, batch_size=hyper.batch_size)}
     state["total"] = total
+    held_out = test_rows[:128]
+
+    def end_of_epoch() -> None:
+        """Measure the held-out loss; keep the weights when no trained epoch so far did better."""
+        epoch = math.ceil(state["step"] / steps_per_epoch)  # the last one may be cut short by --max-steps
+        loss = mean_loss(model, held_out, pad_id=spec.pad_id, device=device, autocast=autocast,
+                         batch_size=hyper.batch_size)
+        measured = state["epoch_test_losses"]
+        del measured[epoch - 1:]
+        measured.extend([None] * (epoch - 1 - len(measured)) + [loss])
+        best = state.get("best_test_loss")
+        if loss is not None and (best is None or loss < best):
+            save_best(run_dir, model, epoch=epoch, step=state["step"], test_loss=loss)
+            state.update(best_epoch=epoch, best_step=state["step"], best_test_loss=loss)
 
     model.train()
     start = state["step"]
@@ -395,9 +480,13 @@ def train_sft(model, rows: list[Encoded], test_rows: list[Encoded], hyper: Hyper
                 state["train_s"] = round(state["train_s"] + dt, 3)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / dt:.0f}" if dt else "-", refresh=False)
+                epoch_done = bool(held_out) and (state["step"] % steps_per_epoch == 0 or state["step"] == total)
+                if epoch_done:  # before a stop: a resumed run starts after this step and would skip it
+                    end_of_epoch()
                 if stop.requested:
                     break
-                if spec.save_every and state["step"] % spec.save_every == 0 and state["step"] < total:
+                due = epoch_done or (spec.save_every and state["step"] % spec.save_every == 0)
+                if due and state["step"] < total:
                     save_checkpoint(run_dir, model, opt, sched, state)
                     last_saved = state["step"]
     except KeyboardInterrupt:
@@ -411,12 +500,24 @@ def train_sft(model, rows: list[Encoded], test_rows: list[Encoded], hyper: Hyper
         raise FinetuneInterrupted(f"Stopped at step {state['step']} of {total}; the checkpoint is in "
                                   f"{run_dir / CHECKPOINT}. Run the same command again to resume (nothing was "
                                   "registered yet).")
+    # The checkpoint holds the last weights: a crash in conversion must not cost the training, and a
+    # rerun may still choose --keep last.
+    save_checkpoint(run_dir, model, opt, sched, state)
+    measured = state["epoch_test_losses"] if held_out else []
+    kept = len(measured) or None
+    if measured and hyper.keep == "best" and state.get("best_epoch") not in (None, kept):
+        if _load_best(run_dir, model, state):
+            kept = state["best_epoch"]
+        else:
+            spec.log(f"{run_dir / BEST} is missing or does not hold epoch {state['best_epoch']}; keeping the last "
+                     "weights.")
     sample = [rows[i] for i in _order(n, hyper.seed, -1)[: spec.eval_rows]]
     state["train_loss_after"] = mean_loss(model, sample, pad_id=spec.pad_id, device=device, autocast=autocast,
                                           batch_size=hyper.batch_size)
-    state["test_loss_after"] = mean_loss(model, test_rows[:128], pad_id=spec.pad_id, device=device, autocast=autocast,
+    state["test_loss_after"] = mean_loss(model, held_out, pad_id=spec.pad_id, device=device, autocast=autocast,
                                          batch_size=hyper.batch_size)
-    save_checkpoint(run_dir, model, opt, sched, state)  # a crash in conversion must not cost the training
+    trained = [x for x in measured if x is not None]
+    before = state.get("test_loss_before")
     losses = state["losses"]
     head = losses[: max(1, min(5, len(losses) // 4))]
     tail = losses[-max(1, min(5, len(losses) // 4)):]
@@ -428,6 +529,10 @@ def train_sft(model, rows: list[Encoded], test_rows: list[Encoded], hyper: Hyper
         "loss_first": round(sum(head) / len(head), 5), "loss_last": round(sum(tail) / len(tail), 5),
         "losses": losses, "resumed_at": start or None,
         **{k: state.get(k) for k in ("train_loss_before", "train_loss_after", "test_loss_before", "test_loss_after")},
+        "keep": hyper.keep, "epoch_test_losses": measured, "best_epoch": state.get("best_epoch") if measured else None,
+        "kept_epoch": kept,
+        # The base itself cannot be kept, so the best trained epoch is; this flag says it did not beat the base.
+        "no_held_out_gain": (min(trained) >= before) if trained and before is not None else None,
     }
 
 

@@ -73,6 +73,10 @@ def test_the_loss_falls_and_the_record_says_what_was_trained(trained, data_dir):
     assert h["lora_r"] == 16 and h["fix_weight"] == 2.0 and h["failed_weight"] == 0.0
     assert trained["base_sha256"] == sha256_file(smollm2_path()) and trained["architecture"] == "llama"
     assert t["train_tokens"] > 0 and t["device"] == "cpu"
+    # 8 steps end inside the first epoch: one held-out figure, and those weights are the ones kept.
+    assert len(t["epoch_test_losses"]) == 1 and t["best_epoch"] == t["kept_epoch"] == 1 and h["keep"] == "best"
+    assert t["test_loss_after"] == t["epoch_test_losses"][0] < t["test_loss_before"]
+    assert t["no_held_out_gain"] is False
     run = json.loads((data_dir / "finetune" / "fix-v1" / "run.json").read_text())
     assert len(run["losses"]) == 8
     assert not (data_dir / "finetune" / "fix-v1" / "checkpoint").exists()  # done: nothing left to resume
@@ -152,6 +156,7 @@ def test_an_interrupted_run_registers_nothing_and_resumes(trained, data_dir):
     finally:
         store.close()
     assert rec["training"]["resumed_at"] == stopped_at and rec["training"]["steps"] == 5
+    assert len(rec["training"]["epoch_test_losses"]) == 1 and rec["training"]["kept_epoch"] == 1
     run = json.loads((data_dir / "finetune" / "resumed" / "run.json").read_text())
     assert len(run["losses"]) == 5
 
