@@ -244,7 +244,7 @@ def card(record: dict) -> str:
         lines += ["", "## Training run", ""]
         for k in ("device", "dtype", "steps", "epochs_done", "train_tokens", "train_s", "tokens_per_s", "loss_first",
                   "loss_last", "train_loss_before", "train_loss_after", "test_loss_before", "test_loss_after",
-                  "dpo_steps", "torch", "transformers", "peft"):
+                  "epoch_test_losses", "kept_epoch", "no_held_out_gain", "dpo_steps", "torch", "transformers", "peft"):
             if t.get(k) is not None:
                 lines.append(f"- {k}: {t[k]}")
     lines += ["", "## Evaluation (pass@1 after each feedback round)", ""]
