@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 
 from . import gpu
 from .threads import choose_threads

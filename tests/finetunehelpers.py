@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import json
 import shutil
+import signal
+import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 from dialog import Store
@@ -70,3 +74,25 @@ def add_solved_traces(store: Store, n: int, *, fix_every: int = 1, start: int = 
         ts.finish_trace(tid, status="passed", stop_reason="passed", final_attempt_id=a, hidden_passed=True)
         ids.append(tid)
     return ids
+
+
+def interrupt_after_step(cmd: list[str], state: Path, cwd: Path, step: int = 2) -> tuple[int, str, str]:
+    """Run a finetune command and press Ctrl-C once its checkpoint reaches `step`: (exit code, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if json.loads(state.read_text())["step"] >= step:
+                    break
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, out, err

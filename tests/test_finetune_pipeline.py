@@ -8,7 +8,6 @@ load the cached base).
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ for _mod in ("torch", "transformers", "peft", "gguf"):
 
 from dialog import Store  # noqa: E402
 from execfeedback import adapters, finetune  # noqa: E402
-from finetunehelpers import SYSTEM, add_solved_traces, base_cache, smollm2_path  # noqa: E402
+from finetunehelpers import SYSTEM, add_solved_traces, base_cache, interrupt_after_step, smollm2_path  # noqa: E402
 from local_model.gguf import sha256_file  # noqa: E402
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
@@ -113,25 +112,8 @@ def _cmd(data_dir: Path, name: str, steps: int) -> list[str]:
 
 def test_an_interrupted_run_registers_nothing_and_resumes(trained, data_dir):
     ck = data_dir / "finetune" / "resumed" / "checkpoint" / "state.json"
-    proc = subprocess.Popen(_cmd(data_dir, "resumed", 5), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if json.loads(ck.read_text())["step"] >= 2:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    rc, _, err = interrupt_after_step(_cmd(data_dir, "resumed", 5), ck, ROOT)
+    assert rc == 130, err
     assert "Run the same command again to resume" in err
     stopped_at = json.loads(ck.read_text())["step"]
     assert 2 <= stopped_at < 5

@@ -9,10 +9,7 @@ code and it rises again, as when a few dozen rows are overfit. Measured here wit
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +20,7 @@ for _mod in ("torch", "transformers", "peft", "gguf", "safetensors"):
 from dialog import Store  # noqa: E402
 from execfeedback import adapters, finetune  # noqa: E402
 from execfeedback.finetune_train import BEST, read_best_label  # noqa: E402
-from finetunehelpers import OPS, SYSTEM, base_cache, fenced  # noqa: E402
+from finetunehelpers import OPS, SYSTEM, base_cache, fenced, interrupt_after_step  # noqa: E402
 
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,25 +104,8 @@ def _cmd(data_dir: Path, export: Path, name: str) -> list[str]:
 def test_keep_last_and_a_resumed_run_carries_the_best_epoch(best_run, data_dir, export):
     """Interrupted after epoch 1, resumed: the same figures as the run above, but the last weights kept."""
     ck = data_dir / "finetune" / "sel-last" / "checkpoint" / "state.json"
-    proc = subprocess.Popen(_cmd(data_dir, export, "sel-last"), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if json.loads(ck.read_text())["step"] >= 2:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, err
+    rc, _, err = interrupt_after_step(_cmd(data_dir, export, "sel-last"), ck, ROOT)
+    assert rc == 130, err
     state = json.loads(ck.read_text())
     so_far = state["epoch_test_losses"]
     assert 2 <= state["step"] < 6 and len(so_far) == state["step"] // 2
