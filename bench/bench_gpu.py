@@ -21,23 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench_model import WORDS, raw_decode  # noqa: E402  (this folder is on sys.path when run as a script)
 from local_model import load_backend  # noqa: E402
 from local_model.gpu import gpu_offload_supported  # noqa: E402
 
-WORDS = ("apple river stone cloud lamp forest window garden pencil bridge candle mirror rocket violin "
-         "meadow harbor tunnel lantern compass feather").split()
-
-
 def decode_rate(llm, n: int) -> float:
-    """(n-1) tokens over the time between the first and the n-th generated token."""
-    tokens = llm.tokenize(b"Write a long story about a lighthouse keeper. Use many paragraphs.\n")
-    llm.reset()
-    times = []
-    for _tok in llm.generate(tokens, top_k=0, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
-        times.append(time.perf_counter())
-        if len(times) >= n:
-            break
-    return (len(times) - 1) / (times[-1] - times[0])
+    """(n-1) tokens over the time between the first and the n-th generated token (bench_model's measure)."""
+    return raw_decode(llm, llm.tokenize(b"Write a long story about a lighthouse keeper. Use many paragraphs.\n"), n)
 
 
 def prompt_rate(llm, n_tokens: int) -> tuple[float, int]:
