@@ -236,6 +236,8 @@ def card(record: dict) -> str:
         lines += [f"- rows trained on: {e['used_rows']} (left out as too long: {e.get('too_long', 0)})"]
     if e.get("filters"):
         lines += [f"- filters: {json.dumps(e['filters'], ensure_ascii=False)}"]
+    if e.get("train_tasks") is not None:
+        lines += [f"- training tasks: {len(e['train_tasks'])} (`eval --adapter` leaves problems with these ids out)"]
     if e.get("split"):
         lines += [f"- held-out split: {json.dumps(e['split'], ensure_ascii=False)}"]
     lines += ["", "## Hyperparameters", ""]

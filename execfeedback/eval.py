@@ -30,12 +30,17 @@ memory limit and a CPU-time limit. Hidden tests that hang or kill the kernel fai
 A problem passes at round r when the attempt the loop chose at its latest round <= r passed the
 hidden tests. Traces go to the store in `--data-dir`, tagged with the eval run and the problem id.
 The same `--name` resumes an interrupted run: problems with a finished trace in it are not run again.
+
+With `--adapter A` the command compares: problems whose id is one of A's training tasks are left out,
+the base model runs the rest first (run `NAME-base`, or the base settings' default name; resumable,
+skipped with `--no-base`), then base + adapter, then a side-by-side table, recorded on A's card.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -491,6 +496,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="a registered LoRA adapter (`python -m execfeedback adapter list`) to run on the base model")
     p.add_argument("--backend", choices=("llama", "anthropic", "openai"), default=None,
                    help="default: guessed from --model and --base-url")
+    p.add_argument("--no-base", action="store_true",
+                   help="with --adapter: run only the adapter, not the base model beside it")
     p.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
     p.add_argument("--n-ctx", type=int, default=4096, help="context window for the in-process model")
     p.add_argument("--max-tokens", type=int, default=1024, help="tokens per reply (default 1024)")
@@ -515,6 +522,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"error: {message}", file=sys.stderr, flush=True)
     return code
+
+
+def _failed(message: str) -> tuple[int, None]:
+    return _fail(message), None
 
 
 def _settings(args: argparse.Namespace) -> EvalSettings:
@@ -561,18 +572,21 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except (OSError, UnicodeDecodeError) as e:
         return _fail(f"cannot read the problem file {args.problems}: {e}")
+    if getattr(args, "no_base", False) and not settings.adapter:
+        return _fail("--no-base goes with --adapter (it skips the base model's run beside the adapter's)")
     for err in line_errors:
         print(f"error: {err} (this problem is skipped; fix the line and run the same command again to add it)",
               file=sys.stderr, flush=True)
-    if args.limit:
-        problems = problems[:args.limit]
     if not problems:
         return _fail(f"no problem could be loaded from {args.problems}; see the line errors above")
 
     data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
     store = Store(data_dir)
     try:
-        return _run_with_store(args, settings, store, problems, line_errors, t_start)
+        if settings.adapter:
+            return _compare(args, settings, store, problems, line_errors, t_start)
+        return _run_with_store(args, settings, store, problems[:args.limit] if args.limit else problems,
+                               line_errors, t_start)[0]
     except KeyboardInterrupt:  # before the problems started (loading the model): nothing to keep
         print("Interrupted before any problem ran; nothing was lost. Run the same command again.",
               file=sys.stderr, flush=True)
@@ -581,7 +595,9 @@ def run(args: argparse.Namespace) -> int:
         store.close()
 
 
-def _run_with_store(args, settings: EvalSettings, store: Store, problems: list[Problem], line_errors, t_start) -> int:
+def _run_with_store(args, settings: EvalSettings, store: Store, problems: list[Problem], line_errors, t_start, *,
+                    comparison: dict | None = None) -> tuple[int, dict | None]:
+    """One eval run: (exit code, results; None when it never started). `comparison` goes into the results."""
     traces = TraceStore(store)
     name = args.name or settings.default_name()
     sha = file_sha256(args.problems)
@@ -592,7 +608,7 @@ def _run_with_store(args, settings: EvalSettings, store: Store, problems: list[P
     diff = [k for k in RESULT_KEYS if k in (er.get("config") or {}) and old[k] != config[k]]
     if diff:
         said = ", ".join(f"{k}: {old[k]!r} then, {config[k]!r} now" for k in diff)
-        return _fail(f"eval run {name!r} already exists with other settings ({said}); "
+        return _failed(f"eval run {name!r} already exists with other settings ({said}); "
                      "resume it with the same settings or pass a new --name")
     if er.get("problems_sha256") and er["problems_sha256"] != sha:
         print(f"note: {Path(args.problems).name} changed since run {name!r} started; finished problems are kept "
@@ -620,12 +636,12 @@ def _run_with_store(args, settings: EvalSettings, store: Store, problems: list[P
                 lora_path, adapter_entry = resolve_adapter(store, settings.adapter, model=settings.model,
                                                            data_dir=_model_data_dir(store.data_dir))
             except (StoreError, ValueError, LookupError) as e:
-                return _fail(f"adapter {settings.adapter!r}: {e}")
+                return _failed(f"adapter {settings.adapter!r}: {e}")
         try:
             backend = load_backend(settings.model, settings.backend, base_url=settings.base_url, n_ctx=settings.n_ctx,
                                    data_dir=_model_data_dir(store.data_dir), lora_path=lora_path)
         except ModelError as e:
-            return _fail(f"{e}")
+            return _failed(f"{e}")
         engine = Engine(backend)
         engine.manifest.update(adapter_entry)
         manifest = dict(engine.manifest)
@@ -671,6 +687,8 @@ def _run_with_store(args, settings: EvalSettings, store: Store, problems: list[P
         "line_errors": [str(e) for e in line_errors],
     })
     results = {"summary": summary, "problems": per_problem}
+    if comparison is not None:
+        results["comparison"] = {**comparison, "adapter_pass_by_round": summary["pass_by_round"]}
     out = Path(args.out).expanduser() if args.out else store.data_dir / "evals" / f"{_safe(name)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -682,11 +700,88 @@ def _run_with_store(args, settings: EvalSettings, store: Store, problems: list[P
     if runner is not None and runner.model_failed:
         return _fail(f"the model answered no attempt for two problems in a row; check that {settings.model!r} "
                      f"works (`python -m local_model manifest`, or the server at --base-url), then run the same "
-                     f"command again to resume (run name {name!r})")
+                     f"command again to resume (run name {name!r})"), results
     if interrupted or not summary["complete"]:
         print(f"Interrupted. Resume with the same command (run name {name!r}).", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    return EXIT_LINE_ERRORS if line_errors else EXIT_OK
+        return EXIT_INTERRUPTED, results
+    return (EXIT_LINE_ERRORS if line_errors else EXIT_OK), results
+
+
+# -- base beside adapter ----------------------------------------------------------------------------
+
+def _left_out(problems: list[Problem], record: dict) -> tuple[list[Problem], list[str] | None]:
+    """The problems that are not the adapter's training tasks, and the ids left out (None: it cannot tell)."""
+    train = (record.get("export") or {}).get("train_tasks")
+    if train is None:
+        return problems, None
+    train = set(train)
+    return [p for p in problems if p.id not in train], [p.id for p in problems if p.id in train]
+
+
+def _compare(args, settings: EvalSettings, store: Store, problems: list[Problem], line_errors, t_start) -> int:
+    """`eval --adapter A`: held-out problems only, the base model first (unless --no-base), then A, side by side."""
+    from dialog import StoreError
+
+    from .adapters import get, record_eval, resolve_adapter
+
+    name = settings.adapter
+    try:
+        record = get(store, name)
+        # Checked before either run: a base run is wasted when the adapter cannot load onto this model.
+        resolve_adapter(store, name, model=settings.model, data_dir=_model_data_dir(store.data_dir))
+    except (StoreError, ValueError, LookupError) as e:
+        return _fail(f"adapter {name!r}: {e}")
+    problems, left = _left_out(problems, record)
+    if left is None:
+        print(f"note: adapter {name!r} does not record its training tasks (registered before they were recorded, "
+              "or trained on a given --export): cannot check that these problems were held out of its training.",
+              file=sys.stderr, flush=True)
+    elif left:
+        more = f" and {len(left) - 5} more" if len(left) > 5 else ""
+        print(f"note: left out {len(left)} problem(s) that adapter {name!r} was trained on: "
+              f"{', '.join(left[:5])}{more}", file=sys.stderr, flush=True)
+    if not problems:
+        return _fail(f"every problem in {Path(args.problems).name} is a training task of adapter {name!r}; "
+                     "evaluate on held-out problems (tasks the export put in test, or another problem file)")
+    if args.limit:
+        problems = problems[:args.limit]
+    comparison = {"base_run": None, "base_pass_by_round": None, "left_out_train_tasks": left}
+    base = None
+    if not getattr(args, "no_base", False):
+        base_settings = dataclasses.replace(settings, adapter=None)
+        base_name = f"{args.name}-base" if args.name else base_settings.default_name()
+        print(f"Base model alone first (run {base_name!r}), then with adapter {name!r}.", file=sys.stderr, flush=True)
+        base_args = argparse.Namespace(**{**vars(args), "adapter": None, "name": base_name, "out": None})
+        code, base = _run_with_store(base_args, base_settings, store, problems, line_errors, t_start)
+        if code not in (EXIT_OK, EXIT_LINE_ERRORS):
+            if code == EXIT_INTERRUPTED:
+                print("The adapter run has not started; the same command resumes the base run, then runs it.",
+                      file=sys.stderr, flush=True)
+            return code
+        comparison.update(base_run=base_name, base_pass_by_round=base["summary"]["pass_by_round"])
+    code, results = _run_with_store(args, settings, store, problems, line_errors, time.perf_counter(),
+                                    comparison=comparison)
+    if base is None or code not in (EXIT_OK, EXIT_LINE_ERRORS):
+        return code
+    print(format_comparison(base["summary"], results["summary"]), flush=True)
+    record_eval(store, name, base, role="base")
+    record_eval(store, name, results, role="adapter")
+    print(f"Both are recorded on the adapter's card: python -m execfeedback adapter show {name}", flush=True)
+    return code
+
+
+def format_comparison(base: dict, adapter: dict) -> str:
+    """pass@1 per round of the base run and the adapter run, side by side, with the change in points."""
+    n = adapter["n"]
+    lines = [f"Base vs adapter on the same {n} problem(s) (runs {base['run_name']!r} and {adapter['run_name']!r}):",
+             "round  base              adapter           change"]
+    cell = lambda s, r: f"{s['pass_counts_by_round'][r]:>3}/{s['n']:<3} {100 * s['pass_by_round'][r]:5.1f}%"
+    for r in range(min(len(base["pass_by_round"]), len(adapter["pass_by_round"]))):
+        change = 100 * (adapter["pass_by_round"][r] - base["pass_by_round"][r])
+        lines.append(f"{r:>5}  {cell(base, r):<16}  {cell(adapter, r):<16}  {change:+.1f} pts")
+    lines.append(f"regressions (pass -> fail between rounds): base {base['regressions']}, "
+                 f"adapter {adapter['regressions']}")
+    return "\n".join(lines)
 
 
 def _safe(name: str) -> str:

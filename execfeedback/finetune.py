@@ -149,9 +149,11 @@ def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
     out = run_dir / "export"
     filters = {k: getattr(args, k) for k in FILTER_KEYS if getattr(args, k, None) not in (None, [], False)}
     saved = run_dir / "export-filters.json"
+    tasks_file = run_dir / "export-train-tasks.json"
     if not args.restart and read_checkpoint_state(run_dir) and (out / "sft.train.jsonl").is_file():
         log(f"Using the export this run started with ({out}); pass --restart to export again.")
-        return out, json.loads(saved.read_text()) if saved.is_file() else filters
+        tasks = json.loads(tasks_file.read_text()) if tasks_file.is_file() else None
+        return out, json.loads(saved.read_text()) if saved.is_file() else filters, tasks
     formats = ["sft", "preference"] if args.dpo else ["sft"]
     try:
         options = options_from_mapping({**filters, "format": formats, "outcome": "solved"})
@@ -163,8 +165,42 @@ def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
                                 f"on a training problem set: `python -m execfeedback eval TRAIN.jsonl --data-dir "
                                 f"{store.data_dir}`.") from None
         raise FinetuneError(text) from None
+    tasks = train_tasks(store, options)
+    tasks_file.write_text(json.dumps(tasks))
     saved.write_text(json.dumps(filters))
-    return out, filters
+    return out, filters, tasks
+
+
+def train_tasks(store, options) -> list[str]:
+    """The tasks the export's split put in train, by the export's own Source and Splitter: problem ids for
+    eval traces, `request:<hash>` or `trace:<id>` for the rest (see export_split.task_key)."""
+    from .export_rows import is_trivial_edit
+    from .export_source import AUTHORS, Source
+    from .export_split import Splitter
+
+    src = Source(store.reader(), details=False, request_sql=options.split_by == "dialog")
+    keys: set[str] = set()
+    try:
+        splitter = Splitter(by=options.split_by, test_fraction=options.test_fraction, seed=options.seed,
+                            forced_tasks=src.eval_run_tasks(options.exclude_eval_runs),
+                            links=list(src.task_links()) if options.split_by == "dialog" else [])
+        authors = set(options.filters.authors or AUTHORS)
+        if authors - {"human_edit"}:
+            where, params = options.filters.where(solved_only=True)
+            for trow in src.trace_rows(where, params):
+                tr = src.load(trow)
+                if tr is not None and tr.author in authors and splitter.split(trow["dialog_id"], tr.task) == "train":
+                    keys.add(tr.task)
+        if "human_edit" in authors:  # corrected cells give SFT rows of their trace's task too
+            where, params = options.filters.where()
+            for group in src.edit_groups():
+                tid = None if is_trivial_edit(group) else src.trace_for_edits(group)
+                tr = src.load_by_id(tid, where, params) if tid is not None else None
+                if tr is not None and splitter.split(tr.row["dialog_id"], tr.task) == "train":
+                    keys.add(tr.task)
+    finally:
+        src.close()
+    return sorted(k.removeprefix("task:") for k in keys)
 
 
 def finetune(args: argparse.Namespace) -> int:
@@ -206,8 +242,9 @@ def _finetune(store, name: str, args, hyper, versions: dict, log) -> int:
                                 "export that is already filtered. Leave one of them out.")
         data = read_export(args.export, need_preference=args.dpo)
         data.filters = {"export": str(Path(args.export).expanduser())}
+        tasks = None  # a given export's rows do not say their task: eval cannot check overlap
     else:
-        export_dir, filters = _export(store, run_dir, args, log)
+        export_dir, filters, tasks = _export(store, run_dir, args, log)
         data = read_export(export_dir, need_preference=args.dpo)
         data.filters = filters
     check_enough(len(data.sft_train), minimum=args.min_rows, data_dir=str(data_dir))
@@ -264,7 +301,7 @@ def _finetune(store, name: str, args, hyper, versions: dict, log) -> int:
         "method": method, "source": "trained",
         "export": {**data.summary(), "used_rows": len(prepared.rows), "too_long": prepared.too_long,
                    "fix_rows": prepared.kinds["fix"], "first_rows": prepared.kinds["first"],
-                   "test_rows_used": len(test.rows)},
+                   "test_rows_used": len(test.rows), **({"train_tasks": tasks} if tasks is not None else {})},
         "hyperparameters": {**asdict(hyper), "adapter_dtype": args.adapter_dtype,
                             "gradient_checkpointing": grad_ckpt},
         "training": {"device": device, "dtype": str(dtype).removeprefix("torch."), "load_s": round(load_s, 2),

@@ -171,16 +171,27 @@ def test_the_eval_runs_with_the_adapter_and_names_it(trained, data_dir, tmp_path
     out = tmp_path / "results.json"
     args = add_arguments(argparse.ArgumentParser()).parse_args(
         [str(ROOT / "execfeedback/problems/loopbook-30.jsonl"), "--model", "smollm2-135m", "--adapter", "fix-v1",
-         "--limit", "1", "--rounds", "0", "--max-tokens", "48", "--quiet", "--data-dir", str(data_dir),
+         "--no-base", "--limit", "1", "--rounds", "0", "--max-tokens", "48", "--quiet", "--data-dir", str(data_dir),
          "--out", str(out)])
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        assert run(args) == 0
-    summary = json.loads(out.read_text())["summary"]
-    assert summary["manifest"]["adapter"] == "fix-v1" and "fix-v1" in summary["run_name"]
     store = Store(data_dir)
     try:
+        runs_before = {r["name"] for r in store.query("SELECT name FROM eval_runs")}
+    finally:
+        store.close()
+    with contextlib.redirect_stdout(io.StringIO()) as said, contextlib.redirect_stderr(io.StringIO()):
+        assert run(args) == 0
+    results = json.loads(out.read_text())
+    summary = results["summary"]
+    assert summary["manifest"]["adapter"] == "fix-v1" and "fix-v1" in summary["run_name"]
+    # --no-base: the adapter alone, no base run and no side-by-side table.
+    assert results["comparison"]["base_run"] is None and results["comparison"]["left_out_train_tasks"] == []
+    assert "round  base" not in said.getvalue()
+    store = Store(data_dir)
+    try:
+        runs = {r["name"]: r["id"] for r in store.query("SELECT id, name FROM eval_runs")}
+        assert set(runs) - runs_before == {summary["run_name"]}
         rows = store.query("SELECT manifest FROM attempts WHERE trace_id IN "
-                           "(SELECT id FROM traces WHERE eval_run_id IS NOT NULL)")
+                           "(SELECT id FROM traces WHERE eval_run_id = ?)", (runs[summary["run_name"]],))
         assert rows and all(json.loads(r["manifest"])["adapter"] == "fix-v1" for r in rows)
     finally:
         store.close()
@@ -189,6 +200,102 @@ def test_the_eval_runs_with_the_adapter_and_names_it(trained, data_dir, tmp_path
          "--limit", "1", "--quiet", "--data-dir", str(data_dir)])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert run(args) != 0
+
+
+def _eval(data_dir: Path, problems: Path, *extra: str) -> tuple[int, str, str]:
+    import argparse
+    import contextlib
+    import io
+
+    from execfeedback.eval import add_arguments, run
+
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        [str(problems), "--model", "smollm2-135m", "--limit", "2", "--rounds", "1", "--max-tokens", "32", "--quiet",
+         "--data-dir", str(data_dir), *extra])
+    with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        rc = run(args)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _problems_with(path: Path, first_id: str | None, n: int = 3) -> Path:
+    """The first n shipped problems; the first one renamed to `first_id` (a training task) when given."""
+    lines = (ROOT / "execfeedback/problems/loopbook-30.jsonl").read_text().splitlines()[:n]
+    rows = [json.loads(line) for line in lines]
+    if first_id is not None:
+        rows[0]["id"] = first_id
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_record_lists_the_training_tasks_of_the_split(trained):
+    tasks = trained["export"]["train_tasks"]
+    # 40 eval traces, one task each: every train row is one task, named by its problem id.
+    assert len(tasks) == trained["export"]["files"]["sft.train.jsonl"] and tasks == sorted(tasks)
+    assert set(tasks) < {f"task-{i}" for i in range(40)}
+    assert "training tasks:" in adapters.card(trained)
+
+
+def test_eval_adapter_compares_with_the_base_on_held_out_problems(trained, data_dir, tmp_path):
+    train_id = trained["export"]["train_tasks"][0]
+    problems = _problems_with(tmp_path / "mixed.jsonl", train_id)
+    out = tmp_path / "cmp.json"
+    rc, said, err = _eval(data_dir, problems, "--adapter", "fix-v1", "--name", "cmp", "--out", str(out))
+    assert rc == 0, err
+    assert f"left out 1 problem(s) that adapter 'fix-v1' was trained on: {train_id}" in err
+    assert "round  base              adapter           change" in said
+    assert "regressions (pass -> fail between rounds): base" in said
+    results = json.loads(out.read_text())
+    held_out = [p["id"] for p in results["problems"]]
+    assert len(held_out) == 2 and train_id not in held_out
+    cmp = results["comparison"]
+    assert cmp["base_run"] == "cmp-base" and cmp["left_out_train_tasks"] == [train_id]
+    assert cmp["adapter_pass_by_round"] == results["summary"]["pass_by_round"] and len(cmp["base_pass_by_round"]) == 2
+    store = Store(data_dir)
+    try:
+        runs = {r["name"]: r["id"] for r in store.query("SELECT id, name FROM eval_runs")}
+        for name, adapter in (("cmp-base", None), ("cmp", "fix-v1")):
+            rows = store.query("SELECT t.task_id, a.manifest FROM traces t JOIN attempts a ON a.trace_id = t.id "
+                               "WHERE t.eval_run_id = ?", (runs[name],))
+            assert {r["task_id"] for r in rows} == set(held_out)
+            assert {json.loads(r["manifest"]).get("adapter") for r in rows} == {adapter}
+        rec = adapters.get(store, "fix-v1")
+        n_traces = store.query("SELECT count(*) AS n FROM traces")[0]["n"]
+    finally:
+        store.close()
+    assert rec["eval_before"]["run_name"] == "cmp-base" and rec["eval_after"]["run_name"] == "cmp"
+    assert rec["eval_after"]["pass_by_round"] == cmp["adapter_pass_by_round"]
+    assert "Problems: base run `cmp-base` (2 problems), adapter run `cmp` (2 problems)" in adapters.card(rec)
+
+    # The same command resumes both runs: nothing runs again.
+    rc, said, err = _eval(data_dir, problems, "--adapter", "fix-v1", "--name", "cmp", "--out", str(out))
+    assert rc == 0 and "Resuming eval run 'cmp-base': 2 problem(s) already done, 0 to run" in err
+    store = Store(data_dir)
+    try:
+        assert store.query("SELECT count(*) AS n FROM traces")[0]["n"] == n_traces
+    finally:
+        store.close()
+
+    # Only training tasks: nothing to compare on.
+    only = tmp_path / "train-only.jsonl"
+    only.write_text(json.dumps({**json.loads(problems.read_text().splitlines()[0])}) + "\n")
+    rc, _, err = _eval(data_dir, only, "--adapter", "fix-v1")
+    assert rc == 2 and "is a training task of adapter 'fix-v1'" in err
+
+
+def test_an_adapter_without_training_tasks_cannot_be_checked(trained, data_dir, tmp_path):
+    store = Store(data_dir)
+    try:
+        folder = adapters.adapters_dir(store)
+        (folder / "fix-old.gguf").write_bytes(Path(trained["path"]).read_bytes())
+        old = {**trained, "name": "fix-old", "file_name": "fix-old.gguf",
+               "export": {k: v for k, v in trained["export"].items() if k != "train_tasks"}}
+        adapters.register(store, old)
+    finally:
+        store.close()
+    rc, _, err = _eval(data_dir, _problems_with(tmp_path / "p.jsonl", None, n=1), "--adapter", "fix-old", "--no-base",
+                       "--rounds", "0", "--max-tokens", "8", "--name", "old")
+    assert rc == 0, err
+    assert "adapter 'fix-old' does not record its training tasks" in err and "cannot check" in err
 
 
 def test_the_app_picks_an_adapter_per_dialog_and_names_it(trained, data_dir):
