@@ -506,7 +506,8 @@ def check_settings(settings: dict) -> None:
 
 
 # The Settings panel's fields and how each is read; check_settings judges the values.
-FORM_SETTINGS = {"adapter": str, "rounds": int, "candidates": int, "retry": str, "system_prompt": str}
+FORM_SETTINGS = {"adapter": str, "rounds": int, "candidates": int, "retry": str, "repeat_resamples": int,
+                 "system_prompt": str}
 
 
 def settings_from_form(form) -> dict:
@@ -1260,6 +1261,7 @@ def SettingsPanel(d: dict, *, open: bool = False, oob: bool = False):
              Label(Span("Retry"), Select(Option(f"default ({LoopConfig.retry})", value=""),
                                          *[Option(m, value=m, selected=m == s.get("retry")) for m in RETRY_MODES],
                                          name="retry"), cls="field"),
+             number("repeat_resamples", "Resample repeats", 0, 8, S.cfg.repeat_resamples),
              # The parser drops one newline after <textarea>; this one, so a prompt's own first newline stays.
              Label(Span("System prompt"), Textarea("\n" + s["system_prompt"] if s.get("system_prompt") else "",
                                                    name="system_prompt", rows=5, placeholder=DEFAULT_SYSTEM_PROMPT),

@@ -25,9 +25,9 @@ def settings_of(c, did: int) -> dict:
     return c.get(f"/api/dialogs/{did}").json()["settings"]
 
 
-def form(adapter="", rounds="", candidates="", retry="", system_prompt="") -> dict:
+def form(adapter="", rounds="", candidates="", retry="", system_prompt="", repeat_resamples="") -> dict:
     return {"adapter": adapter, "rounds": rounds, "candidates": candidates, "retry": retry,
-            "system_prompt": system_prompt}
+            "repeat_resamples": repeat_resamples, "system_prompt": system_prompt}
 
 
 def panel(c, did: int):
@@ -54,16 +54,17 @@ def register(data_dir, base_sha: str, **extra) -> str:
 
 def test_valid_values_are_saved_and_shown(c):
     did = new_dialog(c, {"temperature": 0.3})
-    r = c.post(f"/d/{did}/settings", data=form(rounds="2", candidates=" 3 ", retry="repair",
+    r = c.post(f"/d/{did}/settings", data=form(rounds="2", candidates=" 3 ", retry="repair", repeat_resamples="0",
                                                  system_prompt="Be brief.\r\nUse numpy."), headers=HX)
     assert r.status_code == 200 and "Settings saved" in r.text
     assert 'hx-swap-oob="true"' in r.text and 'id="autorun-note"' in r.text  # the panel and the note re-rendered
     # The settings the panel does not show are kept.
     assert settings_of(c, did) == {"temperature": 0.3, "rounds": 2, "candidates": 3, "retry": "repair",
-                                   "system_prompt": "Be brief.\nUse numpy."}
+                                   "repeat_resamples": 0, "system_prompt": "Be brief.\nUse numpy."}
     p = panel(c, did)
     assert p.select_one("input[name=rounds]")["value"] == "2"
     assert p.select_one("input[name=candidates]")["value"] == "3"
+    assert p.select_one("input[name=repeat_resamples]")["value"] == "0"
     assert p.select_one("select[name=retry] option[selected]")["value"] == "repair"
     assert p.select_one("textarea[name=system_prompt]").text.strip("\n") == "Be brief.\nUse numpy."
     assert p.select_one("select[name=adapter] option[selected]").text == "none (base model)"
@@ -76,7 +77,8 @@ def test_bad_values_give_a_toast_and_change_nothing(c, server):
     cases = [(form(rounds="-1"), "rounds must be"), (form(candidates="abc"), "candidates must be a whole number"),
              (form(adapter="no-such-adapter"), "no adapter 'no-such-adapter'"),
              (form(retry="sideways"), "retry must be one of"), (form(rounds="4", candidates="99"), "candidates must be"),
-             (form(rounds="2.5"), "rounds must be a whole number")]
+             (form(rounds="2.5"), "rounds must be a whole number"),
+             (form(repeat_resamples="9"), "repeat_resamples must be")]
     for data, message in cases:
         r = c.post(f"/d/{did}/settings", data=data, headers=HX)
         assert r.headers.get("hx-retarget") == "#toast", data
