@@ -111,12 +111,12 @@ def prompt_helpers(prompt: str, entry: str) -> str:
         tree = ast.parse(prompt)
     except SyntaxError:
         return ""
+    imports = "".join(ast.get_source_segment(prompt, n) + "\n" for n in tree.body
+                      if isinstance(n, (ast.Import, ast.ImportFrom)))
     out = []
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name != entry:
             src = ast.get_source_segment(prompt, node) or ""
-            imports = "".join(ast.get_source_segment(prompt, n) + "\n" for n in tree.body
-                              if isinstance(n, (ast.Import, ast.ImportFrom)))
             out.append(f"if {node.name!r} not in globals():\n" + textwrap.indent(imports + src, "    ") + "\n")
     return "".join(out)
 

@@ -83,6 +83,7 @@ class ExportReport:
     dedup: dict[str, tuple[int, int]]
     secrets: dict[str, int]
     directory: Path | None = None
+    tasks: dict[str, set[str]] = field(default_factory=dict)  # the task keys the split put in train and test
 
 
 def _manifest_text(raw: Any, scrub) -> str:
@@ -334,7 +335,8 @@ class _Exporter:
         files = {self.writers.name(f, sp): n for (f, sp), n in sorted(self.writers.counts.items())}
         return ExportReport(files=files, rows=dict(self.writers.counts), card=card, stats=s,
                             dedup={f: (d.exact, d.near) for f, d in self.dedupers.items()},
-                            secrets=dict(self.scrubber.counts), directory=self.directory)
+                            secrets=dict(self.scrubber.counts), directory=self.directory,
+                            tasks=self.splitter.tasks)
 
     def _trace_pass(self, src: Source) -> None:
         o, s = self.o, self.stats

@@ -67,11 +67,12 @@ def _child(ex: "_Exporter", where: str, params: list, i: int, n: int, directory:
     ex.stats = Stats()
     ex.scrubber.counts = Counter()
     ex.splitter.groups = {"train": set(), "test": set()}
+    ex.splitter.tasks = {"train": set(), "test": set()}
     ex._seen_edited = set()
     try:
         _part(ex, where, params, i, n, directory, progress, lambda: None)
         result = {"stats": ex.stats, "secrets": ex.scrubber.counts, "groups": ex.splitter.groups,
-                  "seen_edited": ex._seen_edited}
+                  "tasks": ex.splitter.tasks, "seen_edited": ex._seen_edited}
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
         result = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         code = 1
@@ -135,6 +136,8 @@ def parallel_trace_pass(ex: "_Exporter", where: str, params: list, bar) -> None:
             ex.scrubber.counts.update(result["secrets"])
             for split, groups in result["groups"].items():
                 ex.splitter.groups[split] |= groups
+            for split, tasks in result["tasks"].items():
+                ex.splitter.tasks[split] |= tasks
             ex._seen_edited |= result["seen_edited"]
         for fmt in FORMATS:
             parts = [open(root / str(i) / f"{fmt}.part", encoding="utf-8") for i in range(n)

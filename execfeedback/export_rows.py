@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable, Iterator
 
 from .export_hygiene import cut, digest, normalise_code, normalise_text
@@ -39,30 +40,16 @@ def code_key(tr: Trace, a: dict | None, said: str = "") -> str:
     return tr.memo[key]
 
 
-_CODES: dict[str, str] = {}
-
-
+@lru_cache(maxsize=4096)
 def _normalised_code(code: str) -> str:
     # An eval at temperature 0 writes the same code for a task run after run: normalise it once.
-    hit = _CODES.get(code)
-    if hit is None:
-        if len(_CODES) >= 4096:
-            _CODES.clear()
-        hit = _CODES[code] = normalise_code(code)
-    return hit
+    return normalise_code(code)
 
 
-_NORMALISED: dict[str, str] = {}
-
-
+@lru_cache(maxsize=4096)
 def _normalised_message(text: str) -> str:
     # Context messages recur across traces (the system prompt, an eval's task text): normalise each once.
-    hit = _NORMALISED.get(text)
-    if hit is None:
-        if len(_NORMALISED) >= 4096:
-            _NORMALISED.clear()
-        hit = _NORMALISED[text] = normalise_text(text)
-    return hit
+    return normalise_text(text)
 
 
 def prompt_key(tr: Trace) -> str:

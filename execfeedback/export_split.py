@@ -68,6 +68,7 @@ class Splitter:
             self._components = comps
             self._forced_roots = {comps.find(f"t:{t}") for t in self.forced_tasks}
         self.groups: dict[str, set[str]] = {"train": set(), "test": set()}
+        self.tasks: dict[str, set[str]] = {"train": set(), "test": set()}  # what a later eval must hold out
 
     def group(self, dialog_id: int | None, task: str) -> str:
         if self._components is None:
@@ -80,4 +81,5 @@ class Splitter:
         forced = task in self.forced_tasks if self._components is None else g in self._forced_roots
         name = "test" if forced or bucket(self.seed, g) < self.test_fraction else "train"
         self.groups[name].add(g)
+        self.tasks[name].add(task)
         return name

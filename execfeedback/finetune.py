@@ -157,7 +157,7 @@ def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
     formats = ["sft", "preference"] if args.dpo else ["sft"]
     try:
         options = options_from_mapping({**filters, "format": formats, "outcome": "solved"})
-        export_to_dir(store, out, options, force=True, progress=not args.quiet)
+        report = export_to_dir(store, out, options, force=True, progress=not args.quiet)
     except ExportError as e:
         text = str(e)
         if text.startswith(("No traces", "Nothing to write")):
@@ -165,42 +165,11 @@ def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
                                 f"on a training problem set: `python -m execfeedback eval TRAIN.jsonl --data-dir "
                                 f"{store.data_dir}`.") from None
         raise FinetuneError(text) from None
-    tasks = train_tasks(store, options)
+    # Problem ids for eval traces, `request:<hash>` or `trace:<id>` for the rest (export_split.task_key).
+    tasks = sorted(k.removeprefix("task:") for k in report.tasks["train"])
     tasks_file.write_text(json.dumps(tasks))
     saved.write_text(json.dumps(filters))
     return out, filters, tasks
-
-
-def train_tasks(store, options) -> list[str]:
-    """The tasks the export's split put in train, by the export's own Source and Splitter: problem ids for
-    eval traces, `request:<hash>` or `trace:<id>` for the rest (see export_split.task_key)."""
-    from .export_rows import is_trivial_edit
-    from .export_source import AUTHORS, Source
-    from .export_split import Splitter
-
-    src = Source(store.reader(), details=False, request_sql=options.split_by == "dialog")
-    keys: set[str] = set()
-    try:
-        splitter = Splitter(by=options.split_by, test_fraction=options.test_fraction, seed=options.seed,
-                            forced_tasks=src.eval_run_tasks(options.exclude_eval_runs),
-                            links=list(src.task_links()) if options.split_by == "dialog" else [])
-        authors = set(options.filters.authors or AUTHORS)
-        if authors - {"human_edit"}:
-            where, params = options.filters.where(solved_only=True)
-            for trow in src.trace_rows(where, params):
-                tr = src.load(trow)
-                if tr is not None and tr.author in authors and splitter.split(trow["dialog_id"], tr.task) == "train":
-                    keys.add(tr.task)
-        if "human_edit" in authors:  # corrected cells give SFT rows of their trace's task too
-            where, params = options.filters.where()
-            for group in src.edit_groups():
-                tid = None if is_trivial_edit(group) else src.trace_for_edits(group)
-                tr = src.load_by_id(tid, where, params) if tid is not None else None
-                if tr is not None and splitter.split(tr.row["dialog_id"], tr.task) == "train":
-                    keys.add(tr.task)
-    finally:
-        src.close()
-    return sorted(k.removeprefix("task:") for k in keys)
 
 
 def finetune(args: argparse.Namespace) -> int:

@@ -111,9 +111,9 @@ def plan_offload(
 
 
 def choose(meta: dict[str, Any], file_size: int, n_ctx: int, n_gpu_layers: int | None = None,
-           flash_attn: bool | None = None) -> GpuPlan:
-    """Plan for this machine: asks llama.cpp whether it can offload, then how much VRAM is free."""
-    supported = gpu_offload_supported()
+           flash_attn: bool | None = None, supported: bool | None = None) -> GpuPlan:
+    """Plan for this machine: asks llama.cpp whether it can offload (unless told), then how much VRAM is free."""
+    supported = gpu_offload_supported() if supported is None else supported
     n_layers, per_layer, kv_layer = layer_sizes(meta, file_size, n_ctx)
     free, device = (free_vram() if supported and n_gpu_layers is None else (None, None))
     return plan_offload(n_layers=n_layers, layer_bytes=per_layer, kv_layer_bytes=kv_layer,

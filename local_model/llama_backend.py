@@ -47,7 +47,7 @@ class LlamaBackend:
 
         # llama.cpp's backends (CUDA) load first: on an H100 with CUDA 13, loading them after the chat
         # formatter import and the GGUF header read segfaulted; this order ran every eval there.
-        gpu.gpu_offload_supported()
+        offload = gpu.gpu_offload_supported()
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         path = resolved.path
@@ -57,7 +57,7 @@ class LlamaBackend:
             meta = read_metadata(path)
         except ModelError as e:
             raise ModelError(f"{e}. {hint}") from e
-        self.plan = gpu.choose(meta, path.stat().st_size, n_ctx, n_gpu_layers, flash_attn)
+        self.plan = gpu.choose(meta, path.stat().st_size, n_ctx, n_gpu_layers, flash_attn, supported=offload)
         n_threads, n_threads_batch, threads_reason = choose_threads(n_threads, n_threads_batch)
         if lora_path is not None and not Path(lora_path).is_file():
             raise ModelError(f"LoRA adapter {lora_path} does not exist; train or export one first")

@@ -21,6 +21,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_model(client: httpx.Client, timeout: float = 60.0) -> None:
+    """Until the server's model is no longer loading (ready, or failed: the tests say which they need)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and client.get("/api/model").json()["state"] == "loading":
+        time.sleep(0.1)
+
+
 class Server:
     """A running `python app.py` with its own data dir, driven over real HTTP."""
 

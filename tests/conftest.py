@@ -48,19 +48,26 @@ def c(server):
         yield client
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """A real headless Chromium (Debian's, through Playwright), one per test module."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from browserhelpers import launch
+
+    with sync_api.sync_playwright() as playwright:
+        b = launch(playwright)
+        yield b
+        b.close()
+
+
 @pytest.fixture(scope="session")
 def model_server(tmp_path_factory):
     """A real server with the real SmolLM2-135M GGUF loaded, shared by the model tests."""
-    import time
-
-    from apphelpers import Server
+    from apphelpers import Server, wait_for_model
 
     s = Server(tmp_path_factory.mktemp("model"), "--model", "smollm2-135m", "--max-tokens", "32",
                "--exec-timeout", "10").start()
     with s.client() as c:
-        for _ in range(600):
-            if c.get("/api/model").json()["state"] != "loading":
-                break
-            time.sleep(0.1)
+        wait_for_model(c)
     yield s
     s.stop()

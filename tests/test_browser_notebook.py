@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import time
 
-import httpx
 import pytest
 
-from apphelpers import TOKEN, Server
-from browserhelpers import CHROMIUM, VIEWPORT, Watched, launch, shot, until
+from apphelpers import TOKEN, Server, wait_for_model
+from browserhelpers import CHROMIUM, VIEWPORT, Watched, shot, until
 
 pytestmark = pytest.mark.browser
 
@@ -25,20 +23,9 @@ def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("browser"), "--model", "smollm2-135m", "--max-tokens", "48",
                "--exec-timeout", "30", "--rounds", "1").start()
     with s.client() as c:
-        for _ in range(600):
-            if c.get("/api/model").json()["state"] != "loading":
-                break
-            time.sleep(0.1)
+        wait_for_model(c)
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        b = launch(playwright)
-        yield b
-        b.close()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from apphelpers import TOKEN, Server
-from browserhelpers import CHROMIUM, VIEWPORT, Watched, launch, until
+from browserhelpers import CHROMIUM, VIEWPORT, Watched, until
 
 pytestmark = pytest.mark.browser
 
@@ -45,14 +45,6 @@ def server(tmp_path_factory):
                "--exec-timeout", "20").start()
     yield s
     s.stop()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as playwright:
-        b = launch(playwright)
-        yield b
-        b.close()
 
 
 def watched_page(browser, server, allow=()):

@@ -103,5 +103,6 @@ def test_worker_processes_write_exactly_what_one_process_writes(tmp_path):
         store.close()
     assert one.files == two.files and one.dedup == two.dedup and one.secrets == two.secrets
     assert one.stats == two.stats
+    assert one.tasks == two.tasks and one.tasks["train"] and one.tasks["test"]
     for name in one.files:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -300,15 +299,12 @@ def test_an_adapter_without_training_tasks_cannot_be_checked(trained, data_dir, 
 
 def test_the_app_picks_an_adapter_per_dialog_and_names_it(trained, data_dir):
     sys.path.insert(0, str(ROOT / "tests"))
-    from apphelpers import Server
+    from apphelpers import Server, wait_for_model
 
     s = Server(data_dir, "--model", "smollm2-135m", "--max-tokens", "8").start()
     try:
         with s.client() as c:
-            for _ in range(600):
-                if c.get("/api/model").json()["state"] != "loading":
-                    break
-                time.sleep(0.1)
+            wait_for_model(c)
             did = c.post("/api/dialogs", json={"title": "tuned"}).json()["id"]
             assert c.patch(f"/api/dialogs/{did}", json={"settings": {"adapter": "nope"}}).status_code == 404
             assert c.patch(f"/api/dialogs/{did}", json={"settings": {"adapter": "fix-v1"}}).status_code == 200

@@ -14,15 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from apphelpers import ROOT, Server
+from apphelpers import ROOT, Server, wait_for_model
 from execfeedback.traces import EXEC_STATUSES
-
-
-def wait_model(c):
-    for _ in range(600):
-        if c.get("/api/model").json()["state"] != "loading":
-            return
-        time.sleep(0.1)
 
 
 def add(c, did, type, source):
@@ -57,7 +50,7 @@ def test_sigkill_in_the_middle_of_a_solve_loses_nothing_committed(tmp_path):
     killed = False
     try:
         with s.client() as c:
-            wait_model(c)
+            wait_for_model(c)
             did = c.post("/api/dialogs", json={"title": "crash mid-solve"}).json()["id"]
             add(c, did, "note", "# Kept through the crash")
             ran = add(c, did, "code", "x = 6 * 7\nprint(x)")

@@ -2,15 +2,14 @@
 
 import http.server
 import threading
-from pathlib import Path
 
 import pytest
 
 from apphelpers import TOKEN
+from browserhelpers import CHROMIUM
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
 if not CHROMIUM.exists():
     pytest.skip("no /usr/bin/chromium: install it with `apt-get install -y chromium` to run the browser tests",
                 allow_module_level=True)
@@ -24,14 +23,6 @@ HOSTILE_HTML = """<p id="inside">inside the frame</p>
 <div id="leak" hx-get="/api/dialogs" hx-trigger="load" hx-swap="innerHTML">nothing leaked</div>
 <form method="post" action="/dialogs"><input name="title" value="frame-form"><button id="go">go</button></form>
 <a id="top" href="/api/dialogs" target="_top">top</a>"""
-
-
-@pytest.fixture(scope="module")
-def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox", "--disable-gpu"])
-        yield b
-        b.close()
 
 
 @pytest.fixture

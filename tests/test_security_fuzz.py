@@ -2,11 +2,10 @@
 
 import json
 import sqlite3
-import time
 
 import pytest
 
-from apphelpers import Server
+from apphelpers import Server, wait_for_model
 from securityhelpers import fill, routes
 
 MAX_BODY = 256 * 1024
@@ -43,10 +42,7 @@ def srv(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("fuzz"), "--model", "smollm2-135m", "--max-tokens", "8",
                "--max-body", str(MAX_BODY), "--exec-timeout", "5", "--rounds", "0").start()
     with s.client() as c:
-        for _ in range(600):
-            if c.get("/api/model").json()["state"] != "loading":
-                break
-            time.sleep(0.1)
+        wait_for_model(c)
     yield s
     s.stop()
 
