@@ -1,4 +1,5 @@
-"""Shared test setup: run our folders from the checkout, and gate the slow tests."""
+"""Shared test setup: run our folders from the checkout, gate the slow tests, and fail (not skip) under CI
+when a part the test command installs is missing (see parts.py)."""
 
 import os
 import sys
@@ -20,6 +21,39 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+def _skip_reason(report) -> str | None:
+    if report.skipped and isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
+        return str(report.longrepr[2])
+    return None
+
+
+def _fail_missing_part(report) -> None:
+    """Under CI=true/1, a skip because an installed part is missing becomes a failure that says so."""
+    from parts import ci, ci_failure, missing_part
+
+    reason = _skip_reason(report)
+    if reason is None or not ci() or getattr(report, "wasxfail", None) is not None:
+        return
+    part = missing_part(reason)
+    if part is not None:
+        report.outcome = "failed"
+        report.longrepr = ci_failure(part, reason)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield  # a module-level skip (require("chromium"), importorskip at the top) lands here
+    _fail_missing_part(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield  # a skip in a fixture (setup) or in the test body (call)
+    _fail_missing_part(report)
+    return report
 
 
 @pytest.fixture
@@ -51,7 +85,10 @@ def c(server):
 @pytest.fixture(scope="module")
 def browser():
     """A real headless Chromium (Debian's, through Playwright), one per test module."""
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from parts import require, require_module
+
+    require("chromium")
+    sync_api = require_module("playwright.sync_api")
     from browserhelpers import launch
 
     with sync_api.sync_playwright() as playwright:

@@ -8,13 +8,13 @@ import re
 import pytest
 
 from apphelpers import TOKEN, Server, wait_for_model
-from browserhelpers import CHROMIUM, VIEWPORT, Watched, shot, until
+from browserhelpers import VIEWPORT, Watched, shot, until
+from parts import require, require_module
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: install Debian's chromium to run the browser tests", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+require("chromium")
+sync_api = require_module("playwright.sync_api")
 expect = sync_api.expect
 
 

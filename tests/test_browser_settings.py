@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from apphelpers import TOKEN, Server
-from browserhelpers import CHROMIUM, VIEWPORT, Watched, launch, shot, until
+from browserhelpers import VIEWPORT, Watched, launch, shot, until
+from parts import require, require_module
 from dialog import Store
 from execfeedback import adapters
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: install Debian's chromium to run the browser tests", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+require("chromium")
+sync_api = require_module("playwright.sync_api")
 expect = sync_api.expect
 
 ADAPTER = "coder-fix-v1"

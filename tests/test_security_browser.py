@@ -6,14 +6,12 @@ import threading
 import pytest
 
 from apphelpers import TOKEN
-from browserhelpers import CHROMIUM
+from parts import require, require_module
 
 pytestmark = pytest.mark.browser
 
-if not CHROMIUM.exists():
-    pytest.skip("no /usr/bin/chromium: install it with `apt-get install -y chromium` to run the browser tests",
-                allow_module_level=True)
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+require("chromium")
+sync_api = require_module("playwright.sync_api")
 
 # What an output could try from inside its frame: inline script, our own htmx as a gadget, plain requests.
 HOSTILE_HTML = """<p id="inside">inside the frame</p>

@@ -8,18 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from browserhelpers import CHROMIUM
+from parts import require, require_module
 
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
 
-if not CHROMIUM.exists():
-    pytest.skip(
-        "no /usr/bin/chromium: install it with `apt-get install -y chromium` to run the browser tests",
-        allow_module_level=True,
-    )
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+require("chromium")
+sync_api = require_module("playwright.sync_api")
 
 
 def cell(id, type, lang, source, readonly=False):
