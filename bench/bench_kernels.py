@@ -1,6 +1,7 @@
-"""Kernel latencies side by side: raw jupyter_client vs KernelPool, and first runs with and without the spare.
+"""Kernel latencies side by side: raw jupyter_client vs KernelPool, first runs with and without the spare, and
+how soon a dying kernel is reported.
 
-Run from the checkout: .venv/bin/python bench/bench_kernels.py [--n 200] [--first 3]
+Run from the checkout: .venv/bin/python bench/bench_kernels.py [--n 200] [--first 3] [--deaths 3]
 """
 
 from __future__ import annotations
@@ -96,6 +97,29 @@ async def big_output() -> tuple[float, float]:
         await pool.shutdown_all()
 
 
+# The ways a kernel dies that tests/test_reliability_kernels.py checks are detected; here, how fast.
+DEATHS = {"os._exit": "import os\nos._exit(3)", "SIGKILL": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"}
+
+
+async def death_detection(runs: int) -> dict[str, list[float]]:
+    """Time from executing code that kills its kernel to the "died" result (the pool polls for death)."""
+    pool = KernelPool(spare=False)
+    times: dict[str, list[float]] = {how: [] for how in DEATHS}
+    try:
+        for i in range(runs):
+            for how, code in DEATHS.items():
+                key = f"dies-{i}-{how}"
+                await pool.ensure(key)
+                t0 = time.perf_counter()
+                res = await pool.execute(key, code, timeout=60)
+                times[how].append(time.perf_counter() - t0)
+                assert res.status == "died", res
+                await pool.shutdown(key)
+        return times
+    finally:
+        await pool.shutdown_all()
+
+
 def ms(values: list[float]) -> str:
     return f"{statistics.median(values) * 1000:8.1f} ms"
 
@@ -104,6 +128,7 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="round trips per side (default 200)")
     parser.add_argument("--first", type=int, default=3, help="first runs per side (default 3)")
+    parser.add_argument("--deaths", type=int, default=3, help="kernel deaths timed per way of dying (default 3)")
     parser.add_argument("--big", action="store_true", help="also time a 10 MB print and 10^6 printed lines")
     args = parser.parse_args()
 
@@ -120,6 +145,11 @@ async def main() -> None:
     print(f"  with the warm spare       {ms(warm)}   (all: {', '.join(f'{t * 1000:.0f}' for t in warm)} ms)")
     print(f"  without a spare           {ms(cold)}   (all: {', '.join(f'{t * 1000:.0f}' for t in cold)} ms)")
     print(f"  without / with            {statistics.median(cold) / statistics.median(warm):8.1f}x")
+    if args.deaths:
+        deaths = await death_detection(args.deaths)
+        print(f"a dying kernel reported as died (execute to result), median of {args.deaths}:")
+        for how, values in deaths.items():
+            print(f"  {how:<25} {ms(values)}   (max {max(values) * 1000:.0f} ms)")
     if args.big:
         ten_mb, lines = await big_output()
         print("capped outputs (default 200,000-character cap):")

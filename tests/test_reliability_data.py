@@ -1,5 +1,6 @@
 """Losing nothing: a server killed mid-Solve, two writers on one cell, backups while writes go on."""
 
+import contextlib
 import json
 import os
 import signal
@@ -234,6 +235,26 @@ print(n, flush=True)
 """
 
 
+def committed(db: Path) -> int:
+    """How many of the writer's transactions are committed (its dialog's title), read beside it; 0 before the first."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+            row = conn.execute("SELECT title FROM dialogs").fetchone()
+    except sqlite3.Error:
+        return 0  # the store is not there yet, or has no table yet
+    return int(row[0]) if row else 0
+
+
+def committed_past(db: Path, n: int, writer: subprocess.Popen, timeout: float = 60.0) -> int:
+    """Wait until the writer has committed more than n transactions; returns how many it has."""
+    deadline = time.monotonic() + timeout
+    while (now := committed(db)) <= n:
+        assert writer.poll() is None, f"the writer stopped after {now} transactions"
+        assert time.monotonic() < deadline, f"the writer committed nothing past {n} in {timeout} s"
+        time.sleep(0.02)
+    return now
+
+
 def test_backup_is_a_consistent_snapshot_while_writes_go_on(tmp_path):
     data, out = tmp_path / "data", tmp_path / "backups"
     data.mkdir()
@@ -241,18 +262,20 @@ def test_backup_is_a_consistent_snapshot_while_writes_go_on(tmp_path):
     stop = tmp_path / "stop"
     writer = subprocess.Popen([sys.executable, "-c", WRITER.format(root=str(ROOT), data=str(data), stop=str(stop))],
                               stdout=subprocess.PIPE, text=True)
+    db = data / "loopbook.db"
     try:
-        while not (data / "loopbook.db").exists():
-            time.sleep(0.05)
-        time.sleep(0.5)
-        made = []
+        made, last = [], 0
         for _ in range(3):
+            # Each backup starts after the writer committed past what the last backup held (the first, once it
+            # has committed anything): every snapshot has more than the one before, and was taken mid-write.
+            committed_past(db, last, writer)
             done = subprocess.run([sys.executable, "-m", "dialog", "backup", str(out), "--data-dir", str(data)],
                                   cwd=ROOT, capture_output=True, text=True, timeout=120)
             assert done.returncode == 0, done.stderr
             assert "Backed up" in done.stdout
             made.append(Path(done.stdout.split(" to ")[1].split(" (")[0]))
-            time.sleep(0.3)
+            last = committed(made[-1])
+        committed_past(db, last, writer)  # the writer went on after the last backup too
     finally:
         stop.touch()
         written = int(writer.communicate(timeout=60)[0])
@@ -270,7 +293,7 @@ def test_backup_is_a_consistent_snapshot_while_writes_go_on(tmp_path):
             conn.close()
         assert n == 2 * int(title)  # never a transaction half copied
         counts.append(int(title))
-    assert len(set(counts)) >= 2 and max(counts) < written  # the writer really went on meanwhile
+    assert counts == sorted(set(counts)) and max(counts) < written  # the writer really went on meanwhile
     assert not list(out.glob(".*partial*"))
 
 

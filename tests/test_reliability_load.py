@@ -15,13 +15,15 @@ def load_bench():
 
 
 def test_five_clients_for_eight_seconds(model_server):
-    out = load_bench().run_load(model_server.base, TOKEN, clients=5, seconds=8, max_requests=5000)
+    bench = load_bench()
+    out = bench.run_load(model_server.base, TOKEN, clients=5, seconds=8, max_requests=5000)
     assert out["errors"] == [] and out["lost_writes"] == []
-    assert out["acknowledged_writes"] >= 5 * 3 + 5 and out["requests"] >= 5 * 8
+    # Counts, not rates (bench_load.py prints requests/s, latencies, the queue depth and model time): each
+    # client does every kind of request at least once, whatever the speed of this machine.
+    assert out["acknowledged_writes"] >= 5 * 3 + 5 and out["requests"] >= 5 * len(bench.MIX)
     kinds = out["by_kind"]
     for kind in ("read", "edit", "run", "ask_sse", "page_stream", "contend"):
-        assert kinds.get(kind, {}).get("n", 0) >= 1, (kind, kinds)
-    # Generations queue behind one another on the one in-process model: their summed model time fits in
-    # the wall time, and the queue was seen (depth is what /api/model reports).
-    assert out["generations"] >= 1 and out["generation_s"] <= out["seconds"] + 1
-    assert out["max_queue_depth"] >= 0 and 0 < out["busy_share"] <= 1
+        assert kinds.get(kind, {}).get("n", 0) >= 5, (kind, kinds)
+    # Every reply asked for under load came back whole, with its figures (none lost in the model's queue),
+    # and /api/model reported the model busy while it worked.
+    assert out["generations"] == kinds["ask_sse"]["n"] and 0 < out["busy_share"] <= 1
