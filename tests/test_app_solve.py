@@ -52,7 +52,10 @@ def test_failing_check_is_fed_back_with_what_it_computed(c):
     assert out["status"] == "failed" and out["stop_reason"] in ("budget", "no_progress", "no_code")
     fed = [a["feedback"] for a in out["attempts"] if a["feedback"]]
     assert fed
-    checked = [f for f, a in zip(fed, out["attempts"]) if a["exec_status"] == "check_failed"]
+    checked = [a["feedback"] for a in out["attempts"] if a["exec_status"] == "check_failed" and a["feedback"]]
+    # SmolLM2 writes a working f(x) = x + 1 here, so the second check fails on what it computed: the rule
+    # below is exercised, not skipped by an empty list.
+    assert checked, [(a["exec_status"], a["code"]) for a in out["attempts"]]
     for f in checked:
         assert "`f(1)` returned" in f and "expected 3" in f
 
@@ -101,8 +104,7 @@ def test_solve_streams_over_sse(c):
 def test_human_edit_of_model_code_is_a_correction(c, model_server):
     did, p = dialog_with_test(c, "assert add(1, 1) == 2", "Write a Python function add(a, b) returning a + b.")
     out = c.post(f"/api/messages/{p}/solve", json={"rounds": 0, "max_tokens": 96}).json()
-    if not out["code_message_id"]:
-        pytest.skip("the small model wrote no code this time")
+    assert out["code_message_id"], [(a["exec_status"], a["completion"]) for a in out["attempts"]]  # SmolLM2 writes add
     code_id = out["code_message_id"]
     c.patch(f"/api/messages/{code_id}", json={"source": "def add(a, b):\n    return b + a\n"})
     assert c.get(f"/api/messages/{code_id}").json()["author"] == "human_edit"
