@@ -58,6 +58,20 @@ def shipped_runs(tmp_path_factory):
             "res2": json.loads((data / "evals" / "ci.json").read_text())}
 
 
+# A problem SmolLM2 solves at round 0 (so a later round has a pass to lose), beside one it fails.
+ADD = {"id": "add", "prompt": "def add(a, b):\n    \"\"\"Return a plus b.\"\"\"\n",
+       "visible_tests": "assert add(1, 1) == 2\n", "hidden_tests": "assert add(2, 3) == 5\n"}
+
+
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    path = write_problems(tmp / "mixed.jsonl", [ADD, SHIPPED.read_text().splitlines()[0]])
+    rc, _, err = run_eval(str(path), *SMOL, "--data-dir", str(tmp / "data"), "--out", str(tmp / "mixed.json"))
+    assert rc == 0, err
+    return json.loads((tmp / "mixed.json").read_text())
+
+
 def test_eval_runs_end_to_end_and_prints_the_table(shipped_runs):
     r = shipped_runs
     assert r["rc1"] == 0, r["err1"]
@@ -78,13 +92,17 @@ def test_eval_runs_end_to_end_and_prints_the_table(shipped_runs):
     print(table)  # SmolLM2's figures, for the log: reported, not asserted
 
 
-def test_pass_by_round_is_monotone_and_there_are_no_regressions(shipped_runs):
-    for res in (shipped_runs["res1"], shipped_runs["res2"]):
+def test_pass_by_round_is_monotone_and_there_are_no_regressions(shipped_runs, mixed_run):
+    for res in (shipped_runs["res1"], shipped_runs["res2"], mixed_run):
         counts = res["summary"]["pass_counts_by_round"]
         assert counts == sorted(counts)
         assert res["summary"]["regressions"] == 0
         for p in res["problems"]:
             assert p["passed_by_round"] == sorted(p["passed_by_round"])
+    # Something passed, so "no regressions" had a pass to lose: add passed at round 0 and kept it in round 1.
+    got = {p["id"]: p["passed_by_round"] for p in mixed_run["problems"]}
+    assert got["add"] == [True, True], got
+    assert mixed_run["summary"]["pass_counts_by_round"][0] >= 1
 
 
 def test_traces_are_tagged_complete_and_never_see_hidden_tests(shipped_runs):
