@@ -11,6 +11,7 @@ import pytest
 from local_model import ModelError, Sampling, load_backend
 from local_model.gguf import read_metadata
 from local_model.prefix_cache import TokenHistory, splice_prompt
+from parts import assert_offload_matches_the_machine
 
 
 def smollm2_path() -> Path:
@@ -80,8 +81,7 @@ def test_manifest_fields(backend):
     assert m["llama_cpp_version"] == llama_cpp.__version__
     assert m["n_ctx"] == backend.n_ctx == 4096
     assert m["lora"] is None
-    if not llama_cpp.llama_supports_gpu_offload():
-        assert m["n_gpu_layers"] == 0 and m["gpu"] == "CPU (llama.cpp built without GPU offload)"
+    assert_offload_matches_the_machine(m["n_gpu_layers"], m["gpu"])  # layers on the GPU where there is one
     assert backend.supports_images is False
 
 
