@@ -123,10 +123,25 @@ def test_every_route_refuses_without_credentials(server, c, credentials):
     assert snapshot(server.data_dir / "loopbook.db") == before
 
 
-def test_tokens_are_compared_in_constant_time():
-    src = inspect.getsource(app_module().AccessMiddleware)
-    assert src.count("hmac.compare_digest") >= 3
-    assert "== S.token" not in src and "== S.session" not in src
+def test_near_miss_and_odd_tokens_are_refused_at_every_door(server):
+    """Each place a token or login id is compared (the ?token= login, the Authorization header, the login
+    cookie) refuses a near miss, and bytes that are not ASCII, with a 401 and never a server error."""
+    with httpx.Client(base_url=server.base, timeout=30) as anon:
+        login = anon.get(f"/?token={TOKEN}", follow_redirects=False)
+        cookie_name = login.headers["set-cookie"].split("=", 1)[0]
+        sid = login.headers["set-cookie"].split("=", 1)[1].split(";", 1)[0]
+    assert sid and cookie_name
+    near = [TOKEN[:-1], TOKEN[:-1] + chr(ord(TOKEN[-1]) ^ 1), TOKEN + "\u00e9", "\u00e9" * len(TOKEN), ""]
+    for bad in near:
+        with httpx.Client(base_url=server.base, timeout=30) as anon:
+            r = anon.get("/api/dialogs", params={"token": bad}, follow_redirects=False)
+            assert r.status_code == 401 and "set-cookie" not in r.headers, (bad, r.status_code)
+            r = anon.get("/api/dialogs", headers={"Authorization": f"token {bad}".rstrip().encode()})
+            assert r.status_code == 401, (bad, r.status_code)
+        for cookie in (bad, sid[:-1], sid[:-1] + chr(ord(sid[-1]) ^ 1), sid + "\u00e9"):
+            with httpx.Client(base_url=server.base, timeout=30) as anon:
+                r = anon.get("/api/dialogs", headers={"Cookie": f"{cookie_name}={cookie}".encode()})
+                assert r.status_code == 401, (cookie, r.status_code)
 
 
 def test_login_cookie(server):
