@@ -2,6 +2,7 @@
 
 import http.server
 import threading
+import time
 
 import pytest
 
@@ -53,6 +54,14 @@ def logged_in(browser, server):
     return context, page
 
 
+def wait_for(page, check, what: str, timeout: float = 20.0) -> None:
+    """Wait until check() is true, pumping the page's events (console messages arrive while Playwright waits)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"no sign of {what} in {timeout} s"
+        page.wait_for_timeout(50)
+
+
 def titles(c):
     return [d["title"] for d in c.get("/api/dialogs").json()]
 
@@ -69,17 +78,23 @@ def test_html_output_frames_render_but_cannot_reach_the_app(browser, server, c):
     page.wait_for_selector("iframe.out-html")
     frame = page.frame_locator("iframe.out-html")
     frame.locator("#inside").wait_for()
-    page.wait_for_timeout(1500)  # give any script, htmx gadget or request time to happen
     inner = page.frames[1]
+    # The frame's load event: every script in it would have run by now, and htmx's load triggers fired. And
+    # Chromium said, once per <script>, that it refused to run it: the refusal is the event waited for.
+    inner.wait_for_load_state("load")
+    wait_for(page, lambda: sum("Blocked script execution in 'about:srcdoc'" in m for m in console) == 2,
+             "Chromium refusing the frame's two scripts")
     assert inner.evaluate("document.getElementById('inside').textContent") == "inside the frame"
     assert inner.evaluate("typeof window.htmx") == "undefined"  # not even our own script runs in there
     assert inner.evaluate("document.getElementById('leak').textContent") == "nothing leaked"
     assert page.title() != "pwned"
     assert not any("frame-src" in m or "Refused to frame" in m for m in console), console
-    # Clicking its form or its link does nothing either: no forms, no top navigation from the sandbox.
-    frame.locator("#go").click()
-    frame.locator("#top").click()
-    page.wait_for_timeout(500)
+    # Clicking its form or its link does nothing either: no forms, no top navigation from the sandbox. Each
+    # click is followed by Chromium's refusal, so the check after it runs once the click has been handled.
+    with page.expect_console_message(lambda m: "Blocked form submission" in m.text and "allow-forms" in m.text):
+        frame.locator("#go").click()
+    with page.expect_console_message(lambda m: "allow-top-navigation" in m.text):
+        frame.locator("#top").click()
     assert page.url == f"{server.base}/d/{did}"
     assert not {"gadget-post", "frame-form"} & set(titles(c))
     context.close()
@@ -91,21 +106,34 @@ def test_another_origin_cannot_frame_or_post_to_loopbook(browser, server, c, evi
     pages["/csrf"] = f"""<form id="f" method="post" action="{server.base}/dialogs">
         <input name="title" value="csrf-form"></form>
         <script>
-          fetch("{server.base}/api/dialogs", {{method: "POST", mode: "no-cors", credentials: "include",
-            headers: {{"Content-Type": "text/plain"}}, body: JSON.stringify({{title: "csrf-fetch"}})}});
-          fetch("{server.base}/api/dialogs", {{credentials: "include"}})
-            .then(r => r.text()).then(t => document.title = "read:" + t).catch(e => document.title = "blocked");
-          setTimeout(() => document.getElementById("f").submit(), 300);
+          (async () => {{
+            // One after another, each finished before the next: the POST has reached the server (or not) and
+            // the read has failed (or not) before the page says which, then submits the form.
+            await fetch("{server.base}/api/dialogs", {{method: "POST", mode: "no-cors", credentials: "include",
+              headers: {{"Content-Type": "text/plain"}}, body: JSON.stringify({{title: "csrf-fetch"}})}}).catch(() => null);
+            let verdict;
+            try {{
+              const r = await fetch("{server.base}/api/dialogs", {{credentials: "include"}});
+              verdict = "read:" + await r.text();
+            }} catch (e) {{
+              verdict = "blocked";
+            }}
+            console.log("csrf-verdict " + verdict);
+            document.getElementById("f").submit();
+          }})();
         </script>"""
     context, page = logged_in(browser, server)
-    page.goto(f"{evil}/frame")
-    page.wait_for_timeout(1000)
+    # Chromium says why the frame stays empty (frame-ancestors 'none' / X-Frame-Options: DENY), and shows its
+    # error page in it.
+    with page.expect_console_message(lambda m: "frame-ancestors 'none'" in m.text or "X-Frame-Options" in m.text):
+        page.goto(f"{evil}/frame")
     framed = page.frames[1]
-    assert "Loopbook" not in framed.content()  # frame-ancestors 'none' / X-Frame-Options: DENY
+    assert framed.url.startswith("chrome-error://") and "Loopbook" not in framed.content()
     probe = context.new_page()
-    probe.goto(f"{evil}/csrf")
-    probe.wait_for_timeout(2000)
-    assert not probe.title().startswith("read:[")  # no CORS: the evil page cannot read the answer
-    assert "Cross-site request refused" in probe.content()  # the form's POST landed on our 403
+    with probe.expect_console_message(lambda m: m.text.startswith("csrf-verdict ")) as verdict:
+        probe.goto(f"{evil}/csrf")
+    assert verdict.value.text == "csrf-verdict blocked"  # no CORS: the evil page cannot read the answer
+    probe.wait_for_url(f"{server.base}/dialogs")  # the form's POST went...
+    assert "Cross-site request refused" in probe.content()  # ...and landed on our 403
     assert not {"csrf-form", "csrf-fetch"} & set(titles(c))
     context.close()
