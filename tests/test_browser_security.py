@@ -107,13 +107,27 @@ def test_hostile_notes_replies_and_outputs_are_inert(browser, server, api):
         page.keyboard.type("\n\n<img src=/no-such-image.png onerror=\"window.__pwned='typed'\">")
         page.keyboard.press("Escape")
         until(page, "document.querySelector('#cells article.cell-note textarea').defaultValue.includes('typed')")
-        page.wait_for_timeout(300)  # let any image error fire
+        # Both images of the note, the typed one too, were asked for and came back broken: an image's error event
+        # fires in the task that makes it complete, so an onerror handler that survived would have run by now.
+        until(page, "[...document.querySelectorAll('#cells article.cell-note img')].filter("
+                    "i => i.complete && i.naturalWidth === 0 && i.getAttribute('src') === '/no-such-image.png')"
+                    ".length === 2")
         assert_inert(page)
-        # The links that survive have no javascript: target; following them does nothing.
-        for link in page.locator("#cells .md a").all():
+        # The links that survive have no javascript: target; following them does nothing. A fragment link
+        # clicked after them is the sentinel: its hashchange comes after anything their clicks set going.
+        links = page.locator("#cells .md a").all()
+        assert links  # the note's html link is kept, as an inert <a>
+        page.evaluate("""() => {
+            window.__hashchanges = 0;
+            addEventListener('hashchange', () => window.__hashchanges++);
+            document.body.append(Object.assign(document.createElement('a'),
+                                               {id: 'after-clicks', href: '#after-clicks', textContent: 'sentinel'}));
+        }""")
+        for link in links:
             link.click()
-        page.wait_for_timeout(200)
-        assert page.url.endswith(f"/d/{did}")
+        page.locator("#after-clicks").click()
+        until(page, "window.__hashchanges === 1")
+        assert page.url == f"{server.base}/d/{did}#after-clicks"  # the same document, nothing else navigated
         assert_inert(page)
         # The HTML output lives in a frame with no script, no same-origin and no way out.
         frame = page.locator("iframe.out-html")
