@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from local_model import Engine, Sampling, load_backend  # noqa: E402
+from local_model.llama_backend import new_llama  # noqa: E402
 
 DECODE_PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper "
                                              "who finds a message in a bottle. Use many paragraphs."}]
@@ -144,12 +145,10 @@ def bench_dialogs(engine: Engine, keys: list[str], args, label: str) -> tuple[fl
 def bench_depth(backend, depth: int, reps: int = 4) -> float:
     """Reading 100 new tokens at depth 100 vs `depth`, interleaved, on two fresh contexts: the
     part of TTFT growth that no cache can remove (each new token attends to all earlier ones)."""
-    import llama_cpp
-
     llm0 = backend.llm
-    mk = lambda: llama_cpp.Llama(model_path=llm0.model_path, n_ctx=backend.n_ctx, verbose=False,  # noqa: E731
-                                 n_threads=llm0.n_threads, n_threads_batch=llm0.n_threads_batch,
-                                 n_gpu_layers=backend.plan.n_gpu_layers, flash_attn=backend.plan.flash_attn)
+    mk = lambda: new_llama(model_path=llm0.model_path, n_ctx=backend.n_ctx, verbose=False,  # noqa: E731
+                           n_threads=llm0.n_threads, n_threads_batch=llm0.n_threads_batch,
+                           n_gpu_layers=backend.plan.n_gpu_layers, flash_attn=backend.plan.flash_attn)
     text = " ".join(user_turn(i, "depth", 72) for i in range(40)).encode()
     toks = llm0.tokenize(text, add_bos=False)[: depth + 100]
     sides = {"shallow": (mk(), 100), "deep": (mk(), depth)}

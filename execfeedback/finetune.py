@@ -23,6 +23,7 @@ from pathlib import Path
 
 from . import adapters
 from .finetune_data import MIN_ROWS, FinetuneError, FinetuneInterrupted, check_enough, prepare_rows, read_export
+from .training_process import TrainingProcessError, run_own_process, use_hf_kernels
 
 HELP = "fine-tune a LoRA adapter for the local GGUF model on the store's traces and register it"
 TRAIN_EXTRA = ("pip install torch==2.13.0 && pip install 'transformers>=5,<6' 'peft>=0.15,<1' 'gguf>=0.10,<1' "
@@ -113,14 +114,23 @@ def hyper_from_args(args: argparse.Namespace):
 
 
 def require_train_extra(dpo: bool = False) -> dict:
-    """Versions of the training libraries, or a FinetuneError that says how to install them."""
-    missing, versions = [], {}
+    """Versions of the training libraries, or a FinetuneError that names what is missing or broken."""
+    missing, broken, versions = [], [], {}
     for mod in ("torch", "transformers", "peft", "gguf", "safetensors", *(("trl", "datasets") if dpo else ())):
         try:
             m = __import__(mod)
             versions[mod] = getattr(m, "__version__", "?")
-        except ImportError:
-            missing.append(mod)
+        except ModuleNotFoundError as e:
+            if e.name == mod:
+                missing.append(mod)
+            else:
+                broken.append(f"{mod} (ModuleNotFoundError: {e})")
+        except Exception as e:  # noqa: BLE001 - any failure to import is reported with its cause
+            broken.append(f"{mod} ({type(e).__name__}: {e})")
+    if broken:
+        raise FinetuneError(f"Fine-tuning could not import {'; '.join(broken)}. "
+                            + (f"Also missing: {', '.join(missing)}. " if missing else "")
+                            + f"Reinstall the train extra into Loopbook's environment: {TRAIN_EXTRA}")
     if missing:
         raise FinetuneError(f"Fine-tuning needs the train extra; missing: {', '.join(missing)}. Install it into "
                             f"Loopbook's environment: {TRAIN_EXTRA}")
@@ -128,12 +138,14 @@ def require_train_extra(dpo: bool = False) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """The CLI's entry: this process is the training process (see training_process)."""
     try:
+        use_hf_kernels()
         return finetune(args)
     except FinetuneInterrupted as e:
         print(f"{e}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
-    except (FinetuneError, adapters.AdapterError) as e:
+    except (FinetuneError, adapters.AdapterError, TrainingProcessError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -361,6 +373,11 @@ def overfit_warning(figures: dict, n_rows: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Fine-tune from any process: the run gets a process of its own (see training_process)."""
+    return run_own_process("finetune", list(sys.argv[1:] if argv is None else argv))
+
+
+def _cli(argv: list[str] | None = None) -> int:
     """`python -m execfeedback.finetune ...`: the same command without the execfeedback CLI around it."""
     parser = add_arguments(argparse.ArgumentParser(prog="python -m execfeedback finetune", description=HELP))
     args = parser.parse_args(argv)
@@ -372,4 +389,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_cli())

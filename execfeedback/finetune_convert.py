@@ -145,8 +145,8 @@ def rewrite_metadata(src: str | Path, dst: str | Path, strings: dict[str, str]) 
 
 _VERIFY = """
 import sys
-from llama_cpp import Llama
-llm = Llama(model_path=sys.argv[1], lora_path=sys.argv[2], n_ctx=64, n_batch=64, verbose=True)
+from local_model.llama_backend import new_llama
+llm = new_llama(model_path=sys.argv[1], lora_path=sys.argv[2], n_ctx=64, n_batch=64, verbose=True)
 llm.eval(llm.tokenize(b"def add(a, b):", add_bos=False))
 print("adapter-ok", flush=True)
 """
@@ -162,8 +162,8 @@ def verify_loads(base_path: str | Path, adapter_path: str | Path, timeout_s: flo
 
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-c", _VERIFY, str(base_path), str(adapter_path)],
-                              capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run([sys.executable, "-c", _VERIFY, str(base_path), str(adapter_path)], capture_output=True,
+                              text=True, timeout=timeout_s, cwd=Path(__file__).resolve().parent.parent)
     except subprocess.TimeoutExpired:
         raise FinetuneError(f"llama.cpp took over {timeout_s:.0f} s to load the adapter onto "
                             f"{Path(base_path).name}; nothing was registered.") from None

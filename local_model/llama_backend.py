@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 
 from . import gpu
+from .cpu_buffers import extra_buffers
 from .threads import choose_threads
 from .gguf import cached_sha256, read_metadata
 from .messages import check_messages, text_only
@@ -25,6 +26,43 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+_DEFAULT_PARAMS_SWAP = threading.Lock()
+
+
+def new_llama(*, extra_buffers: bool | None = None, **kwargs):
+    """llama_cpp.Llama(**kwargs), with the CPU's extra buffer types only where they are safe (see cpu_buffers).
+
+    A LoRA adapter never gets them: over AMX-repacked weights it segfaults at the first evaluation
+    ("lora for 'blk.0.attn_k.weight' cannot use buft 'AMX'"). Llama() has no argument for
+    `use_extra_bufts`, so its default model params are swapped for the length of the constructor.
+    """
+    import llama_cpp
+    from llama_cpp import llama_cpp as lib
+
+    allowed, _ = extra_buffers_for(extra_buffers, kwargs.get("lora_path"))
+    if allowed:
+        return llama_cpp.Llama(**kwargs)
+    default = lib.llama_model_default_params
+
+    def without_extra_bufts():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+
+    with _DEFAULT_PARAMS_SWAP:
+        lib.llama_model_default_params = without_extra_bufts
+        try:
+            return llama_cpp.Llama(**kwargs)
+        finally:
+            lib.llama_model_default_params = default
+
+
+def extra_buffers_for(wanted: bool | None, lora_path) -> tuple[bool, str]:
+    if lora_path is not None:
+        return False, "CPU extra buffer types off: a LoRA adapter is loaded"
+    return extra_buffers(wanted)
 
 
 def _ftype_names() -> dict[int, str]:
@@ -42,7 +80,7 @@ class LlamaBackend:
     def __init__(self, resolved: ResolvedModel, *, n_ctx: int = 4096, n_gpu_layers: int | None = None,
                  flash_attn: bool | None = None, lora_path: str | None = None, cache_bytes: int = 2 << 30,
                  verbose: bool = False, n_threads: int | None = None, n_threads_batch: int | None = None,
-                 n_batch: int = 512, data_dir: str | None = None):
+                 n_batch: int = 512, data_dir: str | None = None, extra_buffers: bool | None = None):
         import llama_cpp
 
         # llama.cpp's backends (CUDA) load first: on an H100 with CUDA 13, loading them after the chat
@@ -61,10 +99,11 @@ class LlamaBackend:
         n_threads, n_threads_batch, threads_reason = choose_threads(n_threads, n_threads_batch)
         if lora_path is not None and not Path(lora_path).is_file():
             raise ModelError(f"LoRA adapter {lora_path} does not exist; train or export one first")
+        self._extra_buffers = extra_buffers_for(extra_buffers, lora_path)
         try:
-            self.llm = llama_cpp.Llama(
-                model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_gpu_layers=self.plan.n_gpu_layers,
-                flash_attn=self.plan.flash_attn, lora_path=lora_path, verbose=verbose, n_threads=n_threads,
+            self.llm = new_llama(
+                extra_buffers=self._extra_buffers[0], model_path=str(path), n_ctx=n_ctx, n_batch=n_batch,
+                n_gpu_layers=self.plan.n_gpu_layers, flash_attn=self.plan.flash_attn, lora_path=lora_path, verbose=verbose, n_threads=n_threads,
                 n_threads_batch=n_threads_batch,
             )
         except (ValueError, RuntimeError, OSError) as e:
@@ -111,6 +150,7 @@ class LlamaBackend:
             "n_threads": self.llm.n_threads,
             "n_threads_batch": self.llm.n_threads_batch,
             "threads": threads_reason,
+            "cpu_buffers": self._extra_buffers[1],
             "note": resolved.note,
         }
 

@@ -12,12 +12,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from dialog import Store
 from execfeedback.feedback import feedback_message
 from execfeedback.traces import TraceStore
 
 SYSTEM = "You write Python. Answer with one fenced code block."
 OPS = [("times", "*"), ("plus", "+"), ("minus", "-"), ("mod", "%")]
+
+
+TRAIN_EXTRA = ("torch", "transformers", "peft", "gguf", "safetensors", "accelerate")
+
+
+def require_train_extra(*more: str) -> None:
+    """Skip when the train extra is not installed (under CI=true, conftest makes that a failure).
+
+    find_spec, not import: transformers imported into the test process would find our `kernels` package
+    instead of Hugging Face's. Training runs in its own process (execfeedback/training_process.py).
+    """
+    missing = [m for m in (*TRAIN_EXTRA, *more) if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"fine-tuning needs the train extra; not installed: {', '.join(missing)}", allow_module_level=True)
 
 
 def smollm2_path() -> Path:

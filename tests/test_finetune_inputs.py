@@ -11,15 +11,13 @@ from pathlib import Path
 
 import pytest
 
-for _mod in ("torch", "transformers", "peft", "gguf"):
-    pytest.importorskip(_mod, reason="fine-tuning needs the train extra (torch, transformers, peft, gguf)")
+from dialog import Store
+from execfeedback import adapters, finetune
+from execfeedback.finetune_data import is_oom, turn_weights
+from execfeedback.traces import TraceStore
+from finetunehelpers import add_solved_traces, base_cache, require_train_extra
 
-from dialog import Store  # noqa: E402
-from execfeedback import adapters, finetune  # noqa: E402
-from execfeedback.finetune_data import is_oom, turn_weights  # noqa: E402
-from execfeedback.traces import TraceStore  # noqa: E402
-from finetunehelpers import add_solved_traces, base_cache  # noqa: E402
-
+require_train_extra()  # the test process never imports transformers: see training_process
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--lr", "1e-3", "--threads", "1", "--eval-rows", "4", "--base-cache", base_cache(), "--quiet"]

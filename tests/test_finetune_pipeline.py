@@ -14,14 +14,12 @@ from pathlib import Path
 
 import pytest
 
-for _mod in ("torch", "transformers", "peft", "gguf"):
-    pytest.importorskip(_mod, reason="fine-tuning needs the train extra (torch, transformers, peft, gguf)")
+from dialog import Store
+from execfeedback import adapters, finetune
+from finetunehelpers import SYSTEM, add_solved_traces, base_cache, interrupt_after_step, require_train_extra, smollm2_path
+from local_model.gguf import sha256_file
 
-from dialog import Store  # noqa: E402
-from execfeedback import adapters, finetune  # noqa: E402
-from finetunehelpers import SYSTEM, add_solved_traces, base_cache, interrupt_after_step, smollm2_path  # noqa: E402
-from local_model.gguf import sha256_file  # noqa: E402
-
+require_train_extra()  # the test process never imports transformers: see training_process
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--base", "smollm2-135m", "--lr", "1e-3", "--batch-size", "4", "--threads", "1", "--eval-rows", "4",
@@ -52,9 +50,9 @@ def trained(data_dir):
 
 
 def _greedy(lora: str | None) -> str:
-    from llama_cpp import Llama
+    from local_model.llama_backend import new_llama
 
-    llm = Llama(model_path=str(smollm2_path()), lora_path=lora, n_ctx=512, n_threads=1, verbose=False, seed=0)
+    llm = new_llama(model_path=str(smollm2_path()), lora_path=lora, n_ctx=512, n_threads=1, verbose=False, seed=0)
     try:
         out = llm.create_chat_completion(PROMPT, temperature=0.0, max_tokens=32, seed=0)
         return out["choices"][0]["message"]["content"]
@@ -144,7 +142,7 @@ def test_an_interrupted_run_registers_nothing_and_resumes(trained, data_dir):
 
 @pytest.mark.slow
 def test_sft_then_dpo_on_the_preference_pairs(trained, data_dir):
-    pytest.importorskip("trl", reason="--dpo needs trl (part of the train extra)")
+    require_train_extra("trl")  # --dpo needs trl
     rc = finetune.main(["--data-dir", str(data_dir), "--out", "fix-dpo", "--max-steps", "1", "--dpo",
                         "--dpo-max-steps", "2", "--dpo-lr", "1e-4", *FAST, "--batch-size", "2"])
     assert rc == 0

@@ -14,14 +14,12 @@ from pathlib import Path
 
 import pytest
 
-for _mod in ("torch", "transformers", "peft", "gguf", "safetensors"):
-    pytest.importorskip(_mod, reason="fine-tuning needs the train extra (torch, transformers, peft, gguf)")
+from dialog import Store
+from execfeedback import adapters, finetune
+from execfeedback.finetune_train import BEST, read_best_label
+from finetunehelpers import OPS, SYSTEM, base_cache, fenced, interrupt_after_step, require_train_extra
 
-from dialog import Store  # noqa: E402
-from execfeedback import adapters, finetune  # noqa: E402
-from execfeedback.finetune_train import BEST, read_best_label  # noqa: E402
-from finetunehelpers import OPS, SYSTEM, base_cache, fenced, interrupt_after_step  # noqa: E402
-
+require_train_extra()  # the test process never imports transformers: see training_process
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 2e-4  # figures are rounded to 5 places
