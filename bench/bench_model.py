@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import os
 import platform
 import statistics
 import sys
@@ -68,11 +69,36 @@ def engine_decode(engine: Engine, n: int) -> tuple[float, int]:
     return (count - 1) / (times[-1] - times[0]), count
 
 
+def best_raw_threads(llm, tokens: list[int], n: int) -> tuple[int, float]:
+    """Raw decode at every thread count from 1 to this machine's CPUs: the best one, and its tok/s.
+
+    The engine is compared against the best raw configuration, not against a default that is slow.
+    """
+    import llama_cpp
+
+    chosen = (llm.n_threads, llm.n_threads_batch)
+    best = (chosen[0], 0.0)
+    try:
+        for t in range(1, (os.cpu_count() or 1) + 1):
+            llama_cpp.llama_set_n_threads(llm._ctx.ctx, t, chosen[1])
+            rate = max(raw_decode(llm, tokens, n) for _ in range(2))
+            print(f"  raw llama_cpp.Llama, {t} decode thread{'s' if t > 1 else ''}: {rate:6.1f} tok/s")
+            best = max(best, (t, rate), key=lambda x: x[1])
+    finally:
+        llama_cpp.llama_set_n_threads(llm._ctx.ctx, *chosen)
+    print(f"best raw configuration: {best[0]} decode threads ({best[1]:.1f} tok/s); Loopbook chose {chosen[0]}")
+    return best
+
+
 def bench_decode(backend, engine: Engine, n: int, rounds: int) -> float:
     llm = backend.llm
     tokens = llm.tokenize(backend.render(DECODE_PROMPT).encode(), add_bos=False, special=True)
     raw_decode(llm, tokens, 8)  # warm up both paths
     engine_decode(engine, 8)
+    best_threads, _ = best_raw_threads(llm, tokens, n)
+    if best_threads != llm.n_threads:
+        print(f"  note: the rounds below run at Loopbook's {llm.n_threads} threads; the best raw run used "
+              f"{best_threads} (LOOPBOOK_THREADS sets it)")
     raws, engs, ratios = [], [], []
     for r in range(rounds):
         # Alternate which goes first, so a slow spell on this shared machine hits both sides.

@@ -1,10 +1,12 @@
 """The hardware decisions: GPU offload (with given VRAM figures), CPU threads, and this machine's choice."""
 from __future__ import annotations
 
+import pytest
+
 from local_model.gguf import read_metadata
 from local_model.gpu import COMPUTE_MARGIN, GiB, choose, layer_sizes, plan_offload
 from local_model.registry import resolve
-from local_model.threads import choose_threads
+from local_model.threads import choose_threads, physical_cores
 from parts import assert_offload_matches_the_machine
 
 MiB = 1 << 20
@@ -56,8 +58,22 @@ def test_this_machine_says_what_it_chose(tmp_path):
     assert_offload_matches_the_machine(plan.n_gpu_layers, plan.reason)
 
 
-def test_threads_back_off_on_a_busy_machine():
-    assert choose_threads(cpus=8, load=0.5)[:2] == (4, 8)
-    decode, batch, why = choose_threads(cpus=2, load=11.7)
-    assert (decode, batch) == (1, 1) and "busy" in why and "11.7" in why
-    assert choose_threads(n_threads=3, n_threads_batch=5, cpus=8, load=20)[:2] == (3, 5)
+def test_threads_are_one_per_physical_core_unless_asked(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOOPBOOK_THREADS", raising=False)
+    monkeypatch.delenv("LOOPBOOK_THREADS_BATCH", raising=False)
+    # A 4-core CPU with two hyperthreads per core, as sysfs lays it out.
+    for cpu in range(8):
+        topo = tmp_path / f"cpu{cpu}" / "topology"
+        topo.mkdir(parents=True)
+        (topo / "thread_siblings_list").write_text(f"{cpu % 4},{cpu % 4 + 4}\n")
+    assert physical_cores(set(range(8)), tmp_path) == 4
+    assert physical_cores({0, 4}, tmp_path) == 1  # pinned to one core's two siblings
+    assert physical_cores({0, 1}, tmp_path / "none") == 2  # no topology: each CPU counts
+    assert choose_threads(cores=2)[:2] == (2, 2)  # a 2-vCPU VM decodes with both, whatever its load
+    assert choose_threads(n_threads=3, n_threads_batch=5, cores=8)[:2] == (3, 5)
+    monkeypatch.setenv("LOOPBOOK_THREADS", "1")
+    decode, prompt, why = choose_threads(cores=4)
+    assert (decode, prompt) == (1, 4) and "as asked" in why
+    monkeypatch.setenv("LOOPBOOK_THREADS", "lots")
+    with pytest.raises(ValueError, match="LOOPBOOK_THREADS='lots'"):
+        choose_threads(cores=4)
