@@ -10,10 +10,14 @@ import re
 from html import escape
 import hashlib
 import hmac
+import inspect
 import json
+import logging
+import math
 import os
 import secrets
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
@@ -26,7 +30,7 @@ from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, 
                                  StreamingResponse)
 from starlette.staticfiles import StaticFiles
 
-from dialog import MESSAGE_TYPES, Conflict, InvalidInput, Store, StoreError, default_data_dir
+from dialog import MESSAGE_TYPES, Conflict, InvalidInput, Store, StoreError, default_data_dir, lone_surrogate
 from dialog.context import DEFAULT_SYSTEM_PROMPT
 from dialog.notebook import export_dialog, import_ipynb
 from dialog.render import ansi_css, ansi_html, markdown_html
@@ -42,6 +46,9 @@ from execfeedback.solve import dialog_key, fix_task, land, loop_config, note_edi
 from execfeedback.traces import TraceStore
 from kernels import KernelInitError, KernelPool, KernelStartError
 from local_model import ModelError
+from local_model.loader import BACKENDS
+from local_model.registry import ALIASES, MODELS, canonical_name
+from local_model.registry import resolve as resolve_model
 from local_model.resident import Resident
 
 ROOT = Path(__file__).resolve().parent
@@ -88,6 +95,8 @@ KNOBS = [
     Knob("--cull-idle", "LOOPBOOK_CULL_IDLE", 0.0, "shut kernels idle this many seconds (0: never)", float),
     Knob("--allow-host", "LOOPBOOK_ALLOW_HOSTS", "", "extra Host header values to accept, comma separated"),
     Knob("--max-body", "LOOPBOOK_MAX_BODY", 64 * 1024 * 1024, "largest request body in bytes", int),
+    Knob("--session-hours", "LOOPBOOK_SESSION_HOURS", 168.0,
+         "hours a browser login lasts; then open the start-up URL again", float),
     Knob("--kernel-memory", "LOOPBOOK_KERNEL_MEMORY", 0, "address-space limit per kernel, e.g. 4G or 512M (0: none)",
          size_bytes),
 ]
@@ -116,6 +125,7 @@ class Config:
     allow_host: str = ""
     max_body: int = 64 * 1024 * 1024
     kernel_memory: int = 0
+    session_hours: float = 168.0
     extra: dict = field(default_factory=dict)
 
 
@@ -152,7 +162,7 @@ class State:
     loops: dict
     background: set = set()
     token: str = ""
-    session: str = ""
+    sessions: "Sessions"
 
 
 S = State()
@@ -162,7 +172,9 @@ S = State()
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-SESSION_COOKIE = "loopbook_session"
+# A Host header as RFC 9110 has it: a name, an IPv4 address or a bracketed IPv6 one, then perhaps a port.
+# Anything else ("localhost:5099.evil.com", "evil.com@localhost", "localhost:evil") names no host of ours.
+HOST_HEADER = re.compile(r"(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::[0-9]{1,5})?")
 # HTML outputs are srcdoc frames (about:srcdoc, never fetched), which inherit this policy: scripts and
 # inline styles inside them do not run, whatever the notebook says. Nothing else is framed.
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -178,9 +190,79 @@ def too_large() -> str:
             "--max-body.")
 
 
-def _session_value(token: str) -> str:
-    # The cookie carries a value derived from the token, never the token itself.
-    return hmac.new(token.encode(), b"loopbook-session", hashlib.sha256).hexdigest()
+def session_cookie() -> str:
+    # Browsers keep cookies per host, not per port: the port in the name keeps two Loopbooks on one machine
+    # from overwriting each other's login (it does not hide the cookie from other ports; SECURITY.md says so).
+    return f"loopbook_session_{S.cfg.port}"
+
+
+class Sessions:
+    """Browser logins: a random id per login, kept in this process only (a restart logs every browser out),
+    each with a fixed expiry, all dropped when the token they were made under is no longer the token.
+    Nothing about an id derives from the token. Ids are looked up by their SHA-256, so a lookup's timing
+    says nothing about the ids held."""
+
+    PREFIX = "lbs_"  # recognisable, so a dataset export can scrub one pasted into a cell
+    MAX = 1000  # logins kept; the oldest go first (each needs the token, so this is no one else's lever)
+
+    def __init__(self):
+        self._expiry: dict[bytes, float] = {}
+        self._token = b""
+
+    @staticmethod
+    def _key(value: str) -> bytes:
+        return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+
+    def _bind(self, token: str) -> None:
+        digest = self._key(token)
+        if not hmac.compare_digest(digest, self._token):
+            self._expiry.clear()
+            self._token = digest
+
+    def new(self, token: str, lifetime_s: float) -> str:
+        self._bind(token)
+        now = time.monotonic()
+        for key in [k for k, t in self._expiry.items() if t <= now]:
+            del self._expiry[key]
+        while len(self._expiry) >= self.MAX:
+            del self._expiry[next(iter(self._expiry))]
+        sid = self.PREFIX + secrets.token_urlsafe(32)
+        self._expiry[self._key(sid)] = now + lifetime_s
+        return sid
+
+    def valid(self, token: str, sid: str) -> bool:
+        self._bind(token)
+        if not sid.startswith(self.PREFIX) or len(sid) > 100:
+            return False
+        key = self._key(sid)
+        expiry = self._expiry.get(key)
+        if expiry is None:
+            return False
+        if expiry <= time.monotonic():
+            del self._expiry[key]
+            return False
+        return True
+
+    def drop(self, sid: str) -> bool:
+        return self._expiry.pop(self._key(sid), None) is not None
+
+    def __len__(self) -> int:
+        return len(self._expiry)
+
+
+def session_seconds() -> int:
+    return max(1, int(S.cfg.session_hours * 3600))
+
+
+log = logging.getLogger("loopbook")
+
+
+def dialog_born(dialog_id: int) -> str | None:
+    """When a dialog was made (its kernel token is bound to it), or None when there is no such dialog."""
+    try:
+        return S.store.get_dialog(dialog_id)["created_at"]
+    except StoreError:
+        return None
 
 
 class AccessMiddleware:
@@ -192,37 +274,76 @@ class AccessMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
+        started = False
 
         async def send_with_headers(message):
-            if message["type"] == "http.response.start":
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.http.response.start"):
+                started = True
                 ours = {k for k, _ in SECURITY_HEADERS}
                 message["headers"] = [h for h in message.get("headers", []) if h[0].lower() not in ours] \
                     + SECURITY_HEADERS
             await send(message)
 
+        try:
+            refusal = self.gate(scope)
+        except Exception:  # noqa: BLE001 - whatever a header holds, the answer is a 4xx with our headers
+            log.exception("Loopbook: the access check could not read a request's headers")
+            refusal = JSONResponse({"error": "This request's headers could not be read; send well-formed "
+                                             "headers."}, status_code=400)
         if scope["type"] == "websocket":
-            # No route speaks WebSocket today; if one is added it passes the same gate (or is closed).
-            ws = Request({**scope, "type": "http", "method": "GET"})
-            if self.check(ws, scope) is not None or self.cross_site(ws) or not self.authorised(ws):
-                return await send({"type": "websocket.close", "code": 1008})
-            return await self.app(scope, receive, send)
-        req = Request(scope)
-        problem = self.check(req, scope)
+            # No route speaks WebSocket today; if one is added it passes the same gate. A refused handshake gets
+            # the refusal with our headers where the server can send one, else a plain close.
+            if refusal is None:
+                return await self.app(scope, receive, send)
+            if "websocket.http.response" in scope.get("extensions", {}):
+                return await refusal(scope, receive, send_with_headers)
+            return await send({"type": "websocket.close", "code": 1008})
+        if refusal is not None:
+            return await refusal(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, self.limited(receive), send_with_headers)
+        except Exception as exc:
+            # Starlette answers an unhandled error outside this middleware, without the security headers:
+            # answer it here instead (the traceback goes to the log, never to the client).
+            if started:
+                raise
+            log.exception("Loopbook: an unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            await http_error(Request(scope), exc)(scope, receive, send_with_headers)
+
+    def gate(self, scope) -> Response | None:
+        """None to let the request through; else the answer that refuses it (a login sets its cookie here)."""
+        req = Request({**scope, "type": "http", "method": "GET"} if scope["type"] == "websocket" else scope)
+        problem = self.check(req)
         if problem is not None:
-            return await problem(scope, receive, send_with_headers)
+            return problem
+        if scope["type"] == "websocket":
+            if self.cross_site(req):  # a handshake is a GET, but what it opens can write
+                return JSONResponse({"error": "Cross-site WebSocket refused."}, status_code=403)
+            return None if self.authorised(req) else self.deny(req, "Log in first.")
         token = req.query_params.get("token")
         if token is not None and req.method == "GET":
             if not hmac.compare_digest(token.encode(), S.token.encode()):
-                return await self.deny(req, "That token is not valid.")(scope, receive, send_with_headers)
-            query = urlencode([(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode()) if k != "token"])
+                return self.deny(req, "That token is not valid.")
+            query = urlencode([(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"))
+                               if k != "token"])
             # One leading slash: "//evil.example/?token=..." must not become an off-site redirect.
             resp = RedirectResponse("/" + scope["path"].lstrip("/") + (f"?{query}" if query else ""), status_code=303)
-            resp.set_cookie(SESSION_COOKIE, S.session, httponly=True, samesite="strict", path="/")
-            return await resp(scope, receive, send_with_headers)
+            old = req.cookies.get(session_cookie())
+            if old:
+                S.sessions.drop(old)  # logging in again replaces this browser's login
+            resp.set_cookie(session_cookie(), S.sessions.new(S.token, session_seconds()), max_age=session_seconds(),
+                            httponly=True, samesite="strict", path="/")
+            return resp
         if not self.authorised(req):
-            return await self.deny(req, "Log in with the URL Loopbook printed at start-up (it ends in ?token=...), "
-                                        "or send 'Authorization: token ...'.")(scope, receive, send_with_headers)
-        return await self.app(scope, self.limited(receive), send_with_headers)
+            return self.deny(req, "Log in with the URL Loopbook printed at start-up (it ends in ?token=...), "
+                                  "or send 'Authorization: token ...'.")
+        # No cookie goes further. FastHTML fills a handler's parameters from cookies before form fields, and
+        # any page on this host may set cookies here (they ignore ports): a cookie named "source" would have
+        # replaced the text a Run sends. The login is all the app needs, and it is checked above.
+        scope["loopbook.session"] = req.cookies.get(session_cookie())
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"cookie"]
+        return None
 
     @staticmethod
     def limited(receive):
@@ -255,15 +376,21 @@ class AccessMiddleware:
         origin = req.headers.get("origin")
         if origin is None:
             return False
-        parts = urlsplit(origin)
-        return (parts.scheme, parts.netloc.lower()) != (req.url.scheme, req.headers.get("host", "").lower())
-
-    def check(self, req: Request, scope) -> Response | None:
-        # Host allow-list: a DNS-rebinding page reaches us under its own name, so refuse unknown names.
         try:
-            host = urlsplit("//" + req.headers.get("host", "")).hostname or ""
-        except ValueError:  # e.g. an unbalanced "[" in the Host header
-            host = ""
+            parts = urlsplit(origin)
+            netloc = parts.netloc.lower()
+        except ValueError:  # e.g. "http://[::1": no browser sends that, so no page of ours did
+            return True
+        return (parts.scheme, netloc) != (req.url.scheme, req.headers.get("host", "").lower())
+
+    def check(self, req: Request) -> Response | None:
+        # Host allow-list: a DNS-rebinding page reaches us under its own name, so refuse unknown names.
+        raw = req.headers.get("host", "")
+        m = HOST_HEADER.fullmatch(raw)
+        if m is None:
+            return JSONResponse({"error": f"The Host header {raw[:100]!r} is not allowed: it is not a host name "
+                                          "with an optional port."}, status_code=403)
+        host = (m.group("ip6") or m.group("name")).lower()
         if host not in self.allowed_hosts():
             return JSONResponse({"error": f"Host {host!r} is not allowed; start Loopbook with --allow-host {host}."},
                                 status_code=403)
@@ -272,7 +399,7 @@ class AccessMiddleware:
                 return JSONResponse({"error": "Cross-site request refused: changes come only from Loopbook's own "
                                               "pages or from clients that send no Origin."}, status_code=403)
             length = req.headers.get("content-length")
-            if length and length.isdigit() and int(length) > S.cfg.max_body:
+            if length and length.isascii() and length.isdigit() and int(length) > S.cfg.max_body:
                 return JSONResponse({"error": too_large()}, status_code=413)
         return None
 
@@ -283,20 +410,21 @@ class AccessMiddleware:
         if scheme.lower() in ("token", "bearer"):
             if hmac.compare_digest(value.encode(), S.token.encode()):
                 return True
-            dialog_id = dialog_of_kernel_token(S.token, value)
+            dialog_id = dialog_of_kernel_token(S.token, value, dialog_born)
             if dialog_id is not None:
                 req.scope["loopbook.kernel_dialog"] = dialog_id
                 return self.kernel_may(req, dialog_id)
-        cookie = req.cookies.get(SESSION_COOKIE, "")
-        return hmac.compare_digest(cookie.encode(), S.session.encode())
+        sid = req.cookies.get(session_cookie())
+        return bool(sid) and S.sessions.valid(S.token, sid)
 
     @staticmethod
     def kernel_may(req: Request, dialog_id: int) -> bool:
         """A kernel's token reaches its own dialog's API: its messages and cells, nothing else."""
         path = req.url.path
-        if m := re.fullmatch(r"/api/dialogs/(\d+)(/messages)?", path):
+        # ASCII digits, and few: \d takes other scripts' digits, and int() refuses more than 4,300 of them.
+        if m := re.fullmatch(r"/api/dialogs/([0-9]{1,19})(/messages)?", path):
             return int(m.group(1)) == dialog_id and (m.group(2) is not None or req.method == "GET")
-        if m := re.fullmatch(r"/api/messages/(\d+)(/run)?", path):
+        if m := re.fullmatch(r"/api/messages/([0-9]+)(/run)?", path):
             try:
                 return S.store.get_message(m.group(1))["dialog_id"] == dialog_id
             except StoreError:
@@ -316,7 +444,7 @@ async def lifespan(app):
     cfg = S.cfg
     S.store = Store(cfg.data_dir)
     S.token = resolve_token(cfg, S.store.data_dir)
-    S.session = _session_value(S.token)
+    S.sessions = Sessions()
     S.pool = KernelPool(output_cap_chars=cfg.output_cap, default_timeout=cfg.exec_timeout or None,
                         cull_idle_s=cfg.cull_idle or None,
                         resource_limits={"memory_bytes": cfg.kernel_memory} if cfg.kernel_memory else None)
@@ -427,20 +555,10 @@ async def json_body(req: Request) -> dict:
 
 def check_unicode(data) -> None:
     """JSON may escape a lone surrogate ("\\ud800"); SQLite cannot store one, so refuse it up front."""
-    todo = [data]
-    while todo:
-        value = todo.pop()
-        if isinstance(value, dict):
-            todo.extend(value.keys())
-            todo.extend(value.values())
-        elif isinstance(value, list):
-            todo.extend(value)
-        elif isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as e:
-                raise InvalidInput(f"The request holds a lone surrogate ({value[e.start]!r}), which is not valid "
-                                   "Unicode text; send UTF-8 text.") from None
+    bad = lone_surrogate(data)
+    if bad is not None:
+        raise InvalidInput(f"The request holds a lone surrogate ({bad!r}), which is not valid Unicode text; send UTF-8 "
+                           "text.")
 
 
 def message_json(m: dict) -> dict:
@@ -479,7 +597,7 @@ async def patch(id: str, req: Request):
     if "settings" in body:
         if not isinstance(body["settings"], dict):
             raise InvalidInput("'settings' must be an object.")
-        check_settings({**d["settings"], **body["settings"]})
+        check_settings({**d["settings"], **body["settings"]}, body["settings"])
     with S.store.transaction():  # title and settings change together, or not at all
         if "title" in body:
             d = S.store.rename_dialog(d["id"], body["title"])
@@ -488,21 +606,27 @@ async def patch(id: str, req: Request):
     return d
 
 
-def check_settings(settings: dict) -> None:
-    """Refuse dialog settings that Ask or Solve would refuse later: a bad value is caught where it is set."""
+def check_settings(settings: dict, patch: dict | None = None) -> None:
+    """Refuse dialog settings that Ask or Solve would refuse later: a bad value is caught where it is set.
+    `settings`: all of them as they would be after the change; `patch`: what the change sets (default: all).
+    Null removes a setting, any setting: a key that is not known here (from an older store) can always go."""
     known = {*ASK_KEYS, *LOOP_KEYS, "system_prompt", "adapter"}
-    unknown = set(settings) - known
+    patch = settings if patch is None else patch
+    unknown = {k for k, v in patch.items() if v is not None} - known
     if unknown:
         raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(map(str, unknown)))} (set one to null to remove "
                            f"it); known: {', '.join(sorted(known))}.")
-    if not isinstance(settings.get("system_prompt") or "", str):
+    settings = {k: v for k, v in settings.items() if k in known and v is not None}
+    if not isinstance(settings.get("system_prompt", ""), str):
         raise InvalidInput("'system_prompt' must be a string.")
-    if settings.get("adapter") is not None:
+    if "adapter" in settings:
         if not isinstance(settings["adapter"], str):
             raise InvalidInput("'adapter' must be the name of a registered adapter.")
-        get_adapter(S.store, settings["adapter"])  # NotFound names it
-    sampling_from({k: v for k, v in settings.items() if k in ASK_KEYS and v is not None})
-    loop_config({k: v for k, v in settings.items() if k in LOOP_KEYS and v is not None})
+        if patch.get("adapter") is not None:
+            # Only when chosen: one removed since stays shown as such in the panel, and does not block other saves.
+            get_adapter(S.store, settings["adapter"])  # NotFound names it
+    sampling_from({k: v for k, v in settings.items() if k in ASK_KEYS})
+    loop_config({k: v for k, v in settings.items() if k in LOOP_KEYS})
 
 
 # The Settings panel's fields and how each is read; check_settings judges the values.
@@ -554,12 +678,52 @@ def get(id: str, format: str = "ipynb"):
     return Response(text, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
+def export_options(params: list[tuple[str, object]]):
+    """The export CLI's options from a request, but for one: the tokenizer is a registered model's name
+    (`tokenizer=smollm2-135m`), never a path, so no request makes the server open a file of its choosing."""
+    names = ", ".join([*MODELS, *ALIASES])
+    kept, tokenizer = [], None
+    for key, value in params:
+        name = str(key).replace("-", "_")
+        if name == "tokenizer_gguf":
+            raise InvalidInput(f"tokenizer_gguf takes a file path, which only the command line may give; send "
+                               f"tokenizer=<model name> instead (one of {names}).")
+        if name == "tokenizer":
+            tokenizer = value
+        else:
+            kept.append((key, value))
+    if tokenizer is None:
+        if any(str(k).replace("-", "_") == "max_tokens_per_row" and v not in (None, "") for k, v in kept):
+            raise InvalidInput(f"max_tokens_per_row needs a tokenizer: send tokenizer=<model name> too (one of "
+                               f"{names}; only its vocabulary is loaded).")
+    else:
+        if not isinstance(tokenizer, str) or canonical_name(tokenizer) is None:
+            raise InvalidInput(f"tokenizer must be the name of a registered model ({names}); got "
+                               f"{str(tokenizer)[:80]!r}.")
+        try:
+            kept.append(("tokenizer_gguf", str(resolve_model(tokenizer, S.store.data_dir).path)))
+        except ModelError as e:
+            raise InvalidInput(f"tokenizer {tokenizer}: {e}") from None
+    try:
+        return options_from_mapping(kept)
+    except ExportError as e:
+        raise InvalidInput(str(e)) from None
+
+
 @rt("/api/export")
 @api
-async def get(req: Request):
-    """The traces as a dataset: a zip of JSONL files per format and split, plus the dataset card."""
+async def post(req: Request):
+    """The traces as a dataset: a zip of JSONL files per format and split, plus the dataset card. Options are
+    the export CLI's flags, as query parameters, form fields or a JSON object. A POST, not a GET: it does real
+    work, and an <img> in a note or another site's link must not be able to start one."""
+    params = list(req.query_params.multi_items())
+    kind = req.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind in ("application/x-www-form-urlencoded", "multipart/form-data"):
+        params += [(k, v) for k, v in (await req.form()).multi_items() if isinstance(v, str)]
+    else:
+        params += list((await json_body(req)).items())
+    opts = await asyncio.to_thread(export_options, params)
     try:
-        opts = options_from_mapping(req.query_params.multi_items())
         chunks, report = await asyncio.to_thread(stream_export_zip, S.store, opts, secrets=[S.token])
     except ExportError as e:
         raise InvalidInput(str(e)) from None
@@ -567,10 +731,18 @@ async def get(req: Request):
                              headers={"Content-Disposition": 'attachment; filename="loopbook-dataset.zip"'})
 
 
+@rt("/api/export")
+@api
+def get():
+    return JSONResponse({"error": "The dataset export is a POST (with the same options as query parameters, form "
+                                  "fields or a JSON object): a GET must not start work that an <img> could trigger."},
+                        status_code=405, headers={"Allow": "POST"})
+
+
 @rt("/api/dialogs/import")
 @api
 async def post(req: Request, title: str = ""):
-    d = import_ipynb(S.store, await req.body(), title or None)
+    d = import_ipynb(S.store, await req.body(), title or None, check_settings=check_settings)
     return {"id": d["id"], "title": d["title"], "n_messages": d["n_messages"], "notices": d["notices"]}
 
 
@@ -629,7 +801,8 @@ async def post(id: str, req: Request):
 async def prepare_kernel(dialog_id: int) -> str:
     """The dialog's kernel, set up with its working directory and the `loopbook` helper; returns its key."""
     key = dialog_key(dialog_id)
-    env = kernel_env(f"http://127.0.0.1:{S.cfg.port}", S.token, dialog_id)
+    born = S.store.get_dialog(dialog_id)["created_at"]
+    env = kernel_env(f"http://127.0.0.1:{S.cfg.port}", S.token, dialog_id, born)
     await S.pool.ensure(key, cwd=S.cfg.kernel_cwd, env=env, init_code=kernel_init_code())
     return key
 
@@ -681,13 +854,17 @@ async def engine_for(body: dict, settings: dict):
     for key in ENGINE_KEYS:
         if body.get(key) is not None and not isinstance(body[key], str):
             raise InvalidInput(f"'{key}' must be a string.")
+    if body.get("backend") is not None and body["backend"].lower() not in BACKENDS:
+        raise InvalidInput(f"Unknown backend {body['backend'][:40]!r}; Loopbook's backends are "
+                           f"{', '.join(BACKENDS)}.")
     adapter = body.get("adapter") or settings.get("adapter")
     lora_path, entry = None, {}
     if adapter:
         # The base's sha256 is checked before llama.cpp sees the adapter: it crashes on another base's.
         lora_path, entry = resolve_adapter(S.store, adapter, model=body.get("model") or S.models.model,
                                            data_dir=S.store.data_dir)
-    return await S.models.get(body.get("model"), body.get("backend"), lora_path=lora_path, manifest_extra=entry)
+    backend = body["backend"].lower() if body.get("backend") else None
+    return await S.models.get(body.get("model"), backend, lora_path=lora_path, manifest_extra=entry)
 
 
 async def start_ask(message_id, body: dict):
@@ -746,7 +923,7 @@ async def stop_message(message_id) -> bool:
     if loop is not None:
         await loop.stop()
         return True
-    rid = (m.get("reply_meta") or {}).get("request_id")
+    rid = _text_or((m.get("reply_meta") or {}).get("request_id"))
     return bool(rid and S.models.engine and S.models.engine.cancel(rid))
 
 
@@ -896,6 +1073,16 @@ def _e(value) -> str:
     return escape("" if value is None else str(value), quote=True)
 
 
+# Stored metadata is read as data, never trusted for its type: an imported file, an older store or the API may
+# have put anything there, and a page that cannot render would hide the whole dialog.
+def _number(value) -> float | int | None:
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+
+def _text_or(value, default: str | None = None) -> str | None:
+    return value if isinstance(value, str) else default
+
+
 def _text_of(value) -> str:
     """nbformat's multiline string (a str or a list of lines) as one str."""
     if isinstance(value, list):
@@ -994,15 +1181,17 @@ def OutputView(o: dict, mid: int = 0, n: int = 0, full: bool = False) -> str:
 
 
 def Outputs(m: dict) -> str:
-    meta = m.get("output_meta") or {}
-    status = meta.get("status")
+    meta = m.get("output_meta") if isinstance(m.get("output_meta"), dict) else {}
+    status = _text_or(meta.get("status"))
     parts = []
     if status in ("timeout", "died", "interrupted") and meta.get("message"):
         parts.append(f'<div class="out-banner out-{_e(status)}">{_e(meta["message"])}</div>')
-    parts.extend(OutputView(o, m["id"], n) for n, o in enumerate(m.get("outputs") or []))
+    parts.extend(OutputView(o, m["id"], n) for n, o in enumerate(m.get("outputs") or []) if isinstance(o, dict))
     if meta.get("truncated"):
-        parts.append(f'<div class="out-banner out-truncated">Output capped: {meta.get("original_chars", 0):,} '
-                     'characters produced, head and tail kept.</div>')
+        produced = _number(meta.get("original_chars"))
+        parts.append('<div class="out-banner out-truncated">Output capped: '
+                     + (f"{int(produced):,} characters produced, " if produced is not None else "")
+                     + 'head and tail kept.</div>')
     return f'<div id="out-{m["id"]}" class="outputs status-{_e(status or "none")}">{"".join(parts)}</div>'
 
 
@@ -1012,20 +1201,21 @@ def ExecCount(m: dict) -> str:
 
 
 def Figures(meta: dict):
-    f = meta.get("figures") or {}
-    if not f:
+    f = meta.get("figures")
+    if not isinstance(f, dict) or not f:
         return None
-    bits = [f"{meta.get('model') or ''}".strip(),
-            f"TTFT {f.get('ttft_s', 0):.2f} s" if f.get("ttft_s") is not None else "",
-            f"{f.get('tokens_per_s', 0):.1f} tok/s" if f.get("tokens_per_s") else "",
-            f"{f.get('prompt_tokens', 0)} prompt tokens, {f.get('cached_prompt_tokens', 0)} cached"
-            if f.get("prompt_tokens") is not None else "",
-            f"{f.get('completion_tokens', 0)} generated" if f.get("completion_tokens") is not None else ""]
+    ttft, tps, prompt, cached, generated = (_number(f.get(k)) for k in (
+        "ttft_s", "tokens_per_s", "prompt_tokens", "cached_prompt_tokens", "completion_tokens"))
+    bits = [(_text_or(meta.get("model")) or "").strip(),
+            f"TTFT {ttft:.2f} s" if ttft is not None else "",
+            f"{tps:.1f} tok/s" if tps else "",
+            f"{int(prompt)} prompt tokens, {int(cached or 0)} cached" if prompt is not None else "",
+            f"{int(generated)} generated" if generated is not None else ""]
     return Div(" · ".join(b for b in bits if b), cls="figures")
 
 
 def Reply(m: dict, streaming: bool = False):
-    meta = m.get("reply_meta") or {}
+    meta = m.get("reply_meta") if isinstance(m.get("reply_meta"), dict) else {}
     mid = m["id"]
     if streaming:
         return to_xml(Div(
@@ -1035,9 +1225,9 @@ def Reply(m: dict, streaming: bool = False):
             Div(sse_swap="done", hx_target=f"#reply-{mid}", hx_swap="outerHTML"),
             id=f"reply-{mid}", cls="reply streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/stream",
             sse_close="done"), indent=False)
-    if not m.get("reply") and meta.get("status") not in ("error", "interrupted", "cancelled"):
+    status = _text_or(meta.get("status"), "done")
+    if not m.get("reply") and status not in ("error", "interrupted", "cancelled"):
         return Safe(f'<div id="reply-{mid}" class="reply empty"></div>')
-    status = meta.get("status", "done")
     notes = {"interrupted": "The server stopped while this reply was being written; it is incomplete.",
              "cancelled": "Stopped.", "error": f"The model failed: {meta.get('error')}"}
     note = f'<div class="reply-note note-{_e(status)}">{_e(notes[status])}</div>' if status in notes else ""
@@ -1205,7 +1395,7 @@ def KernelBadge(dialog_id: int):
 
 
 def AutorunNote(d: dict, *, oob: bool = False):
-    adapter = d["settings"].get("adapter")
+    adapter = _text_or(d["settings"].get("adapter"))
     text = "Solve and Fix run model code in this kernel" + (f" · adapter {adapter}" if adapter else "") \
         + f" · cwd {S.cfg.kernel_cwd or os.getcwd()}"
     return Span(text, id="autorun-note", cls="autorun-note" + (" has-adapter" if adapter else ""),
@@ -1215,6 +1405,7 @@ def AutorunNote(d: dict, *, oob: bool = False):
 
 def AdapterSelect(current: str | None):
     """Every registered adapter; those trained on another base than the loaded model are shown but disabled."""
+    current = _text_or(current)
     manifest = S.models.engine.manifest if S.models.engine is not None else None
     sha = manifest.get("sha256") if manifest else None
     loaded = (manifest or {}).get("file_name") or (manifest or {}).get("model") or "the loaded model"
@@ -1243,6 +1434,7 @@ def AdapterSelect(current: str | None):
 def SettingsPanel(d: dict, *, open: bool = False, oob: bool = False):
     """The dialog's settings as a form; an empty field means the app default, shown as the placeholder."""
     s = d["settings"]
+    prompt = _text_or(s.get("system_prompt"))
 
     def number(key: str, label: str, low: int, high: int, default: int):
         value = s.get(key)
@@ -1263,7 +1455,7 @@ def SettingsPanel(d: dict, *, open: bool = False, oob: bool = False):
                                          name="retry"), cls="field"),
              number("repeat_resamples", "Resample repeats", 0, 8, S.cfg.repeat_resamples),
              # The parser drops one newline after <textarea>; this one, so a prompt's own first newline stays.
-             Label(Span("System prompt"), Textarea("\n" + s["system_prompt"] if s.get("system_prompt") else "",
+             Label(Span("System prompt"), Textarea("\n" + prompt if prompt else "",
                                                    name="system_prompt", rows=5, placeholder=DEFAULT_SYSTEM_PROMPT),
                    cls="field wide"),
              Div(Span("Empty fields use the app default.", cls="hint"), Button("Save settings", type="submit"),
@@ -1291,6 +1483,7 @@ def DialogHeader(d: dict):
                         A(".md", href=f"/d/{did}/export.md", cls="export-md"), cls="menu"), cls="export"),
             SettingsPanel(d),
             Button("?", type="button", data_act="help", cls="help", title="Keyboard shortcuts (?)"),
+            LogoutButton(),
             cls="actions"),
         cls="topbar")
 
@@ -1298,18 +1491,25 @@ def DialogHeader(d: dict):
 # -- pages and page fragments ----------------------------------------------------------------------
 
 def page(handler):
-    """Like `api`, but errors become a message in the page's toast area."""
-    import functools
+    """Like `api`, but errors become a message in the page's toast area for the page's own requests (they say
+    HX-Request, and htmx swaps only a 2xx answer), and a plain message with the error's status for others."""
+    sig = inspect.signature(handler, eval_str=True)
+    named = next((n for n, p in sig.parameters.items() if p.annotation is Request), None)
 
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):
+        req = kwargs.get(named) if named else kwargs.pop("_page_request", None)
         try:
             result = handler(*args, **kwargs)
             return await result if asyncio.iscoroutine(result) else result
         except StoreError as e:
-            from html import escape
+            if req is not None and "hx-request" not in req.headers:
+                return PlainTextResponse(str(e), status_code=e.status)
             return Response(f'<div class="toast-msg">{escape(str(e))}</div>', status_code=200,
                             headers={"HX-Retarget": "#toast", "HX-Reswap": "innerHTML"}, media_type="text/html")
+    # FastHTML passes what the signature asks for: ask for the request too when the handler does not.
+    extra = [] if named else [inspect.Parameter("_page_request", inspect.Parameter.KEYWORD_ONLY, annotation=Request)]
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
     return wrapper
 
 
@@ -1326,11 +1526,31 @@ def get():
     return Response(ICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
 
+def LogoutButton():
+    return Form(Button("Log out", type="submit", title="End this browser's login (the start-up URL logs in again)"),
+                action="/logout", method="post", cls="logout")
+
+
+@rt("/logout")
+def post(req: Request):
+    """End this browser's login: its session is dropped here and its cookie cleared. (A POST, and from this
+    origin only, like every write: another site cannot log you out.)"""
+    sid = req.scope.get("loopbook.session")
+    if sid:
+        S.sessions.drop(sid)
+    # A bare page, like the log-in one: a logged-out browser may load none of the app's own files.
+    resp = HTMLResponse("<!doctype html><html lang=en><title>Loopbook: logged out</title><h1>Logged out</h1><p>This "
+                        "browser's login has ended. To log in again, open the URL Loopbook printed at start-up (it "
+                        "ends in ?token=...).</p></html>")
+    resp.delete_cookie(session_cookie(), path="/", httponly=True, samesite="strict")
+    return resp
+
+
 
 def Home(q: str = "", error: str | None = None):
     dialogs = S.store.list_dialogs(search=q or None)
     return (Title("Loopbook"), REFERRER,
-            Main(H1("Loopbook"),
+            Main(Div(H1("Loopbook"), LogoutButton(), cls="home-head"),
                  Div(error, cls="import-error", role="alert") if error else None,
                  Form(Input(name="title", placeholder="New dialog title", required=True, autofocus=not q and not error,
                             aria_label="New dialog title"),
@@ -1348,7 +1568,7 @@ def Home(q: str = "", error: str | None = None):
                              name="format", aria_label="Dataset format"),
                       Select(Option("all outcomes", value="all"), Option("solved", value="solved"),
                              Option("unsolved", value="unsolved"), name="outcome", aria_label="Outcome"),
-                      Button("Export dataset (.zip)", type="submit"), action="/api/export", method="get",
+                      Button("Export dataset (.zip)", type="submit"), action="/api/export", method="post",
                       cls="export-dataset", title="Every trace in this store as training data, with a dataset card"),
                  Ul(*[Li(A(d["title"], href=f"/d/{d['id']}"),
                          Span(f"{d['n_messages']} cells · {d['updated_at'][:16].replace('T', ' ')}", cls="meta"),
@@ -1400,7 +1620,7 @@ async def post(req: Request):
     if upload is None or not hasattr(upload, "read"):
         return full_page(Home(error="Choose a .ipynb file to import."), status_code=400)
     try:
-        d = import_ipynb(S.store, await upload.read(), upload.filename or None)
+        d = import_ipynb(S.store, await upload.read(), upload.filename or None, check_settings=check_settings)
     except StoreError as e:
         return full_page(Home(error=f"Nothing was imported. {e}"), status_code=e.status)
     if d.get("notices"):
@@ -1452,7 +1672,7 @@ async def post(id: str, req: Request):
     """Save the Settings panel: the same check as the API, then a toast, the panel and the header note."""
     d = S.store.get_dialog(id)
     patch = settings_from_form(await req.form())
-    check_settings({**d["settings"], **patch})
+    check_settings({**d["settings"], **patch}, patch)
     d = S.store.update_dialog_settings(d["id"], **patch)
     return Div("Settings saved", cls="toast-msg"), SettingsPanel(d, open=True, oob=True), AutorunNote(d, oob=True)
 
@@ -1469,18 +1689,27 @@ PAGE_WRITES: dict[int, tuple[str, str]] = {}
 TAB_HEADER = "x-loopbook-tab"
 
 
-def save_source(id: str, source: str, base: str | None, tab: str | None = None) -> dict:
-    """The page's save. `base` is the text this tab last had from the server: if the cell's text changed
-    since (another tab, the API, the kernel helper, a Fix), refuse rather than overwrite, so the last
-    writer wins only when it saw what it replaces. A tab's own earlier save (still on its way back to it
-    when it sent this one) is no conflict."""
+def save_source(id: str, source: str | None, base: str | None, tab: str | None = None, *, then: str = "") -> dict:
+    """The page's save, and the save before a run, an ask or a solve. `base` is the text this tab last had
+    from the server: if the cell's text changed since (another tab, the API, the kernel helper, a Fix),
+    refuse rather than overwrite, so the last writer wins only when it saw what it replaces. A tab's own
+    earlier save (still on its way back to it when it sent this one) is no conflict. `then`: what the
+    request would have done next ("run"), for the message."""
+    if source is None:
+        raise InvalidInput("Nothing to save: send the cell's text as 'source'.")
+    if base is None:
+        # Without it there is no telling a stale tab from a fresh one: refuse rather than risk a newer edit.
+        raise InvalidInput("This save does not say which text it replaces ('base'), so nothing was saved. Reload "
+                           "the page and try again.")
     with S.store.transaction():
         m = S.store.get_message(id)
         own = tab is not None and PAGE_WRITES.get(m["id"]) == (tab, m["source"])
-        if base is not None and not own and not same_text(base, m["source"]) and not same_text(source, m["source"]):
-            raise Conflict(f"Cell {m['id']} was changed elsewhere (another tab, or code in the kernel) since this "
-                           "page loaded it; your edit was not saved. Copy your text, reload the page, and apply "
-                           "it again.")
+        if not own and not same_text(base, m["source"]) and not same_text(source, m["source"]):
+            raise Conflict(f"Cell {m['id']} was changed elsewhere (another tab, the API, or code in the kernel) "
+                           f"since this page loaded it, so this page's text was not saved"
+                           + (f" and the cell was not {then}" if then else "")
+                           + ". Reload the page to see the newer text; if you changed the cell here, copy your "
+                             "text first and apply it again.")
         note_edit(S.store, S.traces, m, source)
         m = S.store.update_message(m["id"], source=source)
         if tab:
@@ -1498,14 +1727,14 @@ def same_text(a: str, b: str) -> bool:
 
 @rt("/cells/{id}")
 @page
-def put(id: str, req: Request, source: str = "", base: str | None = None):
+def put(id: str, req: Request, source: str | None = None, base: str | None = None):
     save_source(id, source, base, req.headers.get(TAB_HEADER))
     return ""
 
 
 @rt("/cells/{id}/save")
 @page
-def post(id: str, req: Request, source: str = "", base: str | None = None):
+def post(id: str, req: Request, source: str | None = None, base: str | None = None):
     """Save and re-render: a note or prompt leaving edit mode shows its markdown rendered."""
     return Cell(save_source(id, source, base, req.headers.get(TAB_HEADER)))
 
@@ -1567,27 +1796,36 @@ def post(id: str, field: str):
     return Cell(S.store.update_message(id, **{field: not m[field]}))
 
 
+def whole_number(name: str, text: str) -> int:
+    """A query or form value that must be a whole number (taken as text: FastHTML's own conversion answers
+    404 with Python's "invalid literal for int()")."""
+    if not re.fullmatch(r"[+-]?[0-9]{1,18}", text.strip()):
+        raise InvalidInput(f"'{name}' must be a whole number; got {text[:40]!r}.")
+    return int(text)
+
+
 @rt("/cells/{id}/move")
 @page
-def post(id: str, offset: int = 0):
+def post(id: str, offset: str = "0"):
     """Move by `offset` places; the page moves the element itself, so nothing is re-rendered."""
-    m = S.store.move_message(id, offset=offset)
+    m = S.store.move_message(id, offset=whole_number("offset", offset))
     return Response("", headers={"X-Position": str(m["position"])})
 
 
 @rt("/cells/{id}/run")
 @page
-async def post(id: str, req: Request, source: str | None = None):
+async def post(id: str, req: Request, source: str | None = None, base: str | None = None):
     if source is not None:
-        save_source(id, source, None, req.headers.get(TAB_HEADER))
+        save_source(id, source, base, req.headers.get(TAB_HEADER), then="run")
     await run_message(id)
     return Cell(S.store.get_message(id))
 
 
 @rt("/cells/{id}/output/{n}")
 @page
-def get(id: str, n: int):
+def get(id: str, n: str):
     """One output in full: what "show all" fetches for a collapsed output."""
+    n = whole_number("n", n)
     m = S.store.get_message(id)
     outputs = m.get("outputs") or []
     if not 0 <= n < len(outputs):
@@ -1619,9 +1857,9 @@ def get(id: str):
 
 @rt("/cells/{id}/ask")
 @page
-async def post(id: str, req: Request, source: str | None = None):
+async def post(id: str, req: Request, source: str | None = None, base: str | None = None):
     if source is not None:
-        save_source(id, source, None, req.headers.get(TAB_HEADER))
+        save_source(id, source, base, req.headers.get(TAB_HEADER), then="asked")
     try:
         m, _, _ = await start_ask(id, {})
     except ModelError as e:
@@ -1639,7 +1877,8 @@ async def post(id: str):
 def last_event_id(req: Request) -> int:
     """Where a reconnecting EventSource left off, so it is not sent the same tokens twice."""
     value = req.headers.get("last-event-id") or "0"
-    return int(value) if value.isdigit() and len(value) < 12 else 0
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    return int(value) if re.fullmatch(r"[0-9]{1,11}", value) else 0
 
 
 @rt("/cells/{id}/stream")
@@ -1673,12 +1912,22 @@ def get(id: str, edit: str = ""):
 
 @rt("/cells/{id}/reply")
 @page
-def post(id: str, reply: str = ""):
-    m = S.store.get_message(id)
-    if m["type"] != "prompt":
-        raise InvalidInput("Only a prompt has a reply to edit.")
-    meta = {**(m.get("reply_meta") or {}), "status": "done", "edited_by_hand": True}
-    return Reply(S.store.update_message(m["id"], reply=reply, reply_meta=meta))
+def post(id: str, reply: str | None = None, base: str | None = None):
+    """A reply edited by hand. `base`: the reply as the editor opened with it, as with a cell's `base`."""
+    if reply is None or base is None:
+        raise InvalidInput("Send the edited reply as 'reply' and the reply you started from as 'base'; nothing was "
+                           "saved.")
+    with S.store.transaction():
+        m = S.store.get_message(id)
+        if m["type"] != "prompt":
+            raise InvalidInput("Only a prompt has a reply to edit.")
+        if not same_text(base, m["reply"]) and not same_text(reply, m["reply"]):
+            raise Conflict(f"The reply of cell {m['id']} changed since you opened it for editing (the model answered "
+                           "again, or another tab); yours was not saved. Copy your text, press Cancel to see the "
+                           "newer reply, and edit that.")
+        meta = {**(m.get("reply_meta") or {}), "status": "done", "edited_by_hand": True}
+        m = S.store.update_message(m["id"], reply=reply, reply_meta=meta)
+    return Reply(m)
 
 
 @rt("/cells/{id}/extract")
@@ -1701,9 +1950,9 @@ def post(id: str):
 
 @rt("/cells/{id}/solve")
 @page
-async def post(id: str, req: Request, source: str | None = None):
+async def post(id: str, req: Request, source: str | None = None, base: str | None = None):
     if source is not None:
-        save_source(id, source, None, req.headers.get(TAB_HEADER))
+        save_source(id, source, base, req.headers.get(TAB_HEADER), then="solved")
     try:
         m, _, _ = await start_loop(id, {}, "solve")
     except ModelError as e:
@@ -1812,6 +2061,8 @@ def main(argv: list[str] | None = None) -> None:
 
     cfg = parse_config(argv)
     S.cfg = cfg
+    if not (math.isfinite(cfg.session_hours) and 0 < cfg.session_hours <= 24 * 3660):
+        sys.exit(f"--session-hours must be more than 0 and at most ten years; got {cfg.session_hours}.")
     data_dir = Path(cfg.data_dir).expanduser() if cfg.data_dir else default_data_dir()
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the store holds all your work: yours alone
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):

@@ -183,7 +183,70 @@ def _m3_adapters(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS = [_m1_initial, _m2_traces, _m3_adapters]
+_DIALOGS_V4 = """
+    CREATE TABLE dialogs_v4 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        title TEXT NOT NULL,
+        settings TEXT NOT NULL DEFAULT '{}',
+        parent_id INTEGER,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )"""
+_MESSAGES_V4 = """
+    CREATE TABLE messages_v4 (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        dialog_id INTEGER NOT NULL REFERENCES dialogs(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        type TEXT NOT NULL CHECK (type IN ('code', 'note', 'prompt')),
+        source TEXT NOT NULL DEFAULT '',
+        outputs TEXT NOT NULL DEFAULT '[]',
+        output_meta TEXT NOT NULL DEFAULT '{}',
+        execution_count INTEGER,
+        reply TEXT NOT NULL DEFAULT '',
+        reply_meta TEXT NOT NULL DEFAULT '{}',
+        pinned INTEGER NOT NULL DEFAULT 0,
+        skipped INTEGER NOT NULL DEFAULT 0,
+        is_test INTEGER NOT NULL DEFAULT 0,
+        author TEXT NOT NULL DEFAULT 'human',
+        version INTEGER NOT NULL DEFAULT 1,
+        created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL
+    )"""
+# Every place an id of the table may still be named after its row is gone: the next id starts above them all.
+_ID_MENTIONS = {
+    "dialogs": ["SELECT max(id) FROM dialogs", "SELECT max(parent_id) FROM dialogs", "SELECT max(dialog_id) FROM traces",
+                "SELECT max(dialog_id) FROM attempts", "SELECT max(dialog_id) FROM edits"],
+    "messages": ["SELECT max(id) FROM messages", "SELECT max(message_id) FROM traces",
+                 "SELECT max(code_message_id) FROM traces", "SELECT max(message_id) FROM attempts",
+                 "SELECT max(message_id) FROM edits"],
+}
+
+
+def _m4_ids_never_reused(conn: sqlite3.Connection) -> None:
+    # Without AUTOINCREMENT, SQLite hands the id of the newest deleted row to the next insert: a deleted dialog's
+    # kernel token then opened the new dialog, and traces, edits and the page's undo named the wrong cell. SQLite
+    # cannot add AUTOINCREMENT to a table, so both tables are rebuilt (with foreign keys off: see migrate()).
+    seeds = {table: max((conn.execute(q).fetchone()[0] or 0) for q in queries) for table, queries in _ID_MENTIONS.items()}
+    for table, create in (("dialogs", _DIALOGS_V4), ("messages", _MESSAGES_V4)):
+        conn.execute(create)
+        conn.execute(f"INSERT INTO {table}_v4 SELECT * FROM {table}")
+        conn.execute(f"DROP TABLE {table}")
+        conn.execute(f"ALTER TABLE {table}_v4 RENAME TO {table}")
+        conn.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, seeds[table]))
+    conn.execute("CREATE INDEX idx_messages_dialog_position ON messages(dialog_id, position)")
+
+
+# Dropping a table that others reference would, with foreign keys on, run its ON DELETE actions (emptying
+# messages, nulling traces.dialog_id). SQLite's documented way to rebuild such a table: foreign keys off
+# (which only works outside a transaction), rebuild, check the references, commit, foreign keys back on.
+_m4_ids_never_reused.rebuilds_tables = True
+
+MIGRATIONS = [_m1_initial, _m2_traces, _m3_adapters, _m4_ids_never_reused]
+
+
+def _fk_problems(conn: sqlite3.Connection) -> int:
+    return len(conn.execute("PRAGMA foreign_key_check").fetchall())
 
 
 def migrate(conn: sqlite3.Connection, migrations: list = MIGRATIONS) -> tuple[int, int]:
@@ -196,13 +259,25 @@ def migrate(conn: sqlite3.Connection, migrations: list = MIGRATIONS) -> tuple[in
         )
     start = current
     for number, step in enumerate(migrations[current:], start=current + 1):
-        conn.execute("BEGIN IMMEDIATE")
+        rebuild = getattr(step, "rebuilds_tables", False)
+        foreign_keys = conn.execute("PRAGMA foreign_keys").fetchone()[0]
+        if rebuild:
+            conn.execute("PRAGMA foreign_keys = OFF")
         try:
-            step(conn)
-            conn.execute(f"PRAGMA user_version = {number}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                before = _fk_problems(conn) if rebuild else 0
+                step(conn)
+                if rebuild and _fk_problems(conn) > before:
+                    raise RuntimeError(f"Migration {number} would break references between tables; nothing was "
+                                       "changed. Please report this with the store's schema.")
+                conn.execute(f"PRAGMA user_version = {number}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        finally:
+            if rebuild:
+                conn.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
         current = number
     return start, current

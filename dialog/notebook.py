@@ -5,13 +5,14 @@ from __future__ import annotations
 import ast
 import copy
 import json
+import math
 import re
 import sys
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import nbformat
 
-from .store import AUTHORS, MAX_TITLE, InvalidInput, Store
+from .store import AUTHORS, MAX_TITLE, InvalidInput, Store, StoreError, lone_surrogate
 
 MAX_IMPORT_BYTES = 50 * 1024 * 1024
 LOOPBOOK_KEY = "loopbook"
@@ -49,10 +50,11 @@ def _text(value: Any) -> str:
 def _int_or_none(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int):
-        return value
     if isinstance(value, float) and value.is_integer():
-        return int(value)
+        value = int(value)
+    # SQLite's INTEGER range: beyond it sqlite3 raises OverflowError instead of storing the number.
+    if isinstance(value, int) and -2**63 <= value < 2**63:
+        return value
     return None
 
 
@@ -156,8 +158,17 @@ def export_ipynb(store: Store, dialog_id: Any) -> str:
     return nbformat.writes(notebook(store, dialog_id), version=4)
 
 
+# Python ends a line at \n, \r\n and a lone \r alike: a comment split only at \n would let a note holding
+# "# x\rprint(1)" run its second half. Editors and str.splitlines() break at more (\v, \f, \x1c-\x1e, \x85,
+# \u2028, \u2029); breaking the comment there too keeps what a reader sees and what Python runs the same.
+_LINE_BREAK = re.compile(r"\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+_PY_LINE_BREAK = re.compile(r"\r\n|[\r\n]")
+
+
 def _comment(text: str) -> str:
-    return "\n".join(f"# {line}" if line else "#" for line in text.split("\n"))
+    return "\n".join(f"# {line}" if line else "#" for line in _LINE_BREAK.split(text))
 
 
 def _parses(code: str) -> bool:
@@ -173,7 +184,7 @@ def _py_code(source: str) -> str:
     does), else wholly commented, so the script always parses."""
     if _parses(source):
         return source
-    escaped = "\n".join(f"# {line}" if _MAGIC_LINE.match(line) else line for line in source.split("\n"))
+    escaped = "\n".join(f"# {line}" if _MAGIC_LINE.match(line) else line for line in _PY_LINE_BREAK.split(source))
     if _parses(escaped):
         return escaped
     return "# (this cell is not valid Python, so it is kept as comments)\n" + _comment(source)
@@ -332,6 +343,80 @@ def _title(raw: dict, nb: dict, title: str | None) -> str:
     return DEFAULT_TITLE
 
 
+# Loopbook's own metadata, as a file may hold it: the page renders these fields, so each known one must have
+# its type (or it is left out); unknown ones are kept as they are (nothing reads them).
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_count(v: Any) -> bool:
+    return _int_or_none(v) is not None and not isinstance(v, float) and v >= 0
+
+
+def _is_word(v: Any) -> bool:
+    return isinstance(v, str) and re.fullmatch(r"[a-z_]{1,32}", v) is not None
+
+
+def _is_text_or_none(v: Any) -> bool:
+    return v is None or isinstance(v, str)
+
+
+_FIGURES = ("ttft_s", "prompt_tokens", "cached_prompt_tokens", "prompt_eval_s", "completion_tokens", "decode_s",
+            "tokens_per_s", "total_s")
+_OUTPUT_META = {"status": _is_word, "duration_s": _is_number, "truncated": lambda v: isinstance(v, bool),
+                "original_chars": _is_count, "message": _is_text_or_none, "empty": lambda v: isinstance(v, bool),
+                "trace_id": _is_count}
+_REPLY_META = {"status": _is_word, "request_id": _is_text_or_none, "model": _is_text_or_none,
+               "backend": _is_text_or_none, "error": _is_text_or_none, "finish_reason": _is_text_or_none,
+               "solve": _is_text_or_none, "trace_id": _is_count, "code_message_id": _is_count,
+               "edited_by_hand": lambda v: isinstance(v, bool), "sampling": lambda v: isinstance(v, dict),
+               "figures": lambda v: isinstance(v, dict)}
+
+
+def _clean_meta(meta: dict, rules: dict) -> tuple[dict, int]:
+    """(meta with every known field of the right type, number of fields left out)."""
+    out, dropped = {}, 0
+    for key, value in meta.items():
+        check = rules.get(key)
+        if check is not None and not check(value):
+            dropped += 1
+            continue
+        out[key] = value
+    if isinstance(out.get("figures"), dict):
+        figures = {k: v for k, v in out["figures"].items() if k not in _FIGURES or v is None or _is_number(v)}
+        dropped += len(out["figures"]) - len(figures)
+        out["figures"] = figures
+    if out.get("status") == "streaming":
+        out["status"] = "interrupted"  # no stream is writing it here
+    return out, dropped
+
+
+def _clean_settings(settings: Any, check: Callable[[dict], None] | None, notices: list[str]) -> dict | None:
+    """The dialog settings a file brings, each one that `check` (the app's own rules) accepts."""
+    if not isinstance(settings, dict):
+        return None
+    if check is None:
+        return settings
+    kept, left_out = {}, []
+    for key, value in settings.items():
+        if value is None:  # "the app default": nothing to keep
+            continue
+        try:
+            check({key: value})
+        except StoreError:
+            left_out.append(str(key))
+        else:
+            kept[key] = value
+    try:
+        check(kept)
+    except StoreError:
+        left_out, kept = left_out + list(kept), {}
+    if left_out:
+        notices.append(f"{len(left_out)} dialog setting(s) not valid here were left out: "
+                       f"{', '.join(sorted(left_out))[:300]}.")
+    return kept
+
+
 def _marker(cell: dict) -> dict:
     meta = cell.get("metadata")
     marker = meta.get(LOOPBOOK_KEY) if isinstance(meta, dict) else None
@@ -378,7 +463,7 @@ def _same_text(a: str, b: str) -> bool:
 
 def _messages(cells: list, notices: list[str]) -> Iterator[tuple[str, str, dict]]:
     """(type, source, fields) for each cell, read lazily so a damaged cell stops the import where it is."""
-    raw_cells = dropped_outputs = edited_prompts = unknown = 0
+    raw_cells = dropped_outputs = edited_prompts = unknown = bad_meta = 0
     for number, cell in enumerate(cells, start=1):
         if not isinstance(cell, dict):
             raise InvalidInput(f"Cell {number} of this notebook is damaged (it is not a JSON object). "
@@ -393,7 +478,8 @@ def _messages(cells: list, notices: list[str]) -> Iterator[tuple[str, str, dict]
             dropped_outputs += dropped
             fields.update(outputs=outputs, execution_count=count)
             if isinstance(marker.get("output_meta"), dict):
-                fields["output_meta"] = marker["output_meta"]
+                fields["output_meta"], dropped = _clean_meta(marker["output_meta"], _OUTPUT_META)
+                bad_meta += dropped
             yield "code", source, fields
         elif kind == "markdown":
             if marker.get("type") == "prompt" and isinstance(marker.get("prompt"), str):
@@ -401,7 +487,8 @@ def _messages(cells: list, notices: list[str]) -> Iterator[tuple[str, str, dict]
                 if _same_text(source, prompt_markdown(marker["prompt"], reply)):
                     fields["reply"] = reply
                     if isinstance(marker.get("reply_meta"), dict):
-                        fields["reply_meta"] = marker["reply_meta"]
+                        fields["reply_meta"], dropped = _clean_meta(marker["reply_meta"], _REPLY_META)
+                        bad_meta += dropped
                     yield "prompt", marker["prompt"], fields
                     continue
                 edited_prompts += 1  # changed outside Loopbook: the person's text wins, as a note
@@ -420,17 +507,26 @@ def _messages(cells: list, notices: list[str]) -> Iterator[tuple[str, str, dict]
         notices.append(f"{dropped_outputs} output(s) of an unknown kind were left out.")
     if unknown:
         notices.append(f"{unknown} cell(s) of an unknown type were left out.")
+    if bad_meta:
+        notices.append(f"{bad_meta} Loopbook metadata field(s) of the wrong type (figures, statuses, counts) were "
+                       "left out.")
 
 
 def import_ipynb(store: Store, data: bytes | str, title: str | None = None, *,
-                 max_bytes: int = MAX_IMPORT_BYTES) -> dict:
+                 max_bytes: int = MAX_IMPORT_BYTES, check_settings: Callable[[dict], None] | None = None) -> dict:
     """A new dialog from an .ipynb file (Jupyter, Colab, VS Code; nbformat 3 or 4), all in one transaction.
 
     Returns the dialog as the store gives it, plus `n_messages` and `notices` (what was changed on the way).
     Raises InvalidInput, with nothing written, for a file that is too big, damaged or not a notebook.
+    `check_settings`: raises StoreError for dialog settings the app would refuse; those are left out.
     """
     text = _decode(data, max_bytes)
     raw = _parse(text)
+    bad = lone_surrogate([raw, title])
+    if bad is not None:
+        raise InvalidInput(f"This notebook holds a lone surrogate ({bad!r}), which is not valid Unicode text, so "
+                           "nothing was imported. Fix that text in Jupyter (it is often a broken emoji), save, and "
+                           "import again.")
     nb = _upgrade(raw, text)
     cells = nb.get("cells")
     if not isinstance(cells, list):
@@ -447,7 +543,7 @@ def import_ipynb(store: Store, data: bytes | str, title: str | None = None, *,
         notices.append(f"This notebook's kernel language is {language}; Loopbook runs Python, so its code cells "
                        "may not run as they are.")
     marker = meta.get(LOOPBOOK_KEY) if isinstance(meta.get(LOOPBOOK_KEY), dict) else {}
-    settings = marker.get("settings") if isinstance(marker.get("settings"), dict) else None
+    settings = _clean_settings(marker.get("settings"), check_settings, notices)
     with store.transaction():
         dialog = store.create_dialog(_title(raw, nb, title), settings)
         n = 0

@@ -66,6 +66,25 @@ def _check_title(title: Any) -> str:
     return title
 
 
+def lone_surrogate(data: Any) -> str | None:
+    """The first lone surrogate in a JSON-shaped value, or None. JSON may escape one ("\\ud800"), and SQLite
+    cannot store it: whatever takes JSON in refuses it up front."""
+    todo = [data]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, dict):
+            todo.extend(value.keys())
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return value[e.start]
+    return None
+
+
 def _check_id(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise InvalidInput(f"{what} id must be an integer; got {value!r}.")

@@ -14,6 +14,7 @@ PLACEHOLDERS = {
     "api_key": "<SECRET_API_KEY>", "github_token": "<SECRET_GITHUB_TOKEN>", "aws_key": "<SECRET_AWS_KEY>",
     "private_key": "<SECRET_PRIVATE_KEY>", "token": "<SECRET_TOKEN>", "password": "<SECRET>, <SECRET_PASSWORD>",
     "email": "<EMAIL>", "app_token": "<SECRET_APP_TOKEN>", "env_secret": "<SECRET_ENV_VALUE>", "home_path": "~/",
+    "kernel_token": "<SECRET_KERNEL_TOKEN>", "session": "<SECRET_SESSION>",
 }
 SECRET_LABELS = {
     "api_key": "API keys (sk-..., sk-ant-..., hf_..., AIza...)", "github_token": "GitHub tokens (ghp_..., github_pat_...)",
@@ -21,6 +22,7 @@ SECRET_LABELS = {
     "token": "bearer / auth tokens, JWTs, Slack tokens", "password": "passwords (assignments, URL credentials)",
     "email": "e-mail addresses", "app_token": "the Loopbook access token", "env_secret":
     "values of secret-looking environment variables", "home_path": "home directory paths (to ~/)",
+    "kernel_token": "Loopbook kernel tokens (lbk...)", "session": "Loopbook login session ids (lbs_...)",
 }
 HOW_BUILT = {
     "sft": "One row per solved trace: the round-0 context, then every answer and the observation fed back after it, "

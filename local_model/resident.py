@@ -41,8 +41,8 @@ class Resident:
         loading or swapping when needed; `manifest_extra` names the adapter in every manifest."""
         async with self._lock:
             wanted = (model or self.model, backend or self.backend_kind)
-            if self.engine is not None and (model is None or self._matches(model, backend)) \
-                    and self.lora_path == lora_path:
+            # A backend asked for by name is honoured even without a model: the request says where it must run.
+            if self.engine is not None and self._matches(model or self.model, backend) and self.lora_path == lora_path:
                 return self.engine
             self.loading = True
             try:

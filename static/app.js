@@ -427,10 +427,14 @@
     });
   }
 
+  // What a job sends with the text it saves: the text this tab last had from the server (see save), so a
+  // tab that missed a newer edit is refused instead of putting its older text back.
+  const sent = (job) => ({ source: job.source, base: savedSource(byId(job.id)) });
+
   const JOBS = {
     async run(job) {
       setKernel("busy");
-      const html = await call("POST", `/cells/${job.id}/run`, { source: job.source });
+      const html = await call("POST", `/cells/${job.id}/run`, sent(job));
       const el = swapCell(job.id, html, { keepSource: true });
       savedText.set(job.id, job.source);
       if (el && sourceOf(el) !== job.source) scheduleSave(job.id); // typed while it ran
@@ -438,7 +442,7 @@
       return !(out && FAILED.test(out.className));
     },
     async ask(job) {
-      const html = await call("POST", `/cells/${job.id}/ask`, { source: job.source });
+      const html = await call("POST", `/cells/${job.id}/ask`, sent(job));
       savedText.delete(job.id);
       swapCell(job.id, html);
       await waitForStream(job.id);
@@ -446,7 +450,7 @@
       return !(el && el.querySelector(".reply.status-error"));
     },
     async solve(job) {
-      const html = await call("POST", `/cells/${job.id}/solve`, { source: job.source });
+      const html = await call("POST", `/cells/${job.id}/solve`, sent(job));
       savedText.delete(job.id);
       swapCell(job.id, html);
       await waitForStream(job.id);
@@ -460,7 +464,7 @@
       return true;
     },
     async note(job) {
-      const html = await call("POST", `/cells/${job.id}/save`, { source: job.source });
+      const html = await call("POST", `/cells/${job.id}/save`, sent(job));
       savedText.delete(job.id);
       const el = byId(job.id);
       if (el && !el.classList.contains("editing")) swapCell(job.id, html);
@@ -821,7 +825,10 @@
       const box = cell.querySelector(".reply-source");
       if (box) box.focus();
     }).catch(() => {}),
-    "save-reply": (cell) => swapReply(cell, "POST", "", { reply: cell.querySelector(".reply-source").value }).catch(() => {}),
+    "save-reply": (cell) => {
+      const box = cell.querySelector(".reply-source");
+      return swapReply(cell, "POST", "", { reply: box.value, base: box.defaultValue }).catch(() => {});
+    },
     "cancel-reply": (cell) => swapReply(cell, "GET", "").catch(() => {}),
     "show-all": (cell, el) => showAll(el).catch(() => {}),
     "add-code": () => serial(() => addCell(null, "end", "code", { edit: true })),

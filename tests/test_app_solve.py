@@ -129,7 +129,7 @@ def test_dataset_download_after_solving(c):
 
     did, p = dialog_with_test(c, "assert inc(1) == 2", "Write a Python function inc(x) returning x + 1.")
     c.post(f"/api/messages/{p}/solve", json={"rounds": 0, "max_tokens": 64})
-    r = c.get("/api/export", params={"format": "all"})
+    r = c.post("/api/export", params={"format": "all"})
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
     z = zipfile.ZipFile(io.BytesIO(r.content))
     names = z.namelist()
@@ -137,5 +137,5 @@ def test_dataset_download_after_solving(c):
                                                                for n in names)
     card = z.read(next(n for n in names if n.endswith("README.md"))).decode()
     assert "smollm2" in card.lower()
-    bad = c.get("/api/export", params={"format": "nonsense"})
+    bad = c.post("/api/export", data={"format": "nonsense"})
     assert bad.status_code == 400 and bad.json()["error"]

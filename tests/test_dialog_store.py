@@ -191,3 +191,62 @@ def test_concurrent_writers_lose_nothing(store):
     msgs = store.messages(d["id"])
     assert len(msgs) == 200
     assert sorted(m["position"] for m in msgs) == list(range(200))
+
+
+def test_ids_are_never_reused(store):
+    # A kernel token names its dialog by id, and traces, edits and the page's undo name cells by id.
+    a = store.create_dialog("a")
+    b = store.create_dialog("b")
+    m = store.add_message(b["id"], "code", "x")
+    store.delete_dialog(b["id"])
+    c = store.create_dialog("c")
+    assert c["id"] > b["id"] > a["id"]
+    n = store.add_message(c["id"], "code", "y")
+    assert n["id"] > m["id"]
+    store.delete_message(n["id"])
+    assert store.add_message(c["id"], "code", "z")["id"] > n["id"]
+
+
+def old_store(path):
+    """A store as Loopbook left it before migration 4, with a deleted dialog and cell that other rows still name."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA foreign_keys = ON")
+    migrate(conn, MIGRATIONS[:3])
+    ts = "2026-01-01T00:00:00.000+00:00"
+    for title in ("kept", "parent of a branch", "deleted"):
+        conn.execute("INSERT INTO dialogs (title, created_at, updated_at) VALUES (?, ?, ?)", (title, ts, ts))
+    conn.execute("UPDATE dialogs SET parent_id = 2 WHERE id = 1")
+    for dialog_id, source in ((1, "a"), (1, "b"), (3, "gone with its dialog")):
+        conn.execute("INSERT INTO messages (dialog_id, position, type, source, created_at, updated_at) "
+                     "VALUES (?, 0, 'code', ?, ?, ?)", (dialog_id, source, ts, ts))
+    conn.execute("INSERT INTO traces (kind, dialog_id, message_id, code_message_id, created_at) "
+                 "VALUES ('solve', 1, 2, 7, ?)", (ts,))
+    conn.execute("INSERT INTO attempts (trace_id, round, dialog_id, message_id, input_hash, exec_status, created_at) "
+                 "VALUES (1, 0, 9, 3, 'h', 'ok', ?)", (ts,))
+    conn.execute("INSERT INTO edits (dialog_id, message_id, before, after, created_at) VALUES (3, 5, 'x', 'y', ?)", (ts,))
+    conn.execute("DELETE FROM dialogs WHERE id = 3")
+    conn.close()
+
+
+def test_an_older_store_migrates_to_ids_that_are_never_reused(tmp_path):
+    old_store(tmp_path / "loopbook.db")
+    s = Store(tmp_path)
+    try:
+        assert (s.schema_from, s.schema_version) == (3, len(MIGRATIONS))
+        assert [(d["id"], d["title"], d["parent_id"]) for d in sorted(s.list_dialogs(), key=lambda d: d["id"])] == \
+            [(1, "kept", 2), (2, "parent of a branch", None)]
+        assert [m["source"] for m in s.messages(1)] == ["a", "b"]
+        assert s.query("SELECT dialog_id, message_id FROM traces") == [{"dialog_id": 1, "message_id": 2}]
+        # New ids start above every id the store still names anywhere (attempts name dialog 9, traces cell 7).
+        d = s.create_dialog("new")
+        assert d["id"] == 10
+        assert s.add_message(d["id"], "code", "c")["id"] == 8
+        # The references between tables work as before: a deleted dialog takes its cells, its traces stay.
+        s.delete_dialog(1)
+        assert s.query("SELECT count(*) AS n FROM messages WHERE dialog_id = 1")[0]["n"] == 0
+        assert s.query("SELECT dialog_id FROM traces") == [{"dialog_id": None}]
+        assert s.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert s.conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert s.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        s.close()

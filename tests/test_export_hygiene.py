@@ -42,6 +42,28 @@ def test_scrubber_replaces_each_kind_and_counts_exactly():
     assert "password = '<SECRET>'" in out and "<SECRET_PRIVATE_KEY>" in out
 
 
+def test_credentials_loopbook_issues_are_scrubbed_whatever_token_made_them(store, tmp_path):
+    from execfeedback.helper_setup import kernel_token
+
+    ktoken = kernel_token("an app token from another machine", 12, "2026-01-01T00:00:00.000+00:00")
+    session = "lbs_" + "Q" * 20 + "-_" + "7" * 21
+    s = Scrubber(environ={})
+    out = s(f"h = {{'Authorization': 'token {ktoken}'}}\nos.environ['K'] = \"{ktoken}\"\ncookie {session}\n")
+    assert ktoken not in out and session not in out
+    assert dict(s.counts) == {"kernel_token": 2, "session": 1}
+    assert out.count("<SECRET_KERNEL_TOKEN>") == 2 and "<SECRET_SESSION>" in out
+    # Look-alikes stay.
+    assert s("lbk3.short and lbk12 and lbs_short and klbk3." + "a" * 32) == \
+        "lbk3.short and lbk12 and lbs_short and klbk3." + "a" * 32
+    # Through a whole export: a kernel token printed in a cell never reaches the dataset or its card.
+    ts = TraceStore(store)
+    solved_trace(ts, ask(f"Call the API with token {ktoken}."), f"TOKEN = {ktoken!r}\n")
+    export_to_dir(store, tmp_path / "o", options_from_mapping({"format": "all", "test_fraction": "0"}), environ={})
+    written = "".join(p.read_text() for p in (tmp_path / "o").iterdir())
+    assert ktoken not in written and ktoken.split(".")[1] not in written and "<SECRET_KERNEL_TOKEN>" in written
+    assert "Loopbook kernel tokens" in (tmp_path / "o" / "README.md").read_text()
+
+
 def test_env_values_that_are_short_or_paths_are_not_treated_as_secrets(tmp_path):
     s = Scrubber(environ={"TOKENIZERS_PARALLELISM": "false", "KEY_FILE": str(tmp_path), "EDITOR_THEME": "abcdefghijk"})
     assert s(f"false {tmp_path} abcdefghijk") == f"false {tmp_path} abcdefghijk"

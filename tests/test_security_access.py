@@ -1,5 +1,7 @@
 """Who gets in: binding, token auth on every route, the login cookie, CSRF, Host checks, kernel tokens."""
 
+import hashlib
+import hmac
 import inspect
 import os
 import socket
@@ -10,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from apphelpers import ROOT, TOKEN, free_port
+from apphelpers import ROOT, TOKEN, Server, free_port
 from securityhelpers import app_module, fill, routes, snapshot
 from execfeedback.helper_setup import kernel_token
 
@@ -97,15 +99,24 @@ def test_the_route_table_is_what_these_tests_expect():
     assert ("GET", "/static/app.css") in table
 
 
+# What the login cookie held before it was a random session: a fixed HMAC of the token.
+OLD_COOKIE_VALUE = hmac.new(TOKEN.encode(), b"loopbook-session", hashlib.sha256).hexdigest()
+
+
 @pytest.mark.parametrize("credentials", [
     {},
     {"headers": {"Authorization": "token wrong"}},
     {"headers": {"Authorization": f"token {TOKEN}x"}},
     {"headers": {"Authorization": f"Basic {TOKEN}"}},
-    {"headers": {"Cookie": "loopbook_session=forged"}},
-    {"headers": {"Cookie": f"loopbook_session={TOKEN}"}},  # the token itself is not the cookie value
-], ids=["none", "wrong", "longer", "basic", "forged-cookie", "token-as-cookie"])
+    {"headers": {"Cookie": "loopbook_session_{port}=forged"}},
+    {"headers": {"Cookie": "loopbook_session_{port}=lbs_" + "A" * 43}},
+    {"headers": {"Cookie": "loopbook_session_{port}=" + TOKEN}},  # the token itself is not the cookie value
+    {"headers": {"Cookie": "loopbook_session=" + OLD_COOKIE_VALUE}},  # nor anything derived from it
+    {"headers": {"Cookie": "loopbook_session_{port}=" + OLD_COOKIE_VALUE}},
+], ids=["none", "wrong", "longer", "basic", "forged-cookie", "forged-session", "token-as-cookie", "derived-cookie",
+        "derived-cookie-new-name"])
 def test_every_route_refuses_without_credentials(server, c, credentials):
+    credentials = {k: {h: v.replace("{port}", str(server.port)) for h, v in hs.items()} for k, hs in credentials.items()}
     did = new_dialog(c)
     mid = add(c, did, "code", "print(1)")
     before = snapshot(server.data_dir / "loopbook.db")
@@ -144,6 +155,14 @@ def test_near_miss_and_odd_tokens_are_refused_at_every_door(server):
                 assert r.status_code == 401, (cookie, r.status_code)
 
 
+def login(base: str) -> tuple[httpx.Client, str]:
+    """A client that logged in as a browser does; and the Set-Cookie header it got."""
+    browser = httpx.Client(base_url=base, timeout=30)
+    r = browser.get(f"/?token={TOKEN}", follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return browser, r.headers["set-cookie"]
+
+
 def test_login_cookie(server):
     with httpx.Client(base_url=server.base, timeout=30) as browser:
         r = browser.get("/?token=wrong", follow_redirects=False)
@@ -160,6 +179,96 @@ def test_login_cookie(server):
     with httpx.Client(base_url=server.base, timeout=30) as other:
         # A token in the query logs in only through GET; a POST with it is just unauthenticated.
         assert other.post(f"/api/dialogs?token={TOKEN}", json={"title": "x"}).status_code == 401
+
+
+def cookie_value(set_cookie: str, name: str) -> str:
+    assert set_cookie.startswith(name + "="), set_cookie
+    return set_cookie.split(";", 1)[0].split("=", 1)[1]
+
+
+def test_each_login_is_a_random_session_named_for_its_port(server):
+    # Browsers send a 127.0.0.1 cookie to every port there: the value must be worth nothing beyond this login.
+    name = f"loopbook_session_{server.port}"
+    first, set1 = login(server.base)
+    second, set2 = login(server.base)
+    try:
+        v1, v2 = cookie_value(set1, name), cookie_value(set2, name)
+        assert v1 != v2 and v1.startswith("lbs_") and len(v1) >= 40  # 32 random bytes, not derived from the token
+        assert OLD_COOKIE_VALUE not in (v1, v2) and TOKEN not in v1
+        assert "max-age=604800" in set1.lower()  # --session-hours' default, 168
+        assert first.get("/api/dialogs").status_code == 200 and second.get("/api/dialogs").status_code == 200
+    finally:
+        first.close()
+        second.close()
+
+
+def test_logout_ends_the_session_and_clears_the_cookie(server):
+    name = f"loopbook_session_{server.port}"
+    browser, set_cookie = login(server.base)
+    stolen = cookie_value(set_cookie, name)
+    try:
+        page = browser.get("/").text
+        assert 'action="/logout"' in page and "Log out" in page  # visible on the home page
+        # Another site cannot log you out: a logout is a write like any other.
+        assert browser.post("/logout", headers={"Origin": "http://127.0.0.1:1"}).status_code == 403
+        assert browser.get("/api/dialogs").status_code == 200
+        r = browser.post("/logout", headers={"Origin": server.base, "Sec-Fetch-Site": "same-origin"})
+        assert r.status_code == 200 and "Logged out" in r.text
+        assert f"{name}=" in r.headers["set-cookie"] and "max-age=0" in r.headers["set-cookie"].lower()
+        assert browser.get("/api/dialogs").status_code == 401
+    finally:
+        browser.close()
+    # A copy of the cookie taken before (by another port's page, say) is dead too.
+    assert httpx.get(server.base + "/api/dialogs", headers={"Cookie": f"{name}={stolen}"}).status_code == 401
+    # Logging in again replaces a browser's session: the one it had stops working.
+    browser, set_cookie = login(server.base)
+    try:
+        old = cookie_value(set_cookie, name)
+        r = browser.get(f"/?token={TOKEN}", follow_redirects=False)
+        assert cookie_value(r.headers["set-cookie"], name) != old
+        assert httpx.get(server.base + "/api/dialogs", headers={"Cookie": f"{name}={old}"}).status_code == 401
+        assert browser.get("/api/dialogs").status_code == 200
+    finally:
+        browser.close()
+
+
+def test_sessions_expire_and_do_not_outlive_the_server(tmp_path):
+    s = Server(tmp_path / "sessions", "--model", "/no/model.gguf", "--session-hours", "0.001").start()  # 3.6 s
+    try:
+        name = f"loopbook_session_{s.port}"
+        browser, set_cookie = login(s.base)
+        assert "max-age=3;" in set_cookie.lower() + ";"
+        try:
+            assert browser.get("/api/dialogs").status_code == 200
+            time.sleep(4)
+            assert browser.get("/api/dialogs").status_code == 401  # the server keeps the expiry, not the cookie
+        finally:
+            browser.close()
+        browser, set_cookie = login(s.base)
+        value = cookie_value(set_cookie, name)
+        browser.close()
+        s.stop()
+        s.start()
+        # Sessions live in the server's memory: a restart (and so a new token) ends every login.
+        assert httpx.get(s.base + "/api/dialogs", headers={"Cookie": f"{name}={value}"}).status_code == 401
+    finally:
+        s.stop()
+
+
+def test_sessions_are_bound_to_the_token():
+    sessions = app_module().Sessions()
+    sid = sessions.new("token-one", 60)
+    assert sessions.valid("token-one", sid)
+    assert not sessions.valid("token-two", sid)  # the token changed: every session made under the old one goes
+    assert not sessions.valid("token-one", sid) and len(sessions) == 0
+    assert not sessions.valid("token-one", "lbs_" + "x" * 5000) and not sessions.valid("token-one", "")
+
+
+@pytest.mark.parametrize("hours", ["0", "-1", "nan", "inf"])
+def test_a_session_lifetime_that_makes_no_sense_is_refused(tmp_path, hours):
+    p = start_app(tmp_path, "--port", str(free_port()), "--session-hours", hours, token=TOKEN)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode != 0 and "--session-hours must be more than 0" in err
 
 
 # -- cross-site requests ----------------------------------------------------------------------------
@@ -180,7 +289,9 @@ def test_cross_site_writes_are_refused_on_every_route(server, c, headers):
     mid = add(c, did, "code", "x = 1")
     before = snapshot(server.data_dir / "loopbook.db")
     # A browser sends the login cookie along: it must not help.
-    cookie = {"Cookie": f"loopbook_session={app_module()._session_value(TOKEN)}"}
+    browser, set_cookie = login(server.base)
+    browser.close()
+    cookie = {"Cookie": set_cookie.split(";", 1)[0]}
     for method, template in routes():
         if method not in WRITE_METHODS:
             continue
@@ -227,6 +338,9 @@ def test_get_routes_have_no_side_effects(server, c):
 @pytest.mark.parametrize("host,ok", [
     ("evil.example", False), ("127.0.0.1.evil.example", False), ("localhost.evil.example", False),
     ("evil.example:{port}", False), ("127.0.0.1@evil.example", False), ("[::1", False), ("", False),
+    # What a loose parse reads as "localhost": a port that is no number, user info, a name after the port.
+    ("localhost:{port}.evil.com", False), ("evil.com@localhost", False), ("localhost:evil", False),
+    ("localhost:{port}@evil.com", False), ("localhost:{port}/x", False), ("[::1]evil", False),
     ("127.0.0.1:{port}", True), ("localhost:{port}", True), ("LOCALHOST:{port}", True), ("[::1]:{port}", True),
 ])
 def test_host_header_allow_list(server, c, host, ok):
@@ -251,7 +365,7 @@ def test_kernel_token_reaches_only_its_own_dialog(server, c):
     mine, other = new_dialog(c, "mine"), new_dialog(c, "other")
     own_cell, other_cell = add(c, mine, "code", "a = 1"), add(c, other, "code", "b = 2")
     other_prompt = add(c, other, "prompt", "hi")
-    ktoken = kernel_token(TOKEN, mine)
+    ktoken = kernel_token(TOKEN, mine, c.get(f"/api/dialogs/{mine}").json()["created_at"])
     probe = add(c, mine, "code", "import os; print(os.environ['LOOPBOOK_KERNEL_TOKEN'])")
     assert c.post(f"/api/messages/{probe}/run").json()["outputs"][0]["text"].strip() == ktoken
     k = httpx.Client(base_url=server.base, headers={"Authorization": f"token {ktoken}"}, timeout=60)
@@ -285,3 +399,122 @@ def test_kernel_token_reaches_only_its_own_dialog(server, c):
     forged = f"lbk{other}." + ktoken.split(".", 1)[1]
     assert httpx.get(f"{server.base}/api/dialogs/{other}", headers={"Authorization": f"token {forged}"}).status_code == 401
     k.close()
+
+
+def test_a_kernel_token_dies_with_its_dialog_and_ids_are_never_reused(server, c):
+    # Delete the newest dialog and make another: the deleted one's kernel token must not open it.
+    newest = new_dialog(c, "to be deleted")
+    add(c, newest, "code", "x = 1")
+    ktoken = kernel_token(TOKEN, newest, c.get(f"/api/dialogs/{newest}").json()["created_at"])
+    k = {"Authorization": f"token {ktoken}"}
+    assert httpx.get(f"{server.base}/api/dialogs/{newest}", headers=k).status_code == 200
+    last_cell = c.get(f"/api/dialogs/{newest}").json()["messages"][-1]["id"]
+    assert c.delete(f"/api/dialogs/{newest}").status_code == 200
+    assert httpx.get(f"{server.base}/api/dialogs/{newest}", headers=k).status_code == 401
+    fresh = new_dialog(c, "made after")
+    cell = add(c, fresh, "code", "secret = 42")
+    assert fresh > newest and cell > last_cell  # AUTOINCREMENT: no id comes back
+    for path in (f"/api/dialogs/{newest}", f"/api/dialogs/{fresh}", f"/api/messages/{cell}"):
+        assert httpx.get(server.base + path, headers=k).status_code == 401, path
+    # And a token for the new dialog's id made under the old dialog's birth is no key either.
+    assert httpx.get(f"{server.base}/api/dialogs/{fresh}", headers={
+        "Authorization": f"token {kernel_token(TOKEN, fresh, 'an earlier dialog')}"}).status_code == 401
+
+
+# -- malformed requests before and around the gate ----------------------------------------------------------
+
+def raw_request(port: int, head: bytes) -> tuple[int, dict[str, str]]:
+    """Send bytes as they are (a client library would refuse or fix them); the status and headers back."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer and (chunk := s.recv(65536)):
+            answer += chunk
+    lines = answer.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:] if ": " in line)}
+    return int(lines[0].split(" ")[1]), headers
+
+
+def test_malformed_headers_get_a_4xx_with_the_usual_headers(server, c):
+    did = new_dialog(c, "headers")
+    mid = add(c, did, "prompt", "q")
+    ktoken = kernel_token(TOKEN, did, c.get(f"/api/dialogs/{did}").json()["created_at"])
+    host = f"127.0.0.1:{server.port}".encode()
+    auth = f"Authorization: token {TOKEN}\r\n".encode()
+    cases = [  # (what is sent, the statuses that are right for it)
+        (b"GET /api/dialogs HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: token lbk\xb2.x\r\n\r\n", {401}),
+        (b"GET /api/dialogs HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: token lbk" + b"9" * 5000
+         + b".x\r\n\r\n", {401}),
+        (b"POST /api/dialogs HTTP/1.1\r\nHost: " + host + b"\r\n" + auth + b"Origin: http://[::1\r\n"
+         b"Content-Length: 2\r\n\r\n{}", {403}),
+        (b"GET /cells/%d/stream HTTP/1.1\r\nHost: " % mid + host + b"\r\n" + auth + b"Last-Event-ID: \xb2\r\n\r\n",
+         {200}),
+        (b"GET /cells/%d/loop-stream HTTP/1.1\r\nHost: " % mid + host + b"\r\n" + auth
+         + b"Last-Event-ID: \xb2\r\n\r\n", {200}),
+        (b"GET /api/dialogs/" + b"4" * 4400 + b" HTTP/1.1\r\nHost: " + host + b"\r\nAuthorization: token "
+         + ktoken.encode() + b"\r\n\r\n", {401}),
+        (b"GET /api/dialogs/" + b"4" * 4400 + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + auth + b"\r\n", {400, 404}),
+        (b"GET /api/dialogs HTTP/1.1\r\nHost: " + host + b"\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+         b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: http://[::1\r\n"
+         + auth + b"\r\n", {403}),
+        (b"GET /api/dialogs HTTP/1.1\r\nHost: " + host + b"\r\n" + auth + b"Cookie: a=\xff\xfe; =;;\r\n\r\n", {200}),
+        (b"GET /?token=" + TOKEN.encode() + b"&x=%ff%fe HTTP/1.1\r\nHost: " + host + b"\r\n\r\n", {303}),
+    ]
+    for head, right in cases:
+        status, headers = raw_request(server.port, head)
+        assert status in right, (head[:120], status)
+        assert headers.get("x-frame-options") == "DENY" and "frame-ancestors" in headers.get(
+            "content-security-policy", ""), (head[:120], status, headers)
+    assert "Traceback" not in server.log.read_text()
+
+
+def test_page_routes_answer_bad_numbers_with_a_400_and_a_plain_message(c):
+    did = new_dialog(c, "numbers")
+    mid = add(c, did, "code", "print(1)")
+    for r in (c.post(f"/cells/{mid}/move", data={"offset": "x"}), c.post(f"/cells/{mid}/move?offset=1e9"),
+              c.get(f"/cells/{mid}/output/abc"), c.get(f"/cells/{mid}/output/{'9' * 5000}")):
+        assert r.status_code == 400, (r.url, r.status_code, r.text)
+        assert "whole number" in r.text and "invalid literal" not in r.text
+    # The page's own requests (HX-Request) still get their message as a toast.
+    r = c.post(f"/cells/{mid}/move", data={"offset": "x"}, headers={"HX-Request": "true"})
+    assert r.headers["hx-retarget"] == "#toast" and "whole number" in r.text
+
+
+def test_cookies_from_other_pages_on_this_host_never_reach_a_handler(server, c):
+    # Cookies ignore ports: a page on 127.0.0.1:8000 can set "source" for 127.0.0.1. FastHTML reads a handler's
+    # parameters from cookies before form fields, so such a cookie once replaced the text a Run saved.
+    did = new_dialog(c, "cookie jar")
+    mid = add(c, did, "note", "mine")
+    r = c.post(f"/cells/{mid}/save", data={"source": "typed here", "base": "mine"},
+               headers={"HX-Request": "true", "Cookie": "source=import os; base=mine; title=pwned"})
+    assert r.status_code == 200 and "typed here" in r.text
+    assert c.get(f"/api/messages/{mid}").json()["source"] == "typed here"
+
+
+# -- exports are POSTs, and name models, not files -----------------------------------------------------------
+
+def test_the_dataset_export_is_no_get_and_takes_no_path(server, c):
+    before = snapshot(server.data_dir / "loopbook.db")
+    # What an <img src> in a note, or another site's link, can send: a GET. It starts nothing.
+    for query in ("format=all", "tokenizer_gguf=/etc/passwd&max_tokens_per_row=16"):
+        r = c.get(f"/api/export?{query}")
+        assert r.status_code == 405 and "POST" in r.json()["error"] and r.headers["allow"] == "POST"
+    # A file path from the request is never opened, whichever way it comes.
+    for how in ({"params": {"tokenizer_gguf": "/etc/passwd", "max_tokens_per_row": "16"}},
+                {"data": {"tokenizer-gguf": "/etc/passwd"}}, {"json": {"tokenizer_gguf": "/etc/passwd"}}):
+        r = c.post("/api/export", **how)
+        assert r.status_code == 400 and "tokenizer=<model name>" in r.json()["error"], r.text
+    for name in ("/etc/passwd", "../../etc/passwd", "no-such-model"):
+        r = c.post("/api/export", data={"tokenizer": name, "max_tokens_per_row": "16"})
+        assert r.status_code == 400 and "registered model" in r.json()["error"] and "smollm2-135m" in r.json()["error"]
+    r = c.post("/api/export", data={"max_tokens_per_row": "16"})
+    assert r.status_code == 400 and "needs a tokenizer" in r.json()["error"]
+    # A registered name is accepted (this store has no traces to export, which is what it then says).
+    r = c.post("/api/export", data={"tokenizer": "smollm2-135m", "max_tokens_per_row": "16"})
+    assert r.status_code in (200, 400) and "tokenizer" not in r.text.lower()
+    # A cross-site form cannot start one either.
+    r = c.post("/api/export", data={"format": "all"}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403
+    assert snapshot(server.data_dir / "loopbook.db") == before
+    home = c.get("/").text
+    assert 'action="/api/export" method="post"' in home

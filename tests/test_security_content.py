@@ -2,6 +2,7 @@
 
 import json
 import re
+import sqlite3
 from urllib.parse import quote
 
 import httpx
@@ -293,3 +294,126 @@ def test_payloads_on_the_trace_page(server, c):
     dialog_page = c.get(f"/d/{did}").text  # the attempt lines under the prompt
     audit(dialog_page, "attempt lines")
     assert "XSS45" in dialog_page
+
+
+# -- hostile notebooks: Loopbook's own metadata is input like any other ------------------------------------------
+
+def loopbook_notebook(code_meta=None, reply_meta=None, settings=None, **cell):
+    """A notebook as Loopbook exports one (a code cell and a prompt with its reply), its metadata replaced."""
+    code = {"cell_type": "code", "metadata": {"loopbook": {"type": "code", "output_meta": code_meta or {}}},
+            "execution_count": 1, "source": "print(1)", "outputs": [], **cell}
+    prompt = {"cell_type": "markdown", "source": "> **Prompt**\n>\n> q\n\n**Reply**\n\nan answer",
+              "metadata": {"loopbook": {"type": "prompt", "prompt": "q", "reply": "an answer",
+                                        "reply_meta": reply_meta or {"status": "done"}}}}
+    meta = {"loopbook": {"format": 1, "title": "hostile", "settings": settings or {}}}
+    return json.dumps({"nbformat": 4, "nbformat_minor": 5, "metadata": meta, "cells": [code, prompt]}).encode()
+
+
+# Each of these imported fine and then made its dialog's page answer 500 for good.
+HOSTILE_METADATA = [
+    {"reply_meta": {"status": "done", "figures": {"ttft_s": "fast", "prompt_tokens": "many"}}},
+    {"reply_meta": {"status": "done", "figures": [1, 2]}},
+    {"reply_meta": {"status": {"nested": "dict"}}},
+    {"reply_meta": {"status": ["error"], "request_id": {"x": 1}}},
+    {"code_meta": {"status": "ok", "truncated": True, "original_chars": "many"}},
+    {"code_meta": {"status": {"a": 1}, "message": ["x"]}},
+    {"settings": {"system_prompt": 5}},
+    {"settings": {"adapter": ["a", "b"]}},
+    {"settings": {"evil": 1, "rounds": 2}},
+]
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_METADATA, ids=lambda h: json.dumps(h)[:40])
+def test_hostile_loopbook_metadata_is_normalised_on_import(c, hostile):
+    r = c.post("/api/dialogs/import", content=loopbook_notebook(**hostile))
+    assert r.status_code == 200, r.text
+    did, notices = r.json()["id"], r.json()["notices"]
+    assert any("left out" in n for n in notices), notices
+    page = c.get(f"/d/{did}")
+    assert page.status_code == 200, page.text[:300]
+    audit(page.text, "dialog with hostile metadata")
+    d = c.get(f"/api/dialogs/{did}").json()
+    assert "evil" not in d["settings"] and not isinstance(d["settings"].get("system_prompt", ""), int)
+    # The dialog's settings can still be saved, from the API and from the page.
+    assert c.patch(f"/api/dialogs/{did}", json={"settings": {"candidates": 2}}).status_code == 200
+    r = c.post(f"/d/{did}/settings", data={"rounds": "1", "candidates": "", "retry": "", "system_prompt": "",
+                                           "repeat_resamples": "", "adapter": ""}, headers={"HX-Request": "true"})
+    assert "Settings saved" in r.text, r.text
+
+
+def test_the_page_never_trusts_stored_metadata(server, c):
+    """An older store (or anything else that wrote the file) may hold metadata of any type: the page renders."""
+    did = c.post("/api/dialogs", json={"title": "older store"}).json()["id"]
+    code = c.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": "x"}).json()["id"]
+    prompt = c.post(f"/api/dialogs/{did}/messages", json={"type": "prompt", "source": "q"}).json()["id"]
+    db = sqlite3.connect(server.data_dir / "loopbook.db", timeout=30)
+    try:
+        with db:
+            db.execute("UPDATE messages SET output_meta = ? WHERE id = ?",
+                       (json.dumps({"status": {"a": 1}, "truncated": True, "original_chars": "many"}), code))
+            db.execute("UPDATE messages SET reply = 'r', reply_meta = ? WHERE id = ?",
+                       (json.dumps({"status": {"a": 1}, "figures": {"ttft_s": "fast", "tokens_per_s": [1]}}), prompt))
+            db.execute("UPDATE dialogs SET settings = ? WHERE id = ?",
+                       (json.dumps({"system_prompt": 5, "adapter": ["x"], "evil": 1}), did))
+    finally:
+        db.close()
+    r = c.get(f"/d/{did}")
+    assert r.status_code == 200, r.text[:300]
+    assert c.post(f"/cells/{prompt}/stop", headers={"HX-Request": "true"}).status_code == 200
+    # A key this Loopbook does not know can be removed (null removes any setting), and does not block others.
+    assert c.patch(f"/api/dialogs/{did}", json={"settings": {"evil": None, "system_prompt": None,
+                                                             "adapter": None}}).status_code == 200
+    assert c.get(f"/api/dialogs/{did}").json()["settings"] == {}
+    assert c.patch(f"/api/dialogs/{did}", json={"settings": {"evil": 2}}).status_code == 400
+
+
+@pytest.mark.parametrize("where", ["title", "cell", "output", "settings key"])
+def test_a_lone_surrogate_in_a_notebook_is_refused_and_imports_nothing(c, where):
+    nb = json.loads(loopbook_notebook())
+    bad = "broken \ud800 text"
+    if where == "title":
+        nb["metadata"]["loopbook"]["title"] = bad
+    elif where == "cell":
+        nb["cells"][0]["source"] = bad
+    elif where == "output":
+        nb["cells"][0]["outputs"] = [{"output_type": "stream", "name": "stdout", "text": bad}]
+    else:
+        nb["metadata"]["loopbook"]["settings"] = {bad: 1}
+    before = len(c.get("/api/dialogs").json())
+    r = c.post("/api/dialogs/import", content=json.dumps(nb).encode())  # json.dumps escapes it as \ud800
+    assert r.status_code == 400 and "lone surrogate" in r.json()["error"] and "nothing was imported" in r.json()["error"]
+    r = c.post("/dialogs/import", files={"file": ("x.ipynb", json.dumps(nb).encode(), "application/json")})
+    assert r.status_code == 400 and "lone surrogate" in r.text
+    assert len(c.get("/api/dialogs").json()) == before
+
+
+def test_execution_counts_beyond_sqlite_are_dropped_not_a_500(c):
+    nb = json.loads(loopbook_notebook(execution_count=2**63))
+    nb["cells"][0]["outputs"] = [{"output_type": "execute_result", "execution_count": -(2**64), "metadata": {},
+                                  "data": {"text/plain": "1"}}]
+    r = c.post("/api/dialogs/import", content=json.dumps(nb).encode())
+    assert r.status_code == 200, r.text
+    cell = c.get(f"/api/dialogs/{r.json()['id']}").json()["messages"][0]
+    assert cell["execution_count"] is None and cell["outputs"][0]["execution_count"] is None
+    assert c.get(f"/d/{r.json()['id']}").status_code == 200
+
+
+# -- the .py export: a comment stays a comment ------------------------------------------------------------------
+
+@pytest.mark.parametrize("brk", ["\r", "\r\n", "\n", "\x0c", "\x0b", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_py_export_comments_hide_no_code(c, tmp_path, brk):
+    import subprocess
+    import sys
+
+    did = c.post("/api/dialogs", json={"title": "exported"}).json()["id"]
+    for type_, source in (("note", f"# Harmless{brk}print('INJECTED-NOTE')"),
+                          ("prompt", f"q{brk}print('INJECTED-PROMPT')"),
+                          ("code", f"def broken(:{brk}print('INJECTED-CODE')"),
+                          ("code", f"%time 1{brk}x = (1{brk}print('INJECTED-MAGIC')")):
+        c.post(f"/api/dialogs/{did}/messages", json={"type": type_, "source": source})
+    r = c.get(f"/api/dialogs/{did}/export", params={"format": "py"})
+    script = tmp_path / "exported.py"
+    script.write_bytes(r.content)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "INJECTED" not in done.stdout, done.stdout

@@ -3,6 +3,7 @@
 import json
 import sqlite3
 
+import httpx
 import pytest
 
 from apphelpers import Server, wait_for_model
@@ -14,7 +15,7 @@ MAX_BODY = 256 * 1024
 BODY_ROUTES = {("POST", "/api/dialogs"), ("PATCH", "/api/dialogs/{id}"), ("POST", "/api/dialogs/{id}/duplicate"),
                ("POST", "/api/dialogs/{id}/messages"), ("PATCH", "/api/messages/{id}"),
                ("POST", "/api/messages/{id}/move"), ("POST", "/api/messages/{id}/ask"),
-               ("POST", "/api/messages/{id}/solve"), ("POST", "/api/messages/{id}/fix")}
+               ("POST", "/api/messages/{id}/solve"), ("POST", "/api/messages/{id}/fix"), ("POST", "/api/export")}
 
 BAD_IDS = ["999999", "abc", "-1", "0", "1.5", "9" * 30, "9" * 5000, "0x10", "%00", "1%00", "%F0%9F%98%80",
            "%E2%80%AE1", "%ED%A0%80", "%C0%AE%C0%AE", "..%2F..%2Fetc%2Fpasswd", "..", "%20", "1e3", "nan", "true"]
@@ -244,3 +245,65 @@ def test_bad_settings_are_refused_where_they_are_set_and_change_nothing(srv):
             assert d["title"] == "settings" and d["settings"] == {"temperature": 0.5, "rounds": 2}  # all or nothing
         assert c.patch(f"/api/dialogs/{did}", json={"settings": {"rounds": None}}).json()["settings"] == \
             {"temperature": 0.5}
+
+
+def test_an_unknown_backend_is_refused_by_name(srv, targets):
+    # It was ignored, and the resident local model answered a request that asked for another backend.
+    with srv.client() as c:
+        before = c.get(f"/api/messages/{targets['asked']}").json()
+        for route, target in (("ask", targets["asked"]), ("solve", targets["asked"])):
+            for backend in ("evil", "LLAMA2", "../llama"):
+                r = c.post(f"/api/messages/{target}/{route}", json={"backend": backend})
+                clean(r, (route, backend))
+                assert r.status_code == 400, (route, backend, r.status_code, r.text[:200])
+                assert all(name in r.json()["error"] for name in ("llama", "anthropic", "openai"))
+        assert c.get(f"/api/messages/{targets['asked']}").json() == before
+
+
+# Header values no browser sends (bytes go as they are: latin-1 on the wire). Each once reached code that
+# trusted it, or could: str.isdigit() takes "²", int() refuses 4,301 digits, urlsplit() raises on "[".
+BAD_HEADERS = [
+    {"Authorization": b"token lbk\xb2.x"}, {"Authorization": b"token lbk" + b"9" * 5000 + b".x"},
+    {"Authorization": b"token lbk1." + b"f" * 32}, {"Authorization": b"token lbk\xd9\xa1." + b"0" * 32},
+    {"Authorization": b"Bearer"}, {"Authorization": b"token \xff\xfe"}, {"Authorization": b"token " + b"x" * 8000},
+    {"Cookie": b"loopbook_session_{port}=\xff"}, {"Cookie": b"=;;=; a; b=\"unterminated"},
+    {"Cookie": b"loopbook_session_{port}=lbs_" + b"A" * 5000}, {"Cookie": b"source=cookie; base=cookie; id=1"},
+    {"Origin": b"http://[::1"}, {"Origin": b"null"}, {"Origin": b"\xff://\xb2"}, {"Origin": b"http://127.0.0.1:99999"},
+    {"Sec-Fetch-Site": b"\xb2"}, {"Host": b"[::1"}, {"Host": b"localhost:5099.evil.com"}, {"Host": b"\xb2"},
+    {"Host": b"localhost:" + b"9" * 100}, {"Host": b"evil.com@localhost"},
+    {"Last-Event-ID": b"\xb2"}, {"Last-Event-ID": b"9" * 5000}, {"Last-Event-ID": b"-1"},
+    {"Content-Type": b"multipart/form-data"}, {"Content-Type": b"multipart/form-data; boundary="},
+    {"Content-Type": b"application/x-www-form-urlencoded; charset=\xff"}, {"Content-Type": b"application/json; x"},
+    {"Accept": b"text/html"}, {"Accept": b"text/event-stream"}, {"Accept": b"\xff"},
+    {"X-Loopbook-Tab": b"\xff" * 100}, {"HX-Request": b"\xb2"}, {"Range": b"bytes=99999999999999999999999-"},
+    {"If-None-Match": b"\xff"}, {"If-Modified-Since": b"\xb2"},
+]
+
+
+def test_malformed_headers_on_every_route(srv, targets):
+    """Every route, each malformed header: a 4xx (or the ordinary answer, when the header is just ignored) with
+    the security headers, never a 5xx. Writes aim at a cell that does not exist, so nothing runs or changes."""
+    log_before = len(srv.log.read_text())
+    ids = {"GET": targets["code"], "HEAD": targets["code"]}
+    n = 0
+    token = srv.headers["Authorization"].encode()
+    with httpx.Client(base_url=srv.base, timeout=120) as c:
+        for method, template in routes():
+            for bad in BAD_HEADERS:
+                target = ids.get(method, 999999)
+                if "/d/" in template or template.startswith("/api/dialogs/{id}"):
+                    target = targets["canary"] if method in ("GET", "HEAD") else 999999  # small, and read only
+                path = fill(template, id=target)
+                headers = {k: v.replace(b"{port}", str(srv.port).encode()) for k, v in bad.items()}
+                if "Authorization" not in headers and "Cookie" not in headers:
+                    headers["Authorization"] = token
+                r = c.request(method, path, headers=headers, content=b"{}")
+                what = (method, template, bad)
+                assert r.status_code < 500, (what, r.status_code, r.text[:300])
+                assert r.headers.get("x-frame-options") == "DENY", what
+                assert "frame-ancestors 'none'" in r.headers.get("content-security-policy", ""), what
+                if "Traceback" in r.text or 'File "' in r.text:
+                    raise AssertionError((what, r.text[:300]))
+                n += 1
+    assert n >= 60 * len(BAD_HEADERS)
+    assert "Traceback" not in srv.log.read_text()[log_before:], srv.log.read_text()[log_before:][-3000:]
