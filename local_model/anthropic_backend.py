@@ -7,6 +7,7 @@ import time
 from typing import Any, Iterator
 
 from .messages import check_messages, messages_text
+from .many import concurrent_streams
 from .protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event, token_event
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
@@ -157,6 +158,11 @@ class AnthropicBackend:
             events.close()
         fig.set_stream_timing(t0, t_first, t_last, time.perf_counter())
         yield done_event(text, finish, fig, error)
+
+    def stream_many(self, messages: list[Message], samplings: list[Sampling], cache_key: str | None = None,
+                    should_stop: ShouldStop | None = None) -> Iterator[Event]:
+        """k replies at once: concurrent requests, which a server with parallel slots decodes as one batch."""
+        return concurrent_streams(self, messages, samplings, should_stop)
 
     def close(self) -> None:
         self.client.close()

@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
+from .many import sequential_streams
 from .protocol import Backend, Event, Figures, Message, ModelError, Sampling, done_event
 
 
@@ -20,8 +21,10 @@ class _Request:
     sampling: Sampling
     cache_key: str | None
     sink: Callable[[Event | BaseException], None]
+    samplings: list[Sampling] | None = None  # several sequences from one prompt (stream_many)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    done_left: int = 1
 
 
 class Engine:
@@ -57,12 +60,18 @@ class Engine:
             return self._current is not None
 
     def submit(self, messages: list[Message], sampling: Sampling | None, cache_key: str | None,
-               request_id: str | None, sink: Callable[[Event | BaseException], None]) -> str:
-        """Queue a generation whose events go to `sink` (from the worker thread); returns its id."""
+               request_id: str | None, sink: Callable[[Event | BaseException], None],
+               samplings: list[Sampling] | None = None) -> str:
+        """Queue a generation whose events go to `sink` (from the worker thread); returns its id.
+
+        With `samplings`, one request yields that many sequences from the same prompt: every event carries
+        "seq", and there is one done event per sequence.
+        """
         rid = request_id or uuid.uuid4().hex
         # Copies, so the caller's dialog is never touched and later edits do not race the worker.
         msgs = [dict(m) for m in messages]
-        req = _Request(rid, msgs, sampling or Sampling(), cache_key, sink)
+        req = _Request(rid, msgs, sampling or Sampling(), cache_key, sink, samplings=samplings,
+                       done_left=len(samplings) if samplings else 1)
         with self._cv:
             if self._closed:
                 raise ModelError("the model engine is closed")
@@ -86,15 +95,23 @@ class Engine:
                 del self._requests[request_id]
         if queued:
             waited = round(time.perf_counter() - req.submitted, 4)
-            req.sink(done_event("", "cancelled", Figures(extra={"queue_s": waited})))
+            for seq in range(req.done_left):
+                ev = done_event("", "cancelled", Figures(extra={"queue_s": waited}))
+                if req.samplings:
+                    ev["seq"] = seq
+                req.sink(ev)
         return True
 
     async def stream(self, messages: list[Message], sampling: Sampling | None = None,
-                     cache_key: str | None = None, request_id: str | None = None) -> AsyncIterator[Event]:
+                     cache_key: str | None = None, request_id: str | None = None,
+                     samplings: list[Sampling] | None = None) -> AsyncIterator[Event]:
         """Token events then one done event; raises ModelError when the request cannot be served.
 
-        Leaving the loop early (a closed page) cancels the request.
+        With `samplings` (k of them): k sequences from the one prompt, each event tagged "seq", one done
+        event per sequence; the stream ends after the last. Leaving the loop early (a closed page)
+        cancels the request.
         """
+        left = len(samplings) if samplings else 1
         loop = asyncio.get_running_loop()
         # Events pile up in a buffer and the loop is woken once per batch: a consumer that falls
         # behind takes what piled up in one wake-up instead of one cross-thread call per token.
@@ -115,7 +132,7 @@ class Engine:
             except RuntimeError:
                 pass  # the loop is gone; nobody is listening
 
-        rid = self.submit(messages, sampling, cache_key, request_id, sink)
+        rid = self.submit(messages, sampling, cache_key, request_id, sink, samplings=samplings)
         finished = False
         try:
             while not finished:
@@ -129,7 +146,9 @@ class Engine:
                     if isinstance(ev, BaseException):
                         finished = True
                         raise ev
-                    finished = ev.get("type") == "done"
+                    if ev.get("type") == "done":
+                        left -= 1
+                        finished = left == 0
                     yield ev
                     if finished:
                         break
@@ -151,6 +170,20 @@ class Engine:
                 return ev
             if on_token is not None:
                 on_token(ev["text"])
+
+    def generate_many(self, messages: list[Message], samplings: list[Sampling], cache_key: str | None = None,
+                      request_id: str | None = None) -> list[Event]:
+        """Blocking: the done events of k sequences from one prompt, in sequence order."""
+        q: queue.Queue[Event | BaseException] = queue.Queue()
+        self.submit(messages, None, cache_key, request_id, q.put, samplings=samplings)
+        done: dict[int, Event] = {}
+        while len(done) < len(samplings):
+            ev = q.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            if ev.get("type") == "done":
+                done[ev["seq"]] = ev
+        return [done[i] for i in sorted(done)]
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel everything, stop the worker and close the backend."""
@@ -176,11 +209,12 @@ class Engine:
                 self._current = req
             started = time.perf_counter()
             try:
-                for ev in self.backend.stream(req.messages, req.sampling, req.cache_key,
-                                              should_stop=lambda r=req: r.cancelled):
+                for ev in self._events(req):
                     if ev.get("type") == "done":
                         ev["figures"]["queue_s"] = round(started - req.submitted, 4)
-                        self._finish(req)  # idle before the caller hears "done"
+                        req.done_left -= 1
+                        if req.done_left == 0:
+                            self._finish(req)  # idle before the caller hears the last "done"
                     req.sink(ev)
             except ModelError as e:
                 self._finish(req)
@@ -192,6 +226,15 @@ class Engine:
                 req.sink(err)
             finally:
                 self._finish(req)
+
+    def _events(self, req: _Request):
+        stop = lambda r=req: r.cancelled  # noqa: E731
+        if not req.samplings:
+            return self.backend.stream(req.messages, req.sampling, req.cache_key, should_stop=stop)
+        many = getattr(self.backend, "stream_many", None)
+        if many is None:
+            return sequential_streams(self.backend, req.messages, req.samplings, req.cache_key, stop)
+        return many(req.messages, req.samplings, req.cache_key, should_stop=stop)
 
     def _finish(self, req: _Request) -> None:
         with self._cv:

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 
 
 from . import gpu
+from .batch import SharedPromptBatch, fit_sequences
 from .cpu_buffers import extra_buffers
 from .threads import choose_threads
 from .gguf import cached_sha256, read_metadata
@@ -128,6 +129,7 @@ class LlamaBackend:
         self._lock = threading.Lock()  # one llama.cpp context: one generation at a time
         self._states = StateLRU(cache_bytes)
         self._histories = HistoryLRU()
+        self._batch: SharedPromptBatch | None = None  # made on the first request for several sequences
         self._live_key: str | None = None
 
         ftype = meta.get("general.file_type")
@@ -243,8 +245,8 @@ class LlamaBackend:
         with self._lock:
             yield from self._generate(prompt, sampling, cache_key, should_stop, t0)
 
-    def _generate(self, prompt: bytes, s: Sampling, cache_key: str | None, should_stop: ShouldStop | None,
-                  t0: float) -> Iterator[Event]:
+    def _prompt_ready(self, prompt: bytes, cache_key: str | None) -> tuple[list[int], dict[str, Any], int]:
+        """(prompt tokens, cache info, tokens the live context holds already), the live context made ready."""
         llm = self.llm
         history = self._histories.get(cache_key) if cache_key is not None else None
         tokens = splice_prompt(history, prompt, self._tokenize)
@@ -255,11 +257,8 @@ class LlamaBackend:
                 f"shorten the dialog (skip or unpin cells, or lower the context budget) or load the "
                 f"model with a larger n_ctx"
             )
-        stopped = _stopper(should_stop)
-        fig = Figures(prompt_tokens=n_prompt)
         info = self._prepare_context(cache_key, tokens)
         self._live_key = cache_key
-
         # Reuse the longest prefix the live context holds; always evaluate at least one prompt token
         # so the logits we sample from belong to this prompt.
         reuse = min(common_prefix_tokens(llm.input_ids[: llm.n_tokens], tokens), n_prompt - 1)
@@ -269,7 +268,76 @@ class LlamaBackend:
                 self._lib.llama_memory_clear(self._lib.llama_get_memory(llm.ctx), False)
                 reuse = 0
             llm.n_tokens = reuse
-        fig.cached_prompt_tokens = reuse
+        return tokens, info, reuse
+
+    def _eval_prompt(self, todo: list[int], stopped) -> bool:
+        """Read prompt tokens into the live context in batches, so that Stop also works during a long prompt."""
+        for i in range(0, len(todo), self.n_batch):
+            if stopped():
+                return False
+            try:
+                self.llm.eval(todo[i:i + self.n_batch])
+            except Exception as e:  # noqa: BLE001
+                raise ModelError(f"llama.cpp failed while reading the prompt: {e}") from e
+        return True
+
+    def _remember(self, cache_key: str | None) -> None:
+        if cache_key is not None:
+            self._histories.remember(cache_key, TokenHistory.build(
+                self.llm.input_ids[: self.llm.n_tokens].tolist(), self._piece,
+                implicit_bos=self._bos_id if self._add_bos else None))
+
+    def stream_many(self, messages: list[Message], samplings: list[Sampling], cache_key: str | None = None,
+                    should_stop: ShouldStop | None = None) -> Iterator[Event]:
+        """k replies to one prompt, decoded in one batch (see batch.py). Every event carries "seq";
+        a {"type": "note"} comes first when fewer than k fit the context."""
+        t0 = time.perf_counter()
+        prompt = self.render(messages).encode()
+        with self._lock:
+            yield from self._generate_many(prompt, samplings, cache_key, should_stop, t0)
+
+    def _generate_many(self, prompt: bytes, samplings: list[Sampling], cache_key: str | None,
+                       should_stop: ShouldStop | None, t0: float) -> Iterator[Event]:
+        stopped = _stopper(should_stop)
+        tokens, info, reuse = self._prompt_ready(prompt, cache_key)
+        n_prompt = len(tokens)
+        longest = max(s.max_tokens for s in samplings)
+        max_new = self.n_ctx - n_prompt if longest <= 0 else min(longest, self.n_ctx - n_prompt)
+        k, note = fit_sequences(len(samplings), n_prompt, max_new, self.n_ctx)
+        if note:
+            yield {"type": "note", "text": note}
+            for seq in range(k, len(samplings)):  # every sequence asked for ends with a done event
+                yield {**done_event("", "error", Figures(prompt_tokens=n_prompt), error=note), "seq": seq}
+        samplings = samplings[:k]
+        t_eval = time.perf_counter()
+        try:
+            read = self._eval_prompt(tokens[reuse:-1], stopped)
+        finally:
+            self._remember(cache_key)
+        base = {"cached_prompt_tokens": reuse, "prompt_eval_s": time.perf_counter() - t_eval,
+                "extra": {"evaluated_prompt_tokens": n_prompt - reuse, "batch_sequences": k,
+                          **{k2: (round(v, 4) if isinstance(v, float) else v) for k2, v in info.items()}}}
+        if not read:
+            for i in range(k):
+                ev = done_event("", "cancelled", Figures(prompt_tokens=n_prompt, cached_prompt_tokens=reuse))
+                ev["seq"] = i
+                yield ev
+            return
+        if self._batch is None:
+            self._batch = SharedPromptBatch(self.llm, self._lib)
+        yield from self._batch.run(
+            tokens, n_prompt - 1, self.llm.ctx, samplings, max_new=max_new,
+            piece=lambda tok: self._piece(tok, special=False),
+            is_eog=lambda tok: bool(self._lib.llama_vocab_is_eog(self._vocab, tok)),
+            stopped=stopped, stop_cut=_stop_cut, t0=t0, base_figures=base)
+
+    def _generate(self, prompt: bytes, s: Sampling, cache_key: str | None, should_stop: ShouldStop | None,
+                  t0: float) -> Iterator[Event]:
+        llm = self.llm
+        stopped = _stopper(should_stop)
+        tokens, info, reuse = self._prompt_ready(prompt, cache_key)
+        n_prompt = len(tokens)
+        fig = Figures(prompt_tokens=n_prompt, cached_prompt_tokens=reuse)
 
         text, emitted, finish, error = "", 0, "length", None
         completion = 0
@@ -277,16 +345,8 @@ class LlamaBackend:
         gen = None
         t_eval = time.perf_counter()
         try:
-            # The prompt is evaluated here in batches, so that Stop also works during a long prompt.
-            todo = tokens[reuse:-1]
-            for i in range(0, len(todo), self.n_batch):
-                if stopped():
-                    finish = "cancelled"
-                    break
-                try:
-                    llm.eval(todo[i:i + self.n_batch])
-                except Exception as e:  # noqa: BLE001
-                    raise ModelError(f"llama.cpp failed while reading the prompt: {e}") from e
+            if not self._eval_prompt(tokens[reuse:-1], stopped):
+                finish = "cancelled"
             fig.prompt_eval_s = time.perf_counter() - t_eval
             t_dec = time.perf_counter()
             if finish != "cancelled" and not stopped():
@@ -338,10 +398,7 @@ class LlamaBackend:
         finally:
             if gen is not None:
                 gen.close()
-            if cache_key is not None:
-                self._histories.remember(cache_key, TokenHistory.build(
-                    llm.input_ids[: llm.n_tokens].tolist(), self._piece,
-                    implicit_bos=self._bos_id if self._add_bos else None))
+            self._remember(cache_key)
         fig.completion_tokens = completion
         fig.total_s = time.perf_counter() - t0
         if fig.ttft_s is None and t_first is not None:
@@ -358,6 +415,8 @@ class LlamaBackend:
 
     def close(self) -> None:
         with self._lock:
+            if self._batch is not None:
+                self._batch.close()
             self.llm.close()
 
 

@@ -7,6 +7,7 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from .messages import check_messages, messages_text, text_only
+from .many import concurrent_streams
 from .protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event, token_event
 
 _FINISH = {"stop": "stop", "length": "length", "content_filter": "stop", "tool_calls": "stop"}
@@ -156,6 +157,11 @@ class OpenAIBackend:
             fig.cached_prompt_tokens = timings["cache_n"]
         fig.set_stream_timing(t0, t_first, t_last, time.perf_counter())
         yield done_event(text, finish or "stop", fig, error)
+
+    def stream_many(self, messages: list[Message], samplings: list[Sampling], cache_key: str | None = None,
+                    should_stop: ShouldStop | None = None) -> Iterator[Event]:
+        """k replies at once: concurrent requests, which a server with parallel slots decodes as one batch."""
+        return concurrent_streams(self, messages, samplings, should_stop)
 
     def close(self) -> None:
         self.client.close()

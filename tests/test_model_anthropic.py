@@ -148,3 +148,12 @@ def test_rejected_key_is_a_clear_error(standin, monkeypatch):
     assert "rejected" in str(e.value) and "ANTHROPIC_API_KEY" in str(e.value)
     assert "invalid x-api-key" in str(e.value)
     assert msgs == [{"role": "user", "content": "hi"}]
+
+
+def test_k_candidates_are_concurrent_requests(standin, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", GOOD_KEY)
+    b = load_backend("claude-sonnet-4-6", base_url=standin)
+    events = list(b.stream_many([{"role": "user", "content": "hi"}], [Sampling(max_tokens=50, seed=s) for s in range(3)]))
+    done = {ev["seq"]: ev for ev in events if ev["type"] == "done"}
+    assert sorted(done) == [0, 1, 2] and {ev["text"] for ev in done.values()} == {"".join(REPLY)}
+    assert len(StandIn.requests) == 3

@@ -27,13 +27,32 @@ def smollm2_path() -> Path:
     return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
 
 
+# llama_cpp.server, with the CPU buffer policy Loopbook's own backend follows (local_model.cpu_buffers):
+# on a VM that advertises AMX without granting it, the stock server dies at its first request.
+SERVE = """
+import runpy, sys
+sys.path.insert(0, {root!r})
+from llama_cpp import llama_cpp as lib
+from local_model.cpu_buffers import extra_buffers
+if not extra_buffers()[0]:
+    default = lib.llama_model_default_params
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    lib.llama_model_default_params = params
+sys.argv[0] = "llama_cpp.server"
+runpy.run_module("llama_cpp.server", run_name="__main__")
+""".format(root=str(Path(__file__).resolve().parent.parent))
+
+
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(smollm2_path()),
+            [sys.executable, "-c", SERVE, "--model", str(smollm2_path()),
              "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048"],
             stdout=out, stderr=subprocess.STDOUT,
         )
@@ -145,3 +164,14 @@ def test_garbage_answers_are_a_clear_error(junk_url):
     with pytest.raises(ModelError) as e:
         list(b.stream(MSGS, Sampling(max_tokens=4)))
     assert "OpenAI" in str(e.value)
+
+
+def test_k_candidates_go_to_the_server_together(server_url):
+    b = load_backend(backend="openai", base_url=server_url)
+    samplings = [Sampling(max_tokens=6), Sampling(max_tokens=6, temperature=0.9, seed=2)]
+    events = list(b.stream_many(MSGS, samplings))
+    done = {ev["seq"]: ev for ev in events if ev["type"] == "done"}
+    assert sorted(done) == [0, 1] and done[0]["text"], done
+    assert all(ev["finish_reason"] in ("stop", "length") and "error" not in ev for ev in done.values()), done
+    for seq in (0, 1):
+        assert done[seq]["text"] == "".join(ev["text"] for ev in events if ev["type"] == "token" and ev["seq"] == seq)
