@@ -53,7 +53,8 @@ def server_url(tmp_path_factory):
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-c", SERVE, "--model", str(smollm2_path()),
-             "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048"],
+             "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048",
+             "--interrupt_requests", "False"],  # its default drops a streaming reply when the next request comes
             stdout=out, stderr=subprocess.STDOUT,
         )
     url = f"http://127.0.0.1:{port}"
