@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from local_model import Engine, Sampling, load_backend  # noqa: E402
-from local_model.llama_backend import new_llama  # noqa: E402
+from local_model.backends.llama import new_llama  # noqa: E402
 
 DECODE_PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper "
                                              "who finds a message in a bottle. Use many paragraphs."}]

@@ -145,7 +145,7 @@ def rewrite_metadata(src: str | Path, dst: str | Path, strings: dict[str, str]) 
 
 _VERIFY = """
 import sys
-from local_model.llama_backend import new_llama
+from local_model.backends.llama import new_llama
 llm = new_llama(model_path=sys.argv[1], lora_path=sys.argv[2], n_ctx=64, n_batch=64, verbose=True)
 llm.eval(llm.tokenize(b"def add(a, b):", add_bos=False))
 print("adapter-ok", flush=True)

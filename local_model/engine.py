@@ -10,7 +10,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
-from .many import sequential_streams
+from .backends.many import sequential_streams
 from .protocol import Backend, Event, Figures, Message, ModelError, Sampling, done_event
 
 

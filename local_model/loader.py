@@ -28,19 +28,19 @@ def load_backend(model: str | os.PathLike | None = None, backend: str | None = N
     OpenAI-compatible base_url); guessed from the model and base_url when left out."""
     kind = (backend or guess_backend(str(model) if model else None, base_url)).lower()
     if kind == "llama":
-        from .llama_backend import LlamaBackend
+        from .backends.llama import LlamaBackend
 
         resolved = resolve(model, data_dir)
         return LlamaBackend(resolved, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
                             lora_path=lora_path, cache_bytes=cache_bytes, verbose=verbose,
                             n_threads=n_threads, n_threads_batch=n_threads_batch, data_dir=data_dir)
     if kind == "anthropic":
-        from .anthropic_backend import AnthropicBackend
+        from .backends.anthropic import AnthropicBackend
 
         return AnthropicBackend(model=str(model) if model else None, api_key=api_key, base_url=base_url,
                                 timeout_s=timeout_s)
     if kind == "openai":
-        from .openai_backend import OpenAIBackend
+        from .backends.openai import OpenAIBackend
 
         if not base_url:
             raise ModelError("the openai backend needs base_url, e.g. http://127.0.0.1:8080/v1")

@@ -37,14 +37,43 @@ def _from_env(name: str) -> int | None:
 
 def choose_threads(n_threads: int | None = None, n_threads_batch: int | None = None,
                    cores: int | None = None) -> tuple[int, int, str]:
-    """(decode threads, prompt threads, reason): one per physical core unless asked otherwise.
+    """(decode threads, prompt threads, reason): at most one per physical core unless asked otherwise.
 
-    Nothing is read from the load average: a reading at start-up says nothing of the hours a model
-    stays loaded (an eval started just after another job ran all 42 minutes of it at 1 thread).
+    Nothing is frozen from the load average at start-up: a reading then says nothing of the hours a
+    model stays loaded (an eval started just after another job ran all 42 minutes of it at 1 thread).
+    Unless asked, each generation takes what is free at that moment (threads_now).
     """
     cores = cores or physical_cores()
     asked_decode = n_threads or _from_env(ENV_DECODE)
     asked_prompt = n_threads_batch or _from_env(ENV_PROMPT)
     decode, prompt = asked_decode or cores, asked_prompt or cores
-    how = "as asked" if asked_decode or asked_prompt else "one per physical core"
+    how = "as asked" if asked_decode or asked_prompt else "one per physical core, fewer while other work runs"
     return decode, prompt, f"{decode} decode / {prompt} prompt threads ({how}; {cores} physical cores)"
+
+
+def adaptive(n_threads: int | None = None, n_threads_batch: int | None = None) -> bool:
+    """Whether thread counts follow the machine's load per generation (nobody fixed them)."""
+    return not (n_threads or n_threads_batch or _from_env(ENV_DECODE) or _from_env(ENV_PROMPT))
+
+
+def runnable_elsewhere(stat: Path = Path("/proc/stat"), samples: int = 3) -> int:
+    """Threads ready to run on this machine right now besides the one asking (the least of a few readings)."""
+    seen = []
+    for _ in range(samples):
+        try:
+            line = next(ln for ln in stat.read_text().splitlines() if ln.startswith("procs_running"))
+            seen.append(int(line.split()[1]) - 1)
+        except (OSError, StopIteration, ValueError, IndexError):
+            return 0
+    return max(min(seen), 0)
+
+
+def threads_now(most: int, busy: int | None = None) -> int:
+    """Threads for the generation about to start: `most`, less one per thread already running elsewhere.
+
+    llama.cpp's threads meet at a spinning barrier after every step, so one that has to share its core
+    stalls all the others: measured here on 2 cores with a test suite running beside it, Solve took
+    over 70 s with 2 threads and 23 s with 1.
+    """
+    busy = runnable_elsewhere() if busy is None else busy
+    return max(1, min(most, most - busy))

@@ -50,7 +50,7 @@ def trained(data_dir):
 
 
 def _greedy(lora: str | None) -> str:
-    from local_model.llama_backend import new_llama
+    from local_model.backends.llama import new_llama
 
     llm = new_llama(model_path=str(smollm2_path()), lora_path=lora, n_ctx=512, n_threads=1, verbose=False, seed=0)
     try:

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 
 from local_model import Engine, ModelError, Sampling, load_backend
-from local_model.batch import MAX_SEQS, fit_sequences
+from local_model.backends.batch import MAX_SEQS, fit_sequences
 
 MSGS = [{"role": "system", "content": "You write Python."},
         {"role": "user", "content": "Write a function that adds two numbers."}]

@@ -6,7 +6,7 @@ import pytest
 
 from local_model import cpu_buffers
 from local_model.cpu_buffers import ENV, extra_buffers
-from local_model.llama_backend import extra_buffers_for
+from local_model.backends.llama import extra_buffers_for
 
 
 def test_asked_for_wins_over_the_guess(monkeypatch):

@@ -6,7 +6,7 @@ import pytest
 from local_model.gguf import read_metadata
 from local_model.gpu import COMPUTE_MARGIN, GiB, choose, layer_sizes, plan_offload
 from local_model.registry import resolve
-from local_model.threads import choose_threads, physical_cores
+from local_model.threads import adaptive, choose_threads, physical_cores, runnable_elsewhere, threads_now
 from parts import assert_offload_matches_the_machine
 
 MiB = 1 << 20
@@ -69,7 +69,9 @@ def test_threads_are_one_per_physical_core_unless_asked(monkeypatch, tmp_path):
     assert physical_cores(set(range(8)), tmp_path) == 4
     assert physical_cores({0, 4}, tmp_path) == 1  # pinned to one core's two siblings
     assert physical_cores({0, 1}, tmp_path / "none") == 2  # no topology: each CPU counts
-    assert choose_threads(cores=2)[:2] == (2, 2)  # a 2-vCPU VM decodes with both, whatever its load
+    assert choose_threads(cores=2)[:2] == (2, 2)  # a 2-vCPU VM decodes with both when nothing else runs
+    assert threads_now(2, busy=0) == 2 and threads_now(2, busy=1) == 1 and threads_now(8, busy=20) == 1
+    assert adaptive() and not adaptive(n_threads=2)
     assert choose_threads(n_threads=3, n_threads_batch=5, cores=8)[:2] == (3, 5)
     monkeypatch.setenv("LOOPBOOK_THREADS", "1")
     decode, prompt, why = choose_threads(cores=4)
@@ -77,3 +79,10 @@ def test_threads_are_one_per_physical_core_unless_asked(monkeypatch, tmp_path):
     monkeypatch.setenv("LOOPBOOK_THREADS", "lots")
     with pytest.raises(ValueError, match="LOOPBOOK_THREADS='lots'"):
         choose_threads(cores=4)
+
+def test_what_runs_elsewhere_is_read_now_from_the_kernel(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3\nprocs_running 4\nprocs_blocked 0\n")
+    assert runnable_elsewhere(stat) == 3  # the asking thread is not competition
+    assert runnable_elsewhere(tmp_path / "missing") == 0
+    assert runnable_elsewhere() >= 0  # this machine's own /proc/stat

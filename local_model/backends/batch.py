@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from .protocol import Event, Figures, ModelError, Sampling, done_event
+from ..protocol import Event, Figures, ModelError, Sampling, done_event
 
 MAX_SEQS = 16
 

@@ -10,17 +10,17 @@ from pathlib import Path
 from typing import Any, Iterator
 
 
-from . import gpu
+from .. import gpu
 from .batch import SharedPromptBatch, fit_sequences
-from .cpu_buffers import extra_buffers
-from .threads import choose_threads
-from .gguf import cached_sha256, read_metadata
-from .messages import check_messages, text_only
-from .prefix_cache import (
+from ..cpu_buffers import extra_buffers
+from ..threads import adaptive, choose_threads, runnable_elsewhere, threads_now
+from ..gguf import cached_sha256, read_metadata
+from ..messages import check_messages, text_only
+from ..prefix_cache import (
     HistoryLRU, SavedState, StateLRU, TokenHistory, common_prefix_tokens, splice_prompt,
 )
-from .protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event, token_event
-from .registry import ResolvedModel, install_command, sha_cache_file
+from ..protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event, token_event
+from ..registry import ResolvedModel, install_command, sha_cache_file
 
 # Used only when a GGUF carries no chat template of its own.
 CHATML_TEMPLATE = (
@@ -97,15 +97,18 @@ class LlamaBackend:
         except ModelError as e:
             raise ModelError(f"{e}. {hint}") from e
         self.plan = gpu.choose(meta, path.stat().st_size, n_ctx, n_gpu_layers, flash_attn, supported=offload)
+        self._adaptive_threads = adaptive(n_threads, n_threads_batch)
         n_threads, n_threads_batch, threads_reason = choose_threads(n_threads, n_threads_batch)
+        self._most_threads = (n_threads, n_threads_batch)
+        self._threads_set: dict[int, tuple[int, int]] = {}
         if lora_path is not None and not Path(lora_path).is_file():
             raise ModelError(f"LoRA adapter {lora_path} does not exist; train or export one first")
         self._extra_buffers = extra_buffers_for(extra_buffers, lora_path)
         try:
             self.llm = new_llama(
                 extra_buffers=self._extra_buffers[0], model_path=str(path), n_ctx=n_ctx, n_batch=n_batch,
-                n_gpu_layers=self.plan.n_gpu_layers, flash_attn=self.plan.flash_attn, lora_path=lora_path, verbose=verbose, n_threads=n_threads,
-                n_threads_batch=n_threads_batch,
+                n_gpu_layers=self.plan.n_gpu_layers, flash_attn=self.plan.flash_attn, lora_path=lora_path,
+                verbose=verbose, n_threads=n_threads, n_threads_batch=n_threads_batch,
             )
         except (ValueError, RuntimeError, OSError) as e:
             raise ModelError(f"llama.cpp could not load {path}: {e}. The file may be truncated or corrupt. {hint}") from e
@@ -270,6 +273,17 @@ class LlamaBackend:
             llm.n_tokens = reuse
         return tokens, info, reuse
 
+    def _threads_for(self, ctx) -> int:
+        """Set this generation's threads on a context (fewer while other work runs); returns decode threads."""
+        counts = self._most_threads
+        if self._adaptive_threads:
+            busy = runnable_elsewhere()
+            counts = (threads_now(counts[0], busy), threads_now(counts[1], busy))
+        if self._threads_set.get(id(ctx)) != counts:
+            self._lib.llama_set_n_threads(ctx, *counts)
+            self._threads_set[id(ctx)] = counts
+        return counts[0]
+
     def _eval_prompt(self, todo: list[int], stopped) -> bool:
         """Read prompt tokens into the live context in batches, so that Stop also works during a long prompt."""
         for i in range(0, len(todo), self.n_batch):
@@ -309,6 +323,7 @@ class LlamaBackend:
             for seq in range(k, len(samplings)):  # every sequence asked for ends with a done event
                 yield {**done_event("", "error", Figures(prompt_tokens=n_prompt), error=note), "seq": seq}
         samplings = samplings[:k]
+        info["threads"] = self._threads_for(self.llm.ctx)
         t_eval = time.perf_counter()
         try:
             read = self._eval_prompt(tokens[reuse:-1], stopped)
@@ -325,6 +340,7 @@ class LlamaBackend:
             return
         if self._batch is None:
             self._batch = SharedPromptBatch(self.llm, self._lib)
+        self._threads_for(self._batch.ctx.ctx)
         yield from self._batch.run(
             tokens, n_prompt - 1, self.llm.ctx, samplings, max_new=max_new,
             piece=lambda tok: self._piece(tok, special=False),
@@ -338,6 +354,7 @@ class LlamaBackend:
         tokens, info, reuse = self._prompt_ready(prompt, cache_key)
         n_prompt = len(tokens)
         fig = Figures(prompt_tokens=n_prompt, cached_prompt_tokens=reuse)
+        info["threads"] = self._threads_for(llm.ctx)
 
         text, emitted, finish, error = "", 0, "length", None
         completion = 0

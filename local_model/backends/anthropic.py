@@ -1,14 +1,12 @@
 """Anthropic's Messages API through the `anthropic` SDK (the only backend that is sent images)."""
 from __future__ import annotations
 
-import math
 import os
-import time
 from typing import Any, Iterator
 
-from .messages import check_messages, messages_text
-from .many import concurrent_streams
-from .protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event, token_event
+from ..messages import check_messages
+from ..protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop
+from .remote import RemoteBackend
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
 CONTEXT_TOKENS = 200_000
@@ -50,7 +48,7 @@ def to_anthropic(messages: list[Message], cache: bool = True) -> tuple[str | Non
     return ("\n\n".join(system_parts) or None), out
 
 
-class AnthropicBackend:
+class AnthropicBackend(RemoteBackend):
     supports_images = True
 
     def __init__(self, model: str | None = None, api_key: str | None = None, base_url: str | None = None,
@@ -67,17 +65,8 @@ class AnthropicBackend:
         self.model = model or DEFAULT_MODEL
         self.n_ctx = CONTEXT_TOKENS
         self.client = anthropic.Anthropic(api_key=key, base_url=base_url, max_retries=1, timeout=timeout_s)
-        self.manifest: dict[str, Any] = {
-            "backend": "anthropic", "model": self.model, "requested": model,
-            "file_name": None, "sha256": None, "quant": None,
-            "chat_template_hash": None, "llama_cpp_version": None, "n_ctx": self.n_ctx, "n_gpu_layers": None,
-            "flash_attn": None, "gpu": "remote (Anthropic API)", "lora": None,
-            "base_url": base_url or "https://api.anthropic.com",
-        }
-
-    def count_tokens(self, messages_or_text: list[Message] | str) -> int:
-        """An estimate (about 3.5 characters a token): counting exactly would cost a request."""
-        return math.ceil(len(messages_text(messages_or_text)) / 3.5)
+        self.manifest = self.remote_manifest("anthropic", self.model, model, self.n_ctx, "remote (Anthropic API)",
+                                             base_url or "https://api.anthropic.com")
 
     def _request(self, messages: list[Message], s: Sampling, cache_key: str | None) -> dict[str, Any]:
         system, msgs = to_anthropic(messages, cache=cache_key is not None)
@@ -116,56 +105,30 @@ class AnthropicBackend:
                should_stop: ShouldStop | None = None) -> Iterator[Event]:
         s = sampling or Sampling()
         check_messages(messages)
-        t0 = time.perf_counter()
-        try:
-            events = self.client.messages.create(**self._request(messages, s, cache_key))
-        except Exception as e:  # noqa: BLE001
-            raise self._error(e) from e
-        fig = Figures()
-        text, finish, error = "", "stop", None
-        t_first = t_last = None
-        try:
-            for ev in events:
-                kind = getattr(ev, "type", None)
-                if kind == "message_start":
-                    u = ev.message.usage
-                    cached = getattr(u, "cache_read_input_tokens", None) or 0
-                    created = getattr(u, "cache_creation_input_tokens", None) or 0
-                    fig.prompt_tokens = (u.input_tokens or 0) + cached + created
-                    fig.cached_prompt_tokens = cached
-                elif kind == "content_block_delta" and getattr(ev.delta, "type", None) == "text_delta":
-                    now = time.perf_counter()
-                    if t_first is None:
-                        t_first = now
-                        fig.ttft_s = now - t0
-                    t_last = now
-                    text += ev.delta.text
-                    yield token_event(ev.delta.text)
-                elif kind == "message_delta":
-                    if getattr(ev, "usage", None) is not None and ev.usage.output_tokens is not None:
-                        fig.completion_tokens = ev.usage.output_tokens
-                    reason = getattr(ev.delta, "stop_reason", None)
-                    if reason:
-                        finish = _STOP_REASONS.get(reason, "stop")
-                if should_stop is not None and should_stop():
-                    finish = "cancelled"
-                    break
-        except Exception as e:  # noqa: BLE001
-            if t_first is None:
-                raise self._error(e) from e
-            finish, error = "error", str(self._error(e))
-        finally:
-            events.close()
-        fig.set_stream_timing(t0, t_first, t_last, time.perf_counter())
-        yield done_event(text, finish, fig, error)
+        yield from self._stream(lambda: self.client.messages.create(**self._request(messages, s, cache_key)),
+                                _pieces, should_stop)
 
-    def stream_many(self, messages: list[Message], samplings: list[Sampling], cache_key: str | None = None,
-                    should_stop: ShouldStop | None = None) -> Iterator[Event]:
-        """k replies at once: concurrent requests, which a server with parallel slots decodes as one batch."""
-        return concurrent_streams(self, messages, samplings, should_stop)
 
-    def close(self) -> None:
-        self.client.close()
+def _pieces(events, fig: Figures, state: dict) -> Iterator[str | None]:
+    """The text of each event of a Messages stream; usage and the stop reason go to fig and state."""
+    for ev in events:
+        kind = getattr(ev, "type", None)
+        if kind == "message_start":
+            u = ev.message.usage
+            cached = getattr(u, "cache_read_input_tokens", None) or 0
+            created = getattr(u, "cache_creation_input_tokens", None) or 0
+            fig.prompt_tokens = (u.input_tokens or 0) + cached + created
+            fig.cached_prompt_tokens = cached
+        elif kind == "content_block_delta" and getattr(ev.delta, "type", None) == "text_delta":
+            yield ev.delta.text
+            continue
+        elif kind == "message_delta":
+            if getattr(ev, "usage", None) is not None and ev.usage.output_tokens is not None:
+                fig.completion_tokens = ev.usage.output_tokens
+            reason = getattr(ev.delta, "stop_reason", None)
+            if reason:
+                state["finish"] = _STOP_REASONS.get(reason, "stop")
+        yield None
 
 
 def _message(e: Exception) -> str:

@@ -10,7 +10,7 @@ import queue
 import threading
 from typing import Iterator
 
-from .protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event
+from ..protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event
 
 
 def _tagged(events: Iterator[Event], seq: int) -> Iterator[Event]:
