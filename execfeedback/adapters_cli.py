@@ -10,6 +10,7 @@ from pathlib import Path
 from dialog import NotFound
 
 from . import adapters
+from .traces import open_store
 
 HELP = "list, show, export (one .gguf file with its card), import or remove LoRA adapters"
 
@@ -53,8 +54,6 @@ def _line(r: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .export_cli import open_store
-
     store = open_store(args.data_dir)
     try:
         if args.action == "list":

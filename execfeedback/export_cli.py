@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
-import sys
-from pathlib import Path
-
-from dialog import default_data_dir
 
 from .export_schema import FORMATS
+from .traces import open_store
 
 HELP = "export traces as SFT, preference, KTO, trajectory and correction datasets with a dataset card"
 
@@ -57,26 +53,6 @@ _OPTION_KEYS = ("format", "observation_role", "parquet", "outcome", "min_rounds"
                 "dialog", "eval_run", "since", "until", "author", "include_unfinished", "dedup",
                 "max_observation_chars", "max_tokens_per_row", "tokenizer_gguf", "split_by", "test_fraction", "seed",
                 "exclude_eval_run")
-
-
-def open_store(data_dir: str | None):
-    """Open an existing store (migrating an older one); never create one where there was none."""
-    from dialog import Store
-    from dialog.store import DB_NAME
-
-    directory = Path(data_dir).expanduser() if data_dir else default_data_dir()
-    if not (directory / DB_NAME).is_file():
-        raise SystemExit(f"error: there is no Loopbook store in {directory} (no {DB_NAME}). Pass --data-dir with "
-                         "the directory the app uses (LOOPBOOK_DATA_DIR, default ~/.loopbook).")
-    try:
-        store = Store(directory)
-    except RuntimeError as e:  # a newer schema than this code knows
-        raise SystemExit(f"error: {e}") from None
-    except sqlite3.DatabaseError as e:
-        raise SystemExit(f"error: {directory / DB_NAME} is not a readable Loopbook store ({e}).") from None
-    if store.schema_from != store.schema_version:
-        print(f"Upgraded the store from schema {store.schema_from} to {store.schema_version}.", file=sys.stderr)
-    return store
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from . import adapters
+from .traces import open_store
 from .finetune_data import MIN_ROWS, FinetuneError, FinetuneInterrupted, check_enough, prepare_rows, read_export
 from .training_process import TrainingProcessError, run_own_process, use_hf_kernels
 
@@ -185,8 +186,6 @@ def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
 
 
 def finetune(args: argparse.Namespace) -> int:
-    from .export_cli import open_store
-
     name = adapters.check_name(args.out)
     log = _log(args.quiet)
     hyper = hyper_from_args(args)

@@ -1,13 +1,19 @@
-"""The trace store: solves, their attempts and human corrections, in the dialog store's SQLite file."""
+"""The trace store: solves, their attempts and human corrections, in the dialog store's SQLite file.
+
+The base of execfeedback: any of its packages may import it; it imports only `dialog`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
+import sys
+from pathlib import Path
 from typing import Any, Iterator
 
-from dialog import InvalidInput, NotFound, Store
-from dialog.store import now
+from dialog import InvalidInput, NotFound, Store, default_data_dir
+from dialog.store import DB_NAME, now
 
 TRACE_KINDS = ("solve", "fix", "eval")
 EXEC_STATUSES = ("ok", "error", "timeout", "died", "interrupted", "no_code", "syntax_error", "check_failed")
@@ -20,6 +26,23 @@ ATTEMPT_FIELDS = (
     "completion_tokens", "manifest", "sampling", "author",
 )
 _JSON = {"traceback", "checks", "locals", "manifest", "sampling", "config", "summary"}
+
+
+def open_store(data_dir: str | None) -> Store:
+    """Open an existing store for a command (migrating an older one); never create one where there was none."""
+    directory = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if not (directory / DB_NAME).is_file():
+        raise SystemExit(f"error: there is no Loopbook store in {directory} (no {DB_NAME}). Pass --data-dir with "
+                         "the directory the app uses (LOOPBOOK_DATA_DIR, default ~/.loopbook).")
+    try:
+        store = Store(directory)
+    except RuntimeError as e:  # a newer schema than this code knows
+        raise SystemExit(f"error: {e}") from None
+    except sqlite3.DatabaseError as e:
+        raise SystemExit(f"error: {directory / DB_NAME} is not a readable Loopbook store ({e}).") from None
+    if store.schema_from != store.schema_version:
+        print(f"Upgraded the store from schema {store.schema_from} to {store.schema_version}.", file=sys.stderr)
+    return store
 
 
 def messages_hash(messages: list[dict]) -> str:
@@ -96,10 +119,6 @@ class TraceStore:
     def set_code_message(self, trace_id: int, message_id: int) -> None:
         with self.store.transaction() as c:
             c.execute("UPDATE traces SET code_message_id = ? WHERE id = ?", (message_id, trace_id))
-
-    def set_hidden_passed(self, attempt_id: int, passed: bool) -> None:
-        with self.store.transaction() as c:
-            c.execute("UPDATE attempts SET hidden_passed = ? WHERE id = ?", (int(passed), attempt_id))
 
     def get_trace(self, trace_id: Any, with_inputs: bool = True) -> dict:
         rows = self.store.query("SELECT * FROM traces WHERE id = ?", (trace_id,))
