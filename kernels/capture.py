@@ -4,11 +4,15 @@ Text (streams, text-like display data, tracebacks) counts against `cap_chars`: t
 kept as it arrives, the last half as a rolling tail, and what falls between becomes one marker line.
 Images and other binary display data count against a separate per-cell `display_cap_chars`; an
 item that does not fit is replaced by a text/plain note. Memory stays bounded by the two caps.
+
+Stream text is folded as it arrives (`fold`): carriage returns and backspaces rewrite the last line
+the way Jupyter's frontends show it, so a progress bar stores as one line, not thousands.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from typing import Any
 
@@ -16,6 +20,59 @@ _TEXTLIKE_BINARY = ("image/svg+xml",)  # svg is text, but it is a picture: it sp
 _ERROR_FIELD_CHARS = 20_000
 _TRACEBACK_LINES = (50, 100)  # keep this many lines from the start and the end of a huge traceback
 _PREVIEW_CHARS = 1_000
+LINE_CHARS = 20_000  # a line longer than this is stored as it stands: a later \r rewrites only what follows
+_CR_NEWLINE = re.compile(r"\r+\n")
+_BACKSPACES = re.compile(r"(\x08+)")
+
+
+def fold(text: str) -> str:
+    """Apply backspaces and carriage returns to `text` the way Jupyter's frontends show a stream.
+
+    Carriage returns follow `fixCarriageReturn` of the classic notebook, JupyterLab 3 and VS Code:
+    `\r\n` is a newline; text after a `\r` overwrites its line from the start, and the rest of a
+    longer old line stays. A trailing `\r` is kept, so `fold(fold(a) + b)` is what a frontend shows
+    after receiving a, then b. Backspaces follow JupyterLab 4: a run of n deletes up to n characters
+    before it on its line; extra ones are dropped.
+    """
+    if "\x08" in text:
+        text = _fold_backspaces(text)
+    if "\r" not in text:
+        return text
+    text = _CR_NEWLINE.sub("\n", text)
+    if "\r" not in text:
+        return text
+    lines = text.split("\n")
+    return "\n".join(_fold_line(line) if "\r" in line else line for line in lines)
+
+
+def _fold_line(line: str) -> str:
+    parts = line.split("\r")
+    out = ""
+    for part in parts:
+        if part:
+            out = part + out[len(part) :]
+    return out + "\r" if parts[-1] == "" else out
+
+
+def _fold_backspaces(text: str) -> str:
+    pieces = _BACKSPACES.split(text)  # odd indices hold the runs of backspaces
+    out: list[str] = []
+    for i, piece in enumerate(pieces):
+        if i % 2 == 0:
+            out.append(piece)
+            continue
+        n = len(piece)
+        while n and out:
+            last = out[-1]
+            start = last.rfind("\n") + 1
+            take = min(n, len(last) - start)
+            if take:
+                out[-1] = last[: len(last) - take]
+                n -= take
+            if start or not n:
+                break
+            out.pop()
+    return "".join(out)
 
 
 def is_binary_mime(mime: str) -> bool:
@@ -97,6 +154,10 @@ class OutputCapture:
         self.noted = False
         self.clear_pending = False
         self.displays: dict[str, list[_Block]] = {}
+        # The last line of the current stream, folded and not stored yet: a \r may still rewrite it.
+        self.line = ""
+        self.line_name: str | None = None
+        self.line_chars = max(min(LINE_CHARS, self.tail_budget), 1)
 
     # -- intake -------------------------------------------------------------------------------
 
@@ -131,6 +192,31 @@ class OutputCapture:
             return []
         live = self._before_output()
         self.original_chars += len(text)
+        if name != self.line_name:
+            live += self._close_line()
+            self.line_name = name
+        text = self.line + text
+        if "\r" in text or "\x08" in text:
+            text = fold(text)
+        end = text.rfind("\n") + 1
+        self.line = text[end:]
+        if end:  # whole lines are final: nothing later can rewrite them
+            live += self._commit(name, text[:end])
+        if len(self.line) > self.line_chars:
+            keep = "\r" if self.line.endswith("\r") else ""
+            live += self._commit(name, self.line[: len(self.line) - len(keep)])
+            self.line = keep
+        return live
+
+    def _close_line(self) -> list[dict[str, Any]]:
+        """Store the open line: another output follows it, so nothing can rewrite it any more."""
+        line, self.line = self.line, ""
+        if line.endswith("\r"):
+            line = line[:-1]
+        return self._commit(self.line_name or "stdout", line) if line else []
+
+    def _commit(self, name: str, text: str) -> list[dict[str, Any]]:
+        live: list[dict[str, Any]] = []
         start = 0
         if not self.head_full:
             room = self.head_budget - self.head_chars
@@ -151,7 +237,8 @@ class OutputCapture:
         return live
 
     def _rich(self, msg_type: str, content: dict[str, Any]) -> list[dict[str, Any]]:
-        live = self._before_output()
+        live = self._before_output() + self._close_line()
+        self.line_name = None
         data = content.get("data") or {}
         self.original_chars += sum(value_size(v) for m, v in data.items() if not is_binary_mime(m))
         capped, cost = self._cap_data(data)
@@ -186,7 +273,8 @@ class OutputCapture:
     def _error(self, content: dict[str, Any]) -> list[dict[str, Any]]:
         if self.drop_keyboard_interrupt and content.get("ename") == "KeyboardInterrupt":
             return []  # the traceback of our own timeout interrupt is noise, not output
-        live = self._before_output()
+        live = self._before_output() + self._close_line()
+        self.line_name = None
         output = capped_error(content, min(_ERROR_FIELD_CHARS, max(self.tail_budget // 4, 200)))
         raw_cost = len(str(content.get("ename", ""))) + len(str(content.get("evalue", "")))
         raw_cost += sum(len(str(line)) for line in content.get("traceback") or [])
@@ -292,6 +380,8 @@ class OutputCapture:
     def note_lost(self) -> None:
         """Say, at the end of the output, that the kernel dropped messages (its iopub queue overflowed)."""
         self.lost = True
+        self._close_line()
+        self.line_name = None
         text = "\n... [some output was lost: the cell wrote faster than it could be read] ...\n"
         self._push_tail(_Chunk("stderr", text))
 
@@ -301,13 +391,52 @@ class OutputCapture:
 
     def finish(self) -> list[dict[str, Any]]:
         """The kept outputs in order, streams merged, with one marker where text was left out."""
+        self._close_line()
         items: list[_Chunk | _Block] = list(self.head)
         if self.omitted_chars:
-            prev = self.head[-1] if self.head else None
-            lead = "\n" if isinstance(prev, _Chunk) and not prev.text.endswith("\n") else ""
-            marker = f"{lead}... [{self.omitted_chars:,} characters omitted] ...\n"
-            items.append(_Chunk(self.omitted_stream or "stdout", marker))
+            items.append(self._marker(f"... [{self.omitted_chars:,} characters omitted] ...\n", self.omitted_stream))
         items.extend(self.tail)
+        return self._outputs(items, copy=False)
+
+    def snapshot(self, tail_chars: int) -> list[dict[str, Any]]:
+        """What a live view shows now: the head, a marker, the last `tail_chars` of the rest.
+
+        Unlike finish() it changes nothing, and it returns copies, so a view can diff two snapshots.
+        """
+        rest: list[_Chunk | _Block] = list(self.tail)
+        if self.line:
+            rest.append(_Chunk(self.line_name or "stdout", self.line))
+        shown: deque[_Chunk | _Block] = deque()
+        hidden = self.omitted_chars
+        name = self.omitted_stream
+        room = max(tail_chars, 0)
+        while rest:
+            item = rest.pop()
+            if item.cost <= room:
+                shown.appendleft(item)
+                room -= item.cost
+                continue
+            hidden += item.cost + sum(i.cost for i in rest)
+            name = name or (item.name if isinstance(item, _Chunk) else "stdout")
+            if isinstance(item, _Chunk) and room > 0:
+                text = item.value()[-room:]
+                cut = text.find("\n") + 1  # start the window at a line start when there is one
+                text = text[cut:] if 0 < cut < len(text) else text
+                shown.appendleft(_Chunk(item.name, text))
+                hidden -= len(text)
+            break
+        items: list[_Chunk | _Block] = list(self.head)
+        if hidden:
+            items.append(self._marker(f"... [{hidden:,} characters not shown while the cell runs] ...\n", name))
+        items.extend(shown)
+        return self._outputs(items, copy=True)
+
+    def _marker(self, text: str, name: str | None) -> _Chunk:
+        prev = self.head[-1] if self.head else None
+        lead = "\n" if isinstance(prev, _Chunk) and not prev.text.endswith("\n") else ""
+        return _Chunk(name or "stdout", lead + text)
+
+    def _outputs(self, items: list[_Chunk | _Block], *, copy: bool) -> list[dict[str, Any]]:
         outputs: list[dict[str, Any]] = []
         parts: list[str] = []
         for item in items:
@@ -321,7 +450,7 @@ class OutputCapture:
             else:
                 self._close_stream(outputs, parts)
                 parts = []
-                outputs.append(item.output)
+                outputs.append(dict(item.output) if copy else item.output)
         self._close_stream(outputs, parts)
         return outputs
 

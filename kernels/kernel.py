@@ -21,6 +21,7 @@ from jupyter_client import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpec
 
 from .capture import OutputCapture, capped_error
+from .live import LiveOutputs
 from .result import (
     ABORTED_MESSAGE,
     INTERRUPTED_MESSAGE,
@@ -89,6 +90,8 @@ class Kernel:
         self.closed = False
         self._executing = False
         self._proc: subprocess.Popen | None = None
+        self._side: Any = None  # a second client for shell requests that must not touch execute's replies
+        self._side_lock = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -171,6 +174,8 @@ class Kernel:
         # Closing sockets under a waiting execute would cancel it; it closes them itself when done.
         if self.client is not None and not self._executing:
             self.client.stop_channels()
+        if self._side is not None and not self._side_lock.locked():
+            self._side.stop_channels()
         if self.km is not None:
             try:
                 await self.km.shutdown_kernel(now=now)
@@ -202,6 +207,49 @@ class Kernel:
                 pass
         self.kill_group()
 
+    # -- shell requests besides execute ---------------------------------------------------------
+
+    @property
+    def executing(self) -> bool:
+        """True while an execute runs: the kernel answers other shell requests only after it."""
+        return self._executing
+
+    async def request(self, msg_type: str, content: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """Send one shell request (complete, inspect, ...) on a side channel; its reply, or None on timeout.
+
+        The side channel has its own socket, so execute never reads (and drops) these replies, and a
+        reply that comes after its timeout is dropped by the next request.
+        """
+        end = time.monotonic() + timeout
+        await self._side_lock.acquire()  # held at most one request's timeout
+        try:
+            if self.closed or not self.alive() or time.monotonic() >= end:
+                return None
+            if self._side is None:
+                # Its own session id: the socket identity. The kernel's shell socket hands an identity
+                # over to the newest connection, so sharing execute's would steal execute's replies.
+                session = self.km.session.clone()
+                session.session = str(uuid.uuid4())
+                self._side = self.km.client(session=session)
+                self._side.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
+            msg = self._side.session.msg(msg_type, content)
+            self._side.shell_channel.send(msg)
+            msg_id = msg["header"]["msg_id"]
+            while (left := end - time.monotonic()) > 0:
+                try:
+                    reply = await self._side.get_shell_msg(timeout=min(left, ALIVE_POLL_S))
+                except Empty:
+                    if not self.alive():
+                        return None
+                    continue
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    return reply["content"]
+            return None
+        finally:
+            self._side_lock.release()
+            if self.closed and self._side is not None:
+                self._side.stop_channels()
+
     # -- running code ---------------------------------------------------------------------------
 
     async def execute(
@@ -210,21 +258,28 @@ class Kernel:
         *,
         timeout: float | None,
         on_output: OnOutput | None = None,
+        live: LiveOutputs | None = None,
         silent: bool = False,
         store_history: bool = True,
+        user_expressions: dict[str, str] | None = None,
         cap_chars: int = 200_000,
         display_cap_chars: int = 5_000_000,
         interrupt_grace_s: float = 5.0,
     ) -> ExecResult:
-        """Run one cell; never raises for what the code does (errors, hangs, crashes are statuses)."""
+        """Run one cell; never raises for what the code does (errors, hangs, crashes are statuses).
+
+        `live` gets batches of output events while it runs, the last one before this returns.
+        """
         self._executing = True
         try:
-            return await self._execute(
+            result = await self._execute(
                 code,
                 timeout=timeout,
                 on_output=on_output,
+                live=live,
                 silent=silent,
                 store_history=store_history,
+                user_expressions=user_expressions,
                 cap_chars=cap_chars,
                 display_cap_chars=display_cap_chars,
                 interrupt_grace_s=interrupt_grace_s,
@@ -233,6 +288,9 @@ class Kernel:
             self._executing = False
             if self.closed and self.client is not None:
                 self.client.stop_channels()
+        if live is not None:
+            await live.close(result.outputs)
+        return result
 
     async def _execute(
         self,
@@ -240,8 +298,10 @@ class Kernel:
         *,
         timeout: float | None,
         on_output: OnOutput | None,
+        live: LiveOutputs | None,
         silent: bool,
         store_history: bool,
+        user_expressions: dict[str, str] | None,
         cap_chars: int,
         display_cap_chars: int,
         interrupt_grace_s: float,
@@ -251,7 +311,11 @@ class Kernel:
         if not self.alive():
             return self._died(capture, t0)
         msg_id = self.client.execute(
-            code, silent=silent, store_history=store_history and not silent, allow_stdin=False
+            code,
+            silent=silent,
+            store_history=store_history and not silent,
+            user_expressions=user_expressions,
+            allow_stdin=False,
         )
         limit = math.inf if timeout is None else timeout
         deadline = t0 + limit
@@ -265,6 +329,8 @@ class Kernel:
                 wait = min(ALIVE_POLL_S, max(next_alive_check - now, 0.0))
                 if interrupted_at is None:
                     wait = min(wait, max(deadline - now, 0.0))
+                if live is not None:
+                    wait = min(wait, max(live.due() - now, 0.0))
                 try:
                     msg = await self.client.get_iopub_msg(timeout=wait)
                 except Empty:
@@ -278,7 +344,11 @@ class Kernel:
                             break
                     else:
                         await _deliver(on_output, capture.add(msg_type, content))
+                        if live is not None:
+                            live.touch()
                 now = time.monotonic()
+                if live is not None and now >= live.due():
+                    await live.flush(capture)
                 if now >= next_alive_check:
                     next_alive_check = now + ALIVE_POLL_S
                     if not self.alive():
@@ -307,7 +377,9 @@ class Kernel:
             raise
         if reply is None:
             reply = await self._reply(msg_id)
-        return self._finish(capture, t0, reply, timed_out=interrupted_at is not None, limit=limit)
+        result = self._finish(capture, t0, reply, timed_out=interrupted_at is not None, limit=limit)
+        result.user_expressions = (reply or {}).get("user_expressions")
+        return result
 
     async def _reply(self, msg_id: str) -> dict[str, Any] | None:
         end = time.monotonic() + REPLY_WAIT_S

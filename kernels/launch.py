@@ -15,8 +15,9 @@ KERNEL_ARGS = ["--HistoryManager.hist_file=:memory:"]
 
 # Runs in the kernel's own process before ipykernel starts, so the limits hold for the kernel and
 # every process it spawns. A -c wrapper (rather than Popen's preexec_fn) works with jupyter_client's
-# provisioner unchanged and is safe in a threaded parent.
-RLIMIT_WRAPPER = """\
+# provisioner unchanged and is safe in a threaded parent. It also sets how long ipykernel holds what a
+# cell prints before sending it (0.2 s by default, the main delay of live output).
+LAUNCH_WRAPPER = """\
 import resource, runpy, sys
 def _limit(which, soft, spare=0):
     _, hard = resource.getrlimit(which)
@@ -24,12 +25,15 @@ def _limit(which, soft, spare=0):
     soft = soft if cap is None else min(soft, cap)
     new_hard = soft + spare if cap is None else min(soft + spare, cap)
     resource.setrlimit(which, (soft, new_hard))
-mem, cpu = int(sys.argv[1]), int(sys.argv[2])
+mem, cpu, flush = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 if mem > 0:
     _limit(resource.RLIMIT_AS, mem)
 if cpu > 0:
     _limit(resource.RLIMIT_CPU, cpu, spare=5)  # SIGXCPU at the soft limit says why; SIGKILL 5 s later
-sys.argv = [sys.argv[0]] + sys.argv[3:]
+if flush > 0:
+    import ipykernel.iostream
+    ipykernel.iostream.OutStream.flush_interval = flush
+sys.argv = [sys.argv[0]] + sys.argv[4:]
 runpy.run_module("ipykernel_launcher", run_name="__main__", alter_sys=True)
 """
 
@@ -59,13 +63,16 @@ def check_resource_limits(limits: dict[str, Any] | None) -> dict[str, int] | Non
     return clean or None
 
 
-def kernel_argv(python: str, limits: dict[str, int] | None = None) -> list[str]:
-    """The kernel command line; `{connection_file}` is filled in by jupyter_client."""
+def kernel_argv(python: str, limits: dict[str, int] | None = None, flush_s: float | None = None) -> list[str]:
+    """The kernel command line; `{connection_file}` is filled in by jupyter_client.
+
+    flush_s: how often the kernel sends printed text (None: ipykernel's own 0.2 s).
+    """
     tail = ["-f", "{connection_file}", *KERNEL_ARGS]
-    if not limits:
+    if not limits and not flush_s:
         return [python, "-m", "ipykernel_launcher", *tail]
-    mem, cpu = limits.get("memory_bytes", 0), limits.get("cpu_seconds", 0)
-    return [python, "-c", RLIMIT_WRAPPER, str(mem), str(cpu), *tail]
+    mem, cpu = (limits or {}).get("memory_bytes", 0), (limits or {}).get("cpu_seconds", 0)
+    return [python, "-c", LAUNCH_WRAPPER, str(mem), str(cpu), repr(float(flush_s or 0)), *tail]
 
 
 RUNTIME_PREFIX = "loopbook-kernels-"

@@ -16,13 +16,18 @@ from typing import Any
 
 import zmq.asyncio
 
+from . import introspect, namespace
+from .introspect import Completion, Inspection
 from .kernel import Kernel, KernelStartError, OnOutput
 from .launch import check_resource_limits, kernel_argv, make_runtime_dir
+from .live import INTERVAL_S, TAIL_CHARS, LiveOutputs, OnBatch
+from .namespace import ToolResult, ToolSpec, VariableNote
 from .result import RESTARTED_MESSAGE, SHUTDOWN_MESSAGE, ExecResult
 
 log = logging.getLogger(__name__)
 
 REFILL_DELAY_S = 0.25  # let the first run in a new key go before the spare's refill takes the CPU
+OUTPUT_FLUSH_S = 0.02  # how long a kernel holds printed text before sending it (ipykernel's default: 0.2 s)
 SETUP_TIMEOUT_S = 30.0
 STATES = ("none", "starting", "idle", "busy", "dead", "restarting")
 
@@ -59,7 +64,9 @@ class KernelPool:
 
     Executes on one key are serialised; different keys run in parallel. A warm spare makes the first
     run in a new key fast. Call `start()` at app start and `shutdown_all()` at exit (an atexit hook
-    kills whatever is left).
+    kills whatever is left). `execute(on_batch=...)` streams a cell's outputs live (kernels.live);
+    `complete`, `inspect`, `variables`, `tool_specs` and `call_tool` ask the key's kernel for
+    completions, help, value summaries and tool calls (kernels.introspect, kernels.namespace).
     """
 
     def __init__(
@@ -76,6 +83,9 @@ class KernelPool:
         display_cap_chars: int = 5_000_000,
         start_timeout: float = 60.0,
         interrupt_grace_s: float = 5.0,
+        live_interval_s: float = INTERVAL_S,
+        live_tail_chars: int = TAIL_CHARS,
+        output_flush_s: float | None = OUTPUT_FLUSH_S,
     ):
         if output_cap_chars < 2:
             raise ValueError(f"output_cap_chars must be at least 2, got {output_cap_chars!r}")
@@ -92,7 +102,11 @@ class KernelPool:
         self.env = _check_env(env, "env")
         self.start_timeout = start_timeout
         self.interrupt_grace_s = interrupt_grace_s
-        self._argv = kernel_argv(python, self.resource_limits)
+        self.live_interval_s = live_interval_s
+        self.live_tail_chars = live_tail_chars
+        _check_timeout(output_flush_s, "output_flush_s", allow_none=True)
+        self.output_flush_s = output_flush_s
+        self._argv = kernel_argv(python, self.resource_limits, output_flush_s)
         self._runtime_arg = runtime_dir
         self._runtime_dir: Path | None = None
         self._runtime_created = False
@@ -146,23 +160,38 @@ class KernelPool:
         on_output: OnOutput | None = None,
         silent: bool = False,
         store_history: bool = True,
+        *,
+        on_batch: OnBatch | None = None,
+        user_expressions: dict[str, str] | None = None,
     ) -> ExecResult:
         """Run `code` in the key's kernel (started or replaced as needed) and capture its outputs.
 
-        on_output(output) gets each output live (sync or async): nbformat outputs, plus
-        {"output_type": "clear_output"} and {"output_type": "update_display_data", "display_id", ...}
-        events. Once a cell's text passes the head half of the cap, one notice is sent and the rest
-        arrives only in the result.
+        on_batch(events) is the live view (sync or async, see kernels.live): batches of nbformat-shaped
+        events, folded and coalesced, at most one per `live_interval_s`; the last one, sent before this
+        returns, leaves the consumer's copy equal to the result's outputs. It is awaited between reads
+        of the kernel's output, so it should be quick (hand the batch to a queue or an SSE log).
+
+        on_output(output) is the older raw hook: each output as it is captured (complete lines only),
+        plus {"output_type": "clear_output"} and {"output_type": "update_display_data", ...} events;
+        once a cell's text passes the head half of the cap, one notice and then nothing until the end.
+
+        user_expressions are evaluated by the kernel after the code; their results are in the result's
+        `user_expressions` (Jupyter's mime-bundle form).
         """
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, got {type(code).__name__}")
         limit = self.default_timeout if timeout is None else timeout
         _check_timeout(limit, "timeout", allow_none=True)
         slot = self._slot(key)
+        live = None
+        if on_batch is not None:
+            live = LiveOutputs(on_batch, interval_s=self.live_interval_s, tail_chars=self.live_tail_chars)
         async with slot.lock:
             try:
                 kernel = await self._ensure_locked(slot)
             except KernelInitError as exc:
+                if live is not None:
+                    await live.close(exc.result.outputs)
                 return exc.result
             slot.busy = True
             try:
@@ -170,8 +199,10 @@ class KernelPool:
                     code,
                     timeout=limit,
                     on_output=on_output,
+                    live=live,
                     silent=silent,
                     store_history=store_history,
+                    user_expressions=user_expressions,
                     cap_chars=self.output_cap_chars,
                     display_cap_chars=self.display_cap_chars,
                     interrupt_grace_s=self.interrupt_grace_s,
@@ -186,6 +217,48 @@ class KernelPool:
             if not kernel.alive():
                 await self._retire(kernel)
             return result
+
+    # -- asking the kernel (kernels.introspect, kernels.namespace) ------------------------------
+
+    async def complete(
+        self, key: str, code: str, cursor_pos: int | None = None, *, timeout: float = introspect.TIMEOUT_S
+    ) -> Completion:
+        """Completions at cursor_pos from the key's kernel; status "busy" at once while a cell runs.
+
+        Never starts a kernel or waits behind a cell (see kernels.introspect).
+        """
+        slot = self._slots.get(_check_key(key))
+        return await introspect.complete(slot.kernel if slot else None, self.state(key), code, cursor_pos, timeout)
+
+    async def inspect(
+        self,
+        key: str,
+        code: str,
+        cursor_pos: int | None = None,
+        detail_level: int = 0,
+        *,
+        timeout: float = introspect.TIMEOUT_S,
+    ) -> Inspection:
+        """Help (signature, docstring) for the name at cursor_pos; status "busy" at once while a cell runs."""
+        slot = self._slots.get(_check_key(key))
+        kernel = slot.kernel if slot else None
+        return await introspect.inspect(kernel, self.state(key), code, cursor_pos, detail_level, timeout)
+
+    async def variables(
+        self, key: str, names: list[str], *, timeout_per_name: float = 2.0, max_chars: int = 2_000
+    ) -> list[VariableNote]:
+        """A trimmed summary of each name's value for a prompt (runs after any cell already running)."""
+        return await namespace.variables(self, key, names, timeout_per_name=timeout_per_name, max_chars=max_chars)
+
+    async def tool_specs(self, key: str, names: list[str], *, max_chars: int = 2_000) -> list[ToolSpec]:
+        """A JSON-schema tool description of each named kernel function."""
+        return await namespace.tool_specs(self, key, names, max_chars=max_chars)
+
+    async def call_tool(
+        self, key: str, name: str, arguments: dict[str, Any] | str, *, timeout: float = 30.0, max_chars: int = 4_000
+    ) -> ToolResult:
+        """Call a kernel function with JSON arguments; its trimmed result, or the error as text."""
+        return await namespace.call_tool(self, key, name, arguments, timeout=timeout, max_chars=max_chars)
 
     async def interrupt(self, key: str) -> bool:
         """Send SIGINT to the key's kernel; True when there was a live kernel to interrupt."""

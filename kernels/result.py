@@ -31,6 +31,7 @@ class ExecResult:
     truncated: bool = False
     original_chars: int = 0
     message: str | None = None
+    user_expressions: dict[str, Any] | None = None  # from the execute_reply, when any were asked for
 
     @property
     def ok(self) -> bool:
