@@ -39,12 +39,12 @@ from execfeedback.adapters import list_adapters
 from execfeedback.adapters import resolve_adapter
 from execfeedback.ask import ask, sampling_from
 from execfeedback.export import ExportError, options_from_mapping, stream_export_zip
-from execfeedback.helper_setup import dialog_of_kernel_token, kernel_env, kernel_init_code
 from execfeedback.live import LiveHub
 from execfeedback.loop import RETRY_MODES, Loop, LoopConfig
 from execfeedback.solve import dialog_key, fix_task, land, loop_config, note_edit, solve_task, summary
 from execfeedback.traces import TraceStore
 from kernels import KernelInitError, KernelPool, KernelStartError
+from kernels.helper_setup import dialog_of_kernel_token, kernel_env, kernel_init_code
 from local_model import ModelError
 from local_model.loader import BACKENDS
 from local_model.registry import ALIASES, MODELS, canonical_name

@@ -34,7 +34,7 @@ def _lit(prefix: str, rest: str) -> str:
 
 
 # Credentials Loopbook itself issues, whatever app token they came from: a kernel's dialog token (lbk<id>.<hex>,
-# see helper_setup) and a browser login's session id (lbs_..., see app.py). First, so that the generic token
+# see kernels/helper_setup.py) and a browser login's session id (lbs_..., see app.py). First, so that the generic token
 # rules below do not take them under another name.
 _group(("lbk",), [("kernel_token", _lit("lbk", r"[0-9]{1,19}\.[0-9a-f]{32}(?![0-9a-f])"), "<SECRET_KERNEL_TOKEN>")])
 _group(("lbs_",), [("session", _lit("lbs_", r"[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])"), "<SECRET_SESSION>")])

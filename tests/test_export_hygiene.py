@@ -43,7 +43,7 @@ def test_scrubber_replaces_each_kind_and_counts_exactly():
 
 
 def test_credentials_loopbook_issues_are_scrubbed_whatever_token_made_them(store, tmp_path):
-    from execfeedback.helper_setup import kernel_token
+    from kernels.helper_setup import kernel_token
 
     ktoken = kernel_token("an app token from another machine", 12, "2026-01-01T00:00:00.000+00:00")
     session = "lbs_" + "Q" * 20 + "-_" + "7" * 21

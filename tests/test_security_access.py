@@ -14,7 +14,7 @@ import pytest
 
 from apphelpers import ROOT, TOKEN, Server, free_port
 from securityhelpers import app_module, fill, routes, snapshot
-from execfeedback.helper_setup import kernel_token
+from kernels.helper_setup import kernel_token
 
 WRITE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
-HELPER_PATH = Path(__file__).with_name("kernel_helper.py")
+HELPER_PATH = Path(__file__).with_name("helper.py")
 KERNEL_TOKEN_PREFIX = "lbk"
 _DIALOG_ID = re.compile(r"[0-9]{1,19}")
 
