@@ -3,7 +3,7 @@
 from .capture import fold
 from .introspect import Completion, Inspection
 from .kernel import KernelStartError
-from .live import LiveOutputs, apply_events
+from .live import LiveOutputs, apply_events, diff_outputs
 from .namespace import ToolResult, ToolSpec, VariableNote
 from .pool import KernelInitError, KernelPool
 from .result import ExecResult
@@ -20,5 +20,6 @@ __all__ = [
     "ToolSpec",
     "VariableNote",
     "apply_events",
+    "diff_outputs",
     "fold",
 ]

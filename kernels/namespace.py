@@ -2,7 +2,7 @@
 
 Each request is one silent execution (no history, no execution count, no `_` or `Out`) through the
 pool, so it waits for a cell already running in that kernel and reads the values that cell left. The
-work happens in the kernel module `_loopbook_probe` (kernels/inkernel.py, sent as source once per
+work happens in the kernel module `_loopbook_probe` (namespace_inkernel.py, sent as source once per
 kernel) and the answer comes back as a user expression, so the user's namespace gets no new names.
 Each item has its own time limit inside the kernel (SIGALRM); the execution's own timeout, a few
 seconds longer, interrupts what ignores that.
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .pool import KernelPool
 
 MODULE = "_loopbook_probe"
-SOURCE = Path(__file__).with_name("inkernel.py").read_text(encoding="utf-8")
+SOURCE = Path(__file__).with_name("namespace_inkernel.py").read_text(encoding="utf-8")
 VERSION = hashlib.sha256(SOURCE.encode()).hexdigest()[:16]
 # One `if` statement: it binds no name in the user's namespace.
 INSTALL = (

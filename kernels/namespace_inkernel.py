@@ -1,4 +1,4 @@
-"""Runs inside a dialog's kernel: trimmed summaries of values, tool schemas and tool calls.
+"""Runs inside a dialog's kernel for kernels.namespace: trimmed summaries of values, tool schemas and calls.
 
 kernels.namespace sends this file's source to the kernel, where it lives as the module
 `_loopbook_probe` in sys.modules, so the user's namespace gets no new names. Each entry point takes
