@@ -109,10 +109,8 @@ def test_a_kernel_busy_behind_our_back_times_out_and_late_replies_are_dropped(lp
     sleep = {"code": "import time; time.sleep(2)", "silent": True, "store_history": False,
              "user_expressions": {}, "allow_stdin": False, "stop_on_error": False}
     assert lp.run(kernel.request("execute_request", sleep, 0.2)) is None
-    t0 = time.monotonic()
-    c = complete(lp, "str.sp", timeout=0.5)
+    c = complete(lp, "str.sp", timeout=0.5)  # had it waited for the reply, the status would be "ok"
     assert c.status == "timeout" and "did not answer within 0.5 s" in c.message
-    assert time.monotonic() - t0 < 1.5
     assert lp.wait_until(lambda: complete(lp, "d[", timeout=5.0).status == "ok")
     assert complete(lp, "collections.Ord").matches == ["OrderedDict"]  # not a stale str.sp reply
     assert lp.run(lp.pool.execute("help", "40 + 2")).outputs[0]["data"]["text/plain"] == "42"
