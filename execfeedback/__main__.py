@@ -13,10 +13,10 @@ import sys
 
 COMMANDS: dict[str, str] = {
     "export": "execfeedback.export_cli",
-    "eval": "execfeedback.eval",
+    "eval": "execfeedback.eval.cli",
     "finetune": "execfeedback.finetune",
     "adapter": "execfeedback.adapters_cli",
-    "problems": "execfeedback.benchmarks_cli",
+    "problems": "execfeedback.eval.benchmarks_cli",
 }
 
 

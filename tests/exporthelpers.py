@@ -5,7 +5,7 @@ from __future__ import annotations
 from dialog import Store
 from dialog.context import build_context
 from execfeedback.feedback import feedback_message
-from execfeedback.problems import load_problems, task_message
+from execfeedback.eval.problems import load_problems, task_message
 from execfeedback.traces import TraceStore
 
 MANIFEST = {"backend": "llama", "model": "smollm2-135m", "file_name": "SmolLM2-135M-Instruct-Q4_1.gguf",

@@ -1,6 +1,6 @@
 """The eval's accounting as pure functions: pass@1 per round, regressions, fix rate by error type."""
 
-from execfeedback.eval import EvalSettings, account, chosen_by_round, error_type, passed_by_round, problem_result
+from execfeedback.eval.runner import EvalSettings, account, chosen_by_round, error_type, passed_by_round, problem_result
 
 
 def att(id, rnd, status, hidden, *, cand=0, passed=None, ename=None, code="x = 1", checks=None):

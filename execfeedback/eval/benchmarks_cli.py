@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 HELP = "write a standard benchmark (HumanEval) as a problem file for `python -m execfeedback eval`"
@@ -42,8 +41,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"{dropped} docstring example(s) left out because the canonical solution fails them.")
     print(f"Run it: python -m execfeedback eval {out}")
     return 0
-
-
-if __name__ == "__main__":
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m execfeedback problems", description=HELP))
-    sys.exit(run(parser.parse_args()))
