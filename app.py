@@ -37,12 +37,11 @@ from dialog.render import ansi_css, ansi_html, markdown_html
 from execfeedback.adapters import get as get_adapter
 from execfeedback.adapters import list_adapters
 from execfeedback.adapters import resolve_adapter
-from execfeedback.ask import ask, sampling_from
 from execfeedback.export import ExportError, options_from_mapping, stream_export_zip
-from execfeedback.live import LiveHub
-from execfeedback.loop import RETRY_MODES, Loop, LoopConfig
-from execfeedback.solve import dialog_key, fix_task, land, loop_config, note_edit, solve_task, summary
-from execfeedback.traces import TraceStore
+from execfeedback.workspace.ask import ask, sampling_from
+from execfeedback.workspace.live import LiveHub
+from execfeedback.workspace.solve import (RETRY_MODES, Loop, LoopConfig, TraceStore, dialog_key, fix_task, land,
+                                          loop_config, note_edit, solve_task, summary)
 from kernels import KernelInitError, KernelPool, KernelStartError
 from kernels.helper_setup import dialog_of_kernel_token, kernel_env, kernel_init_code
 from local_model import ModelError
@@ -1933,7 +1932,7 @@ def post(id: str, reply: str | None = None, base: str | None = None):
 @rt("/cells/{id}/extract")
 @page
 def post(id: str):
-    from execfeedback.extract import code_blocks
+    from execfeedback.workspace.ask import code_blocks
 
     m = S.store.get_message(id)
     blocks = code_blocks(m.get("reply") or "")

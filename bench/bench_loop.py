@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dialog import Store
-from execfeedback.loop import Loop, LoopConfig, Task
+from execfeedback.loop.loop import Loop, LoopConfig, Task
 from execfeedback.traces import TraceStore
 from kernels import KernelPool
 from local_model import Engine, Sampling

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dialog import Store
 from dialog.context import build_context
-from execfeedback.feedback import feedback_message
+from execfeedback.loop.feedback import feedback_message
 from execfeedback.eval.problems import load_problems, task_message
 from execfeedback.traces import TraceStore
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from dialog import Store
-from execfeedback.feedback import feedback_message
+from execfeedback.loop.feedback import feedback_message
 from execfeedback.traces import TraceStore
 
 SYSTEM = "You write Python. Answer with one fenced code block."

@@ -87,7 +87,7 @@ def test_default_run_name_follows_the_settings_but_not_concurrency_or_limit():
 
 
 def test_repair_messages_put_code_and_feedback_in_one_fresh_turn():
-    from execfeedback.loop import repair_messages
+    from execfeedback.loop.loop import repair_messages
 
     base = [{"role": "system", "content": "s"}, {"role": "user", "content": "Write f."}]
     out = repair_messages(base, "def f(): return 1", "`f()` returned 1, expected 2")

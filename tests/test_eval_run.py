@@ -155,7 +155,7 @@ def test_a_copied_answer_is_sampled_again_warmer(shipped_runs):
     for name, extra in (("rr2", ()), ("rr0", ("--repeat-resamples", "0"))):
         rc, _, err = run_eval(str(SHIPPED), *SMOL, "--limit", "2", "--data-dir", str(data), "--name", name, *extra)
         assert rc == 0, err
-    from execfeedback.loop import same_code
+    from execfeedback.loop.loop import same_code
     resampled = 0
     for name, budget in (("rr2", 2), ("rr0", 0)):
         for t in traces_of(data, name)[1]:

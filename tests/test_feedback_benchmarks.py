@@ -25,7 +25,7 @@ MIN_WITH_VISIBLE = 150
 # so that benchmark code cannot touch the test process and a hang ends at the timeout.
 CHECK_ALL = textwrap.dedent("""
     import contextlib, io, json, sys
-    from execfeedback.checks import instrument, instrument_candidate, parse_check_output
+    from execfeedback.loop.checks import instrument, instrument_candidate, parse_check_output
 
     def checked(code, tests):
         ns = {"__name__": "__main__"}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from execfeedback.checks import (
+from execfeedback.loop.checks import (
     CheckReport,
     candidate_filename,
     error_report,

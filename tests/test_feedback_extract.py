@@ -2,7 +2,7 @@
 
 import pytest
 
-from execfeedback.extract import extract_code
+from execfeedback.loop.extract import extract_code
 
 
 def test_one_python_fence_with_prose_around():

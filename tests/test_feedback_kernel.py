@@ -7,8 +7,8 @@ import threading
 import pytest
 from jupyter_client.manager import KernelManager
 
-from execfeedback.checks import instrument, instrument_candidate, parse_check_output, parse_locals_output
-from execfeedback.feedback import FeedbackConfig, clean_traceback, feedback_message
+from execfeedback.loop.checks import instrument, instrument_candidate, parse_check_output, parse_locals_output
+from execfeedback.loop.feedback import FeedbackConfig, clean_traceback, feedback_message
 
 
 @pytest.fixture(scope="module")

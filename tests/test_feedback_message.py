@@ -5,8 +5,8 @@ import io
 
 import pytest
 
-from execfeedback.checks import instrument, instrument_candidate, parse_check_output
-from execfeedback.feedback import (
+from execfeedback.loop.checks import instrument, instrument_candidate, parse_check_output
+from execfeedback.loop.feedback import (
     FeedbackConfig,
     clean_traceback,
     error_signature,

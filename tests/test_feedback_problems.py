@@ -11,7 +11,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 import pytest
 
-from execfeedback.checks import instrument, parse_check_output
+from execfeedback.loop.checks import instrument, parse_check_output
 from execfeedback.eval.problems import SHIPPED, LineError, Problem, load_problems, parse_problem, task_message
 
 # ---- reference solutions, one per shipped problem ----

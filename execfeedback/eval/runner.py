@@ -24,7 +24,7 @@ from pathlib import Path
 from kernels import KernelPool
 from local_model import Engine, Sampling
 
-from ..loop import Loop, LoopConfig, Task
+from ..loop.loop import Loop, LoopConfig, Task
 from ..traces import TraceStore
 from .problems import Problem, task_message
 

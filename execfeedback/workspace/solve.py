@@ -9,8 +9,8 @@ from dialog.context import ContextOptions, build_context
 from local_model import Engine
 
 from .ask import context_for, dialog_key
-from .loop import LoopConfig, LoopResult, Task
-from .traces import TraceStore
+from ..loop.loop import RETRY_MODES, Loop, LoopConfig, LoopResult, Task  # noqa: F401 - Loop, RETRY_MODES: for app.py
+from ..traces import TraceStore
 
 SETTING_KEYS = ("rounds", "candidates", "retry", "repeat_resamples", "exec_timeout")
 

@@ -18,7 +18,7 @@ from local_model import Engine, ModelError, Sampling
 from .checks import instrument, instrument_candidate, parse_check_output, parse_locals_output
 from .extract import extract_code
 from .feedback import FeedbackConfig, error_signature, feedback_message, syntax_error_obs
-from .traces import TraceStore
+from ..traces import TraceStore
 
 RETRY_MODES = ("refine", "repair", "resample")
 RESET_NAMESPACE = "get_ipython().run_line_magic('reset', '-f')"

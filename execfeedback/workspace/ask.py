@@ -11,6 +11,7 @@ from dialog import InvalidInput, Store
 from dialog.context import ContextOptions, build_context
 from local_model import Engine, ModelError, Sampling
 
+from ..loop.extract import code_blocks  # noqa: F401 - the page turns a reply's code blocks into cells
 from .live import Live
 
 SAVE_EVERY_S = 1.0          # a crash mid-reply loses at most this much of it
