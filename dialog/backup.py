@@ -7,6 +7,8 @@ import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
 
+import sqlite_utils
+
 from .store import DB_NAME, default_data_dir
 
 
@@ -23,7 +25,7 @@ def backup(dest: str | os.PathLike, data_dir: str | os.PathLike | None = None, *
     under a temporary name first, so a failed backup never leaves a half-written file at `dest`.
     Returns {"path", "bytes", "dialogs", "messages", "traces", "attempts"}.
     """
-    source = (Path(data_dir).expanduser() if data_dir else default_data_dir()) / DB_NAME
+    source = default_data_dir(data_dir) / DB_NAME
     if not source.is_file():
         raise BackupError(f"There is no Loopbook store at {source}; pass --data-dir (the folder that holds "
                           f"{DB_NAME}).")
@@ -41,15 +43,19 @@ def backup(dest: str | os.PathLike, data_dir: str | os.PathLike | None = None, *
     try:
         src = sqlite3.connect(source, timeout=60)
         try:
-            dst = sqlite3.connect(partial)
+            # SQLite's online backup API, which sqlite-utils does not wrap: pages=-1 copies every page in one step,
+            # so writers never interleave with the copy.
+            dst = sqlite_utils.Database(partial)
             try:
-                src.backup(dst)  # pages=-1: every page in one step, so writers never interleave with the copy
-                dst.execute("PRAGMA journal_mode=DELETE")
+                src.backup(dst.conn)
+                dst.disable_wal()
                 check = dst.execute("PRAGMA integrity_check").fetchone()[0]
                 if check != "ok":
                     raise BackupError(f"The copy failed its integrity check ({check}); the store itself may be "
                                       "damaged: run `sqlite3 loopbook.db 'PRAGMA integrity_check'`.")
-                counts = {t: _count(dst, t) for t in ("dialogs", "messages", "traces", "attempts")}
+                tables = dst.table_names()  # an older schema may lack some
+                counts = {t: dst[t].count if t in tables else None
+                          for t in ("dialogs", "messages", "traces", "attempts")}
             finally:
                 dst.close()
         finally:
@@ -61,10 +67,3 @@ def backup(dest: str | os.PathLike, data_dir: str | os.PathLike | None = None, *
         partial.unlink(missing_ok=True)
         raise
     return {"path": str(target), "bytes": target.stat().st_size, **counts}
-
-
-def _count(conn: sqlite3.Connection, table: str) -> int | None:
-    try:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-    except sqlite3.OperationalError:  # an older schema without that table
-        return None

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import sqlite3
 
+import sqlite_utils
 
-def _script(conn: sqlite3.Connection, sql: str) -> None:
-    # executescript() would COMMIT the surrounding transaction first, so run statements one by one.
+# The schema is SQL (sqlite-utils' create_table cannot say AUTOINCREMENT, CHECK or ON DELETE); each step runs it
+# through the store's sqlite_utils.Database inside migrate()'s transaction.
+
+
+def _script(db: sqlite_utils.Database, sql: str) -> None:
+    # Statement by statement, as written: sqlite_master keeps each one's text, so a new store's schema is the very
+    # text older versions wrote (db.executescript trims it), and nothing commits the surrounding transaction.
     for statement in sql.split(";"):
         if statement.strip():
-            conn.execute(statement)
+            db.execute(statement)
 
 
-def _m1_initial(conn: sqlite3.Connection) -> None:
+def _m1_initial(db: sqlite_utils.Database) -> None:
     _script(
-        conn,
+        db,
         """
         CREATE TABLE dialogs (
             id INTEGER PRIMARY KEY,
@@ -48,10 +54,10 @@ def _m1_initial(conn: sqlite3.Connection) -> None:
     )
 
 
-def _m2_traces(conn: sqlite3.Connection) -> None:
+def _m2_traces(db: sqlite_utils.Database) -> None:
     # One trace is one solve (or fix, or eval problem); one attempt is one model turn and its execution.
     _script(
-        conn,
+        db,
         """
         CREATE TABLE eval_runs (
             id INTEGER PRIMARY KEY,
@@ -152,11 +158,11 @@ def _m2_traces(conn: sqlite3.Connection) -> None:
     )
 
 
-def _m3_adapters(conn: sqlite3.Connection) -> None:
+def _m3_adapters(db: sqlite_utils.Database) -> None:
     # One row per LoRA adapter trained (or imported) for a base GGUF; the file lives in <data_dir>/adapters/.
     # Rows appear only once the adapter file is complete and loads, so every row names a usable file.
     _script(
-        conn,
+        db,
         """
         CREATE TABLE adapters (
             id INTEGER PRIMARY KEY,
@@ -222,19 +228,19 @@ _ID_MENTIONS = {
 }
 
 
-def _m4_ids_never_reused(conn: sqlite3.Connection) -> None:
+def _m4_ids_never_reused(db: sqlite_utils.Database) -> None:
     # Without AUTOINCREMENT, SQLite hands the id of the newest deleted row to the next insert: a deleted dialog's
     # kernel token then opened the new dialog, and traces, edits and the page's undo named the wrong cell. SQLite
     # cannot add AUTOINCREMENT to a table, so both tables are rebuilt (with foreign keys off: see migrate()).
-    seeds = {table: max((conn.execute(q).fetchone()[0] or 0) for q in queries) for table, queries in _ID_MENTIONS.items()}
+    seeds = {table: max((db.execute(q).fetchone()[0] or 0) for q in queries) for table, queries in _ID_MENTIONS.items()}
     for table, create in (("dialogs", _DIALOGS_V4), ("messages", _MESSAGES_V4)):
-        conn.execute(create)
-        conn.execute(f"INSERT INTO {table}_v4 SELECT * FROM {table}")
-        conn.execute(f"DROP TABLE {table}")
-        conn.execute(f"ALTER TABLE {table}_v4 RENAME TO {table}")
-        conn.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
-        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, seeds[table]))
-    conn.execute("CREATE INDEX idx_messages_dialog_position ON messages(dialog_id, position)")
+        db.execute(create)
+        db.execute(f"INSERT INTO {table}_v4 SELECT * FROM {table}")
+        db.execute(f"DROP TABLE {table}")
+        db.execute(f"ALTER TABLE {table}_v4 RENAME TO {table}")
+        db.execute("DELETE FROM sqlite_sequence WHERE name = ?", (table,))
+        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES (?, ?)", (table, seeds[table]))
+    db.execute("CREATE INDEX idx_messages_dialog_position ON messages(dialog_id, position)")
 
 
 # Dropping a table that others reference would, with foreign keys on, run its ON DELETE actions (emptying
@@ -245,13 +251,15 @@ _m4_ids_never_reused.rebuilds_tables = True
 MIGRATIONS = [_m1_initial, _m2_traces, _m3_adapters, _m4_ids_never_reused]
 
 
-def _fk_problems(conn: sqlite3.Connection) -> int:
-    return len(conn.execute("PRAGMA foreign_key_check").fetchall())
+def _fk_problems(db: sqlite_utils.Database) -> int:
+    return len(db.execute("PRAGMA foreign_key_check").fetchall())
 
 
-def migrate(conn: sqlite3.Connection, migrations: list = MIGRATIONS) -> tuple[int, int]:
+def migrate(db: sqlite_utils.Database | sqlite3.Connection, migrations: list = MIGRATIONS) -> tuple[int, int]:
     """Apply pending migrations, each in its own transaction; return (from_version, to_version)."""
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if isinstance(db, sqlite3.Connection):
+        db = sqlite_utils.Database(db)
+    current = db.execute("PRAGMA user_version").fetchone()[0]
     if current > len(migrations):
         raise RuntimeError(
             f"This store has schema version {current}, newer than this Loopbook knows ({len(migrations)}). "
@@ -260,24 +268,24 @@ def migrate(conn: sqlite3.Connection, migrations: list = MIGRATIONS) -> tuple[in
     start = current
     for number, step in enumerate(migrations[current:], start=current + 1):
         rebuild = getattr(step, "rebuilds_tables", False)
-        foreign_keys = conn.execute("PRAGMA foreign_keys").fetchone()[0]
+        foreign_keys = db.execute("PRAGMA foreign_keys").fetchone()[0]
         if rebuild:
-            conn.execute("PRAGMA foreign_keys = OFF")
+            db.execute("PRAGMA foreign_keys = OFF")
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE")
             try:
-                before = _fk_problems(conn) if rebuild else 0
-                step(conn)
-                if rebuild and _fk_problems(conn) > before:
+                before = _fk_problems(db) if rebuild else 0
+                step(db)
+                if rebuild and _fk_problems(db) > before:
                     raise RuntimeError(f"Migration {number} would break references between tables; nothing was "
                                        "changed. Please report this with the store's schema.")
-                conn.execute(f"PRAGMA user_version = {number}")
-                conn.execute("COMMIT")
+                db.execute(f"PRAGMA user_version = {number}")
+                db.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                db.execute("ROLLBACK")
                 raise
         finally:
             if rebuild:
-                conn.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
+                db.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
         current = number
     return start, current

@@ -43,8 +43,10 @@ class Conflict(StoreError):
     status = 409
 
 
-def default_data_dir() -> Path:
-    return Path(os.environ.get("LOOPBOOK_DATA_DIR") or Path.home() / ".loopbook").expanduser()
+def default_data_dir(override: str | os.PathLike | None = None) -> Path:
+    """`override`, else $LOOPBOOK_DATA_DIR, else ~/.loopbook (local_model.registry.data_dir says the same: dialog
+    and local_model may not import each other)."""
+    return Path(override or os.environ.get("LOOPBOOK_DATA_DIR") or Path.home() / ".loopbook").expanduser()
 
 
 def now() -> str:
@@ -98,49 +100,57 @@ def _check_id(value: Any, what: str) -> int:
 
 
 class Store:
-    """All reads and writes of one Loopbook data directory go through one of these."""
+    """All reads and writes of one Loopbook data directory go through one of these.
+
+    `db` is a sqlite_utils.Database over the store's one writer connection: rows go in through `table.insert`
+    and `.update` and come out through `rows_where`. SQL through `db.execute` stays where one statement says it
+    better than a row at a time (shifting positions, JSON patches, joins, aggregates, INSERT ... SELECT) and for
+    the writes of every cell run, edit and streamed reply (a message and its dialog's updated_at): table.update
+    reads the row back first, which made those writes four times slower.
+    """
 
     def __init__(self, data_dir: str | os.PathLike | None = None):
-        self.data_dir = Path(data_dir).expanduser() if data_dir else default_data_dir()
+        self.data_dir = default_data_dir(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.data_dir / DB_NAME
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves so a multi-row change is one transaction.
+        # Our own connection under sqlite-utils (its own has no busy timeout and serves one thread):
+        # isolation_level=None, because we issue BEGIN/COMMIT ourselves so a multi-row change is one transaction.
         self.conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.execute("PRAGMA foreign_keys=ON")
         self.db = sqlite_utils.Database(self.conn)
+        self.db.enable_wal()
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
         self._lock = threading.RLock()
         self._depth = threading.local()
         with self._lock:
-            self.schema_from, self.schema_version = migrate(self.conn)
+            self.schema_from, self.schema_version = migrate(self.db)
 
     def close(self) -> None:
         with self._lock:
-            self.conn.close()
+            self.db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One writer at a time; nested calls join the outer transaction."""
+    def transaction(self) -> Iterator[sqlite_utils.Database]:
+        """One writer at a time; nested calls join the outer transaction. Not db.atomic(), whose BEGIN is
+        deferred: a writer takes the write lock up front, so it never fails halfway on a busy store."""
         with self._lock:
             depth = getattr(self._depth, "n", 0)
             if depth:
                 self._depth.n = depth + 1
                 try:
-                    yield self.conn
+                    yield self.db
                 finally:
                     self._depth.n = depth
                 return
-            self.conn.execute("BEGIN IMMEDIATE")
+            self.db.execute("BEGIN IMMEDIATE")
             self._depth.n = 1
             try:
-                yield self.conn
+                yield self.db
             except BaseException:
-                self.conn.execute("ROLLBACK")
+                self.db.execute("ROLLBACK")
                 raise
             else:
-                self.conn.execute("COMMIT")
+                self.db.execute("COMMIT")
             finally:
                 self._depth.n = 0
 
@@ -152,17 +162,20 @@ class Store:
 
     def query(self, sql: str, params: tuple | dict = ()) -> list[dict]:
         with self._lock:
-            return [dict(r) for r in self.conn.execute(sql, params).fetchall()]
+            return list(self.db.query(sql, params))
+
+    def rows(self, table: str, where: str | None = None, args: tuple | list = (), **kw: Any) -> list[dict]:
+        """`db[table].rows_where(where, args, order_by=..., select=...)` as a list, read under the writer's lock."""
+        with self._lock:
+            return list(self.db[table].rows_where(where, args, **kw))
 
     def recover_interrupted(self) -> int:
         """After a crash: replies that were streaming are marked interrupted (their text so far is kept)."""
-        with self.transaction() as c:
-            cur = c.execute(
-                "UPDATE messages SET reply_meta = json_set(reply_meta, '$.status', 'interrupted') "
-                "WHERE json_extract(reply_meta, '$.status') = 'streaming'")
-            n = cur.rowcount
-            if c.execute("SELECT 1 FROM sqlite_master WHERE name = 'traces'").fetchone():
-                c.execute("UPDATE traces SET status = 'interrupted', stop_reason = 'stopped' WHERE status = 'running'")
+        with self.transaction() as db:
+            n = db.execute("UPDATE messages SET reply_meta = json_set(reply_meta, '$.status', 'interrupted') "
+                           "WHERE json_extract(reply_meta, '$.status') = 'streaming'").rowcount
+            if db["traces"].exists():
+                db.execute("UPDATE traces SET status = 'interrupted', stop_reason = 'stopped' WHERE status = 'running'")
             return n
 
     # -- dialogs -------------------------------------------------------------------------------
@@ -170,12 +183,10 @@ class Store:
     def create_dialog(self, title: str, settings: dict | None = None, parent_id: int | None = None) -> dict:
         title = _check_title(title)
         ts = now()
-        with self.transaction() as c:
-            cur = c.execute(
-                "INSERT INTO dialogs (title, settings, parent_id, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                (title, json.dumps(settings or {}), parent_id, ts, ts),
-            )
-            return self.get_dialog(cur.lastrowid)
+        with self.transaction() as db:
+            row = {"title": title, "settings": json.dumps(settings or {}), "parent_id": parent_id,
+                   "created_at": ts, "updated_at": ts}
+            return self.get_dialog(db["dialogs"].insert(row).last_rowid)
 
     def list_dialogs(self, search: str | None = None) -> list[dict]:
         sql = (
@@ -192,40 +203,39 @@ class Store:
 
     def get_dialog(self, dialog_id: Any) -> dict:
         dialog_id = _check_id(dialog_id, "Dialog")
-        rows = self.query("SELECT * FROM dialogs WHERE id = ?", (dialog_id,))
+        rows = self.rows("dialogs", "id = ?", (dialog_id,))
         if not rows:
             raise NotFound(f"There is no dialog {dialog_id}.")
         return self._dialog_row(rows[0])
 
     def rename_dialog(self, dialog_id: Any, title: str) -> dict:
         title = _check_title(title)
-        with self.transaction() as c:
+        with self.transaction() as db:
             d = self.get_dialog(dialog_id)
-            c.execute("UPDATE dialogs SET title = ?, updated_at = ? WHERE id = ?", (title, now(), d["id"]))
+            db["dialogs"].update(d["id"], {"title": title, "updated_at": now()})
             return self.get_dialog(d["id"])
 
     def update_dialog_settings(self, dialog_id: Any, **settings: Any) -> dict:
-        with self.transaction() as c:
+        with self.transaction() as db:
             d = self.get_dialog(dialog_id)
             merged = {**d["settings"], **settings}
             merged = {k: v for k, v in merged.items() if v is not None}
-            c.execute("UPDATE dialogs SET settings = ?, updated_at = ? WHERE id = ?",
-                      (json.dumps(merged), now(), d["id"]))
+            db["dialogs"].update(d["id"], {"settings": json.dumps(merged), "updated_at": now()})
             return self.get_dialog(d["id"])
 
     def delete_dialog(self, dialog_id: Any) -> None:
-        with self.transaction() as c:
+        with self.transaction() as db:
             d = self.get_dialog(dialog_id)
-            c.execute("DELETE FROM messages WHERE dialog_id = ?", (d["id"],))
-            c.execute("DELETE FROM dialogs WHERE id = ?", (d["id"],))
+            db["messages"].delete_where("dialog_id = ?", (d["id"],))
+            db["dialogs"].delete(d["id"])
 
     def duplicate_dialog(self, dialog_id: Any, title: str | None = None) -> dict:
         """Branch a dialog: a new dialog with copies of every message, outputs included."""
-        with self.transaction() as c:
+        with self.transaction() as db:
             d = self.get_dialog(dialog_id)
             new = self.create_dialog(title or f"{d['title']} (copy)", d["settings"], parent_id=d["id"])
             ts = now()
-            c.execute(
+            db.execute(  # the copy never leaves SQLite: one INSERT ... SELECT
                 "INSERT INTO messages (dialog_id, position, type, source, outputs, output_meta, execution_count,"
                 " reply, reply_meta, pinned, skipped, is_test, author, version, created_at, updated_at)"
                 " SELECT ?, position, type, source, outputs, output_meta, execution_count, reply, reply_meta,"
@@ -235,7 +245,7 @@ class Store:
             return new
 
     def _touch(self, dialog_id: int) -> None:
-        self.conn.execute("UPDATE dialogs SET updated_at = ? WHERE id = ?", (now(), dialog_id))
+        self.db.execute("UPDATE dialogs SET updated_at = ? WHERE id = ?", (now(), dialog_id))
 
     @staticmethod
     def _dialog_row(row: dict) -> dict:
@@ -247,12 +257,11 @@ class Store:
 
     def messages(self, dialog_id: Any) -> list[dict]:
         d = self.get_dialog(dialog_id)
-        rows = self.query("SELECT * FROM messages WHERE dialog_id = ? ORDER BY position", (d["id"],))
-        return [self._message_row(r) for r in rows]
+        return [self._message_row(r) for r in self.rows("messages", "dialog_id = ?", (d["id"],), order_by="position")]
 
     def get_message(self, message_id: Any) -> dict:
         message_id = _check_id(message_id, "Message")
-        rows = self.query("SELECT * FROM messages WHERE id = ?", (message_id,))
+        rows = self.rows("messages", "id = ?", (message_id,))
         if not rows:
             raise NotFound(f"There is no message {message_id}.")
         return self._message_row(rows[0])
@@ -266,25 +275,22 @@ class Store:
         if after is not None and before is not None:
             raise InvalidInput("Give either 'after' or 'before', not both.")
         values = self._clean_fields(fields)
-        with self.transaction() as c:
+        with self.transaction() as db:
             d = self.get_dialog(dialog_id)
             position = self._insert_position(d["id"], after=after, before=before)
-            c.execute("UPDATE messages SET position = position + 1 WHERE dialog_id = ? AND position >= ?",
-                      (d["id"], position))
+            db.execute("UPDATE messages SET position = position + 1 WHERE dialog_id = ? AND position >= ?",
+                       (d["id"], position))
             ts = now()
             row = {"dialog_id": d["id"], "position": position, "type": type, "source": source,
                    "created_at": ts, "updated_at": ts, **values}
-            cols = ", ".join(row)
-            cur = c.execute(f"INSERT INTO messages ({cols}) VALUES ({', '.join('?' for _ in row)})",
-                            tuple(row.values()))
+            new_id = db["messages"].insert(row).last_rowid
             self._touch(d["id"])
-            return self.get_message(cur.lastrowid)
+            return self.get_message(new_id)
 
     def _insert_position(self, dialog_id: int, *, after: Any, before: Any) -> int:
         anchor = after if after is not None else before
         if anchor is None:
-            last = self.conn.execute("SELECT max(position) FROM messages WHERE dialog_id = ?",
-                                     (dialog_id,)).fetchone()[0]
+            last = self.db.execute("SELECT max(position) FROM messages WHERE dialog_id = ?", (dialog_id,)).fetchone()[0]
             return 0 if last is None else last + 1
         ref = self.get_message(anchor)
         if ref["dialog_id"] != dialog_id:
@@ -294,7 +300,7 @@ class Store:
     def update_message(self, message_id: Any, *, version: Any = None, **fields: Any) -> dict:
         """Change fields of a message; with `version`, refuse (Conflict) if someone else wrote first."""
         values = self._clean_fields(fields)
-        with self.transaction() as c:
+        with self.transaction() as db:
             m = self.get_message(message_id)
             if version is not None and _check_id(version, "Version") != m["version"]:
                 raise Conflict(
@@ -305,27 +311,26 @@ class Store:
                 return m
             values["updated_at"] = now()
             sets = ", ".join(f"{k} = ?" for k in values)
-            c.execute(f"UPDATE messages SET {sets}, version = version + 1 WHERE id = ?",
-                      (*values.values(), m["id"]))
+            db.execute(f"UPDATE messages SET {sets}, version = version + 1 WHERE id = ?", (*values.values(), m["id"]))
             self._touch(m["dialog_id"])
             return self.get_message(m["id"])
 
     def delete_message(self, message_id: Any) -> dict:
-        with self.transaction() as c:
+        with self.transaction() as db:
             m = self.get_message(message_id)
-            c.execute("DELETE FROM messages WHERE id = ?", (m["id"],))
-            c.execute("UPDATE messages SET position = position - 1 WHERE dialog_id = ? AND position > ?",
-                      (m["dialog_id"], m["position"]))
+            db["messages"].delete(m["id"])
+            db.execute("UPDATE messages SET position = position - 1 WHERE dialog_id = ? AND position > ?",
+                       (m["dialog_id"], m["position"]))
             self._touch(m["dialog_id"])
             return m
 
     def move_message(self, message_id: Any, *, after: Any = None, before: Any = None,
                      offset: int | None = None) -> dict:
         """Move a message after/before another one, or by `offset` places (-1 is up)."""
-        with self.transaction() as c:
+        with self.transaction() as db:
             m = self.get_message(message_id)
-            ids = [r[0] for r in c.execute("SELECT id FROM messages WHERE dialog_id = ? ORDER BY position",
-                                           (m["dialog_id"],))]
+            ids = [r["id"] for r in self.rows("messages", "dialog_id = ?", (m["dialog_id"],), select="id",
+                                              order_by="position")]
             ids.remove(m["id"])
             if offset is not None:
                 if isinstance(offset, bool) or not isinstance(offset, int):
@@ -340,7 +345,9 @@ class Store:
                     raise InvalidInput(f"Message {ref['id']} is not another message of the same dialog.")
                 index = ids.index(ref["id"]) + (1 if after is not None else 0)
             ids.insert(index, m["id"])
-            c.executemany("UPDATE messages SET position = ? WHERE id = ?", list(enumerate(ids)))
+            # Every position of the dialog in one statement: each id gets its index in the new order.
+            db.execute("UPDATE messages SET position = j.key FROM json_each(?) AS j WHERE messages.id = j.value",
+                       (json.dumps(ids),))
             self._touch(m["dialog_id"])
             return self.get_message(m["id"])
 

@@ -60,9 +60,9 @@ def _decode(row: dict) -> dict:
 
 
 def get(store: Store, name: str) -> dict:
-    rows = store.query("SELECT * FROM adapters WHERE name = ?", (check_name(name),))
+    rows = store.rows("adapters", "name = ?", (check_name(name),))
     if not rows:
-        known = [r["name"] for r in store.query("SELECT name FROM adapters ORDER BY name")]
+        known = [r["name"] for r in store.rows("adapters", select="name", order_by="name")]
         hint = f" Known adapters: {', '.join(known)}." if known else " There are none yet: train one with " \
             "`python -m execfeedback finetune --out NAME`."
         raise NotFound(f"There is no adapter {name!r}.{hint}")
@@ -72,15 +72,13 @@ def get(store: Store, name: str) -> dict:
 
 
 def exists(store: Store, name: str) -> bool:
-    return bool(store.query("SELECT 1 FROM adapters WHERE name = ?", (check_name(name),)))
+    return bool(store.rows("adapters", "name = ?", (check_name(name),), select="1"))
 
 
 def list_adapters(store: Store, base_sha256: str | None = None) -> list[dict]:
-    sql, params = "SELECT * FROM adapters", ()
-    if base_sha256:
-        sql, params = sql + " WHERE base_sha256 = ?", (base_sha256,)
+    where, params = ("base_sha256 = ?", (base_sha256,)) if base_sha256 else (None, ())
     out = []
-    for row in store.query(sql + " ORDER BY name", params):
+    for row in store.rows("adapters", where, params, order_by="name"):
         rec = _decode(row)
         rec["path"] = str(adapters_dir(store) / rec["file_name"])
         out.append(rec)
@@ -99,21 +97,20 @@ def register(store: Store, record: dict, *, replace: bool = False) -> dict:
     row["method"] = row["method"] or "sft"
     row["source"] = row["source"] or "trained"
     ts = now()
-    with store.transaction() as c:
-        if c.execute("SELECT 1 FROM adapters WHERE name = ?", (name,)).fetchone():
+    with store.transaction() as db:
+        if db["adapters"].count_where("name = ?", (name,)):
             if not replace:
                 raise AdapterError(f"An adapter named {name!r} exists already. Choose another name, or pass "
                                    "--replace to overwrite it.")
-            c.execute("DELETE FROM adapters WHERE name = ?", (name,))
-        row.update(created_at=ts, updated_at=ts)
-        c.execute(f"INSERT INTO adapters ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", tuple(row.values()))
+            db["adapters"].delete_where("name = ?", (name,))
+        db["adapters"].insert({**row, "created_at": ts, "updated_at": ts})
     return get(store, name)
 
 
 def remove(store: Store, name: str, *, delete_file: bool = True) -> dict:
     rec = get(store, name)
-    with store.transaction() as c:
-        c.execute("DELETE FROM adapters WHERE name = ?", (rec["name"],))
+    with store.transaction() as db:
+        db["adapters"].delete_where("name = ?", (rec["name"],))
     if delete_file:
         Path(rec["path"]).unlink(missing_ok=True)
     return rec
@@ -200,9 +197,8 @@ def record_eval(store: Store, name: str, results: dict, *, role: str) -> dict:
     rec = get(store, name)
     column = "eval_before" if role == "base" else "eval_after"
     figures = {**eval_figures(results), "recorded_at": now()}
-    with store.transaction() as c:
-        c.execute(f"UPDATE adapters SET {column} = ?, updated_at = ? WHERE name = ?",
-                  (json.dumps(figures, ensure_ascii=False), now(), rec["name"]))
+    with store.transaction() as db:
+        db["adapters"].update(rec["id"], {column: json.dumps(figures, ensure_ascii=False), "updated_at": now()})
     return get(store, name)
 
 

@@ -9,8 +9,9 @@ import hashlib
 import json
 import sqlite3
 import sys
-from pathlib import Path
 from typing import Any, Iterator
+
+from sqlite_utils import Database
 
 from dialog import InvalidInput, NotFound, Store, default_data_dir
 from dialog.store import DB_NAME, now
@@ -30,7 +31,7 @@ _JSON = {"traceback", "checks", "locals", "manifest", "sampling", "config", "sum
 
 def open_store(data_dir: str | None) -> Store:
     """Open an existing store for a command (migrating an older one); never create one where there was none."""
-    directory = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    directory = default_data_dir(data_dir)
     if not (directory / DB_NAME).is_file():
         raise SystemExit(f"error: there is no Loopbook store in {directory} (no {DB_NAME}). Pass --data-dir with "
                          "the directory the app uses (LOOPBOOK_DATA_DIR, default ~/.loopbook).")
@@ -83,10 +84,8 @@ class TraceStore:
                        "task_source": task_source, "eval_run_id": eval_run_id, "model": model, "backend": backend,
                        "manifest": manifest or {}, "sampling": sampling or {}, "config": config or {},
                        "status": "running", "created_at": now()})
-        with self.store.transaction() as c:
-            cur = c.execute(f"INSERT INTO traces ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                            tuple(row.values()))
-            return cur.lastrowid
+        with self.store.transaction() as db:
+            return db["traces"].insert(row).last_rowid
 
     def add_attempt(self, trace_id: int, input_messages: list[dict], **record: Any) -> int:
         """Store one attempt (and its exact model input, deduplicated by hash) in one transaction."""
@@ -97,31 +96,30 @@ class TraceStore:
             raise InvalidInput(f"exec_status must be one of {', '.join(EXEC_STATUSES)}.")
         digest = messages_hash(input_messages)
         row = _encode({**record, "trace_id": trace_id, "input_hash": digest, "created_at": now()})
-        with self.store.transaction() as c:
-            c.execute("INSERT OR IGNORE INTO blobs (hash, body) VALUES (?, ?)",
-                      (digest, json.dumps(input_messages, ensure_ascii=False)))
-            cur = c.execute(f"INSERT INTO attempts ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
-                            tuple(row.values()))
-            c.execute("UPDATE traces SET n_attempts = n_attempts + 1, rounds = max(rounds, ?) WHERE id = ?",
-                      (record.get("round", 0), trace_id))
-            return cur.lastrowid
+        with self.store.transaction() as db:
+            db["blobs"].insert({"hash": digest, "body": json.dumps(input_messages, ensure_ascii=False)}, ignore=True)
+            attempt_id = db["attempts"].insert(row).last_rowid
+            # Counters in SQL: they grow from what the row holds, with no copy read into Python first.
+            db.execute("UPDATE traces SET n_attempts = n_attempts + 1, rounds = max(rounds, ?) WHERE id = ?",
+                       (record.get("round", 0), trace_id))
+            return attempt_id
 
     def finish_trace(self, trace_id: int, *, status: str, stop_reason: str, final_attempt_id: int | None = None,
                      code_message_id: int | None = None, hidden_passed: bool | None = None) -> None:
         if stop_reason not in STOP_REASONS:
             raise InvalidInput(f"stop_reason must be one of {', '.join(STOP_REASONS)}.")
-        with self.store.transaction() as c:
-            c.execute("UPDATE traces SET status = ?, stop_reason = ?, final_attempt_id = ?, code_message_id = ?, "
-                      "hidden_passed = ?, finished_at = ? WHERE id = ?",
-                      (status, stop_reason, final_attempt_id, code_message_id,
-                       None if hidden_passed is None else int(hidden_passed), now(), trace_id))
+        with self.store.transaction() as db:
+            db["traces"].update(trace_id, {
+                "status": status, "stop_reason": stop_reason, "final_attempt_id": final_attempt_id,
+                "code_message_id": code_message_id, "finished_at": now(),
+                "hidden_passed": None if hidden_passed is None else int(hidden_passed)})
 
     def set_code_message(self, trace_id: int, message_id: int) -> None:
-        with self.store.transaction() as c:
-            c.execute("UPDATE traces SET code_message_id = ? WHERE id = ?", (message_id, trace_id))
+        with self.store.transaction() as db:
+            db["traces"].update(trace_id, {"code_message_id": message_id})
 
     def get_trace(self, trace_id: Any, with_inputs: bool = True) -> dict:
-        rows = self.store.query("SELECT * FROM traces WHERE id = ?", (trace_id,))
+        rows = self.store.rows("traces", "id = ?", (trace_id,))
         if not rows:
             raise NotFound(f"There is no trace {trace_id}.")
         trace = _decode(rows[0])
@@ -129,44 +127,43 @@ class TraceStore:
         return trace
 
     def attempts(self, trace_id: int, with_inputs: bool = False) -> list[dict]:
-        rows = [_decode(r) for r in self.store.query(
-            "SELECT * FROM attempts WHERE trace_id = ? ORDER BY round, candidate, id", (trace_id,))]
+        rows = [_decode(r) for r in self.store.rows("attempts", "trace_id = ?", (trace_id,),
+                                                    order_by="round, candidate, id")]
         if with_inputs:
             for r in rows:
                 r["input_messages"] = self.input_messages(r["input_hash"])
         return rows
 
     def input_messages(self, digest: str) -> list[dict]:
-        rows = self.store.query("SELECT body FROM blobs WHERE hash = ?", (digest,))
+        rows = self.store.rows("blobs", "hash = ?", (digest,), select="body")
         return json.loads(rows[0]["body"]) if rows else []
 
     def traces_for_message(self, message_id: int) -> list[dict]:
-        return [_decode(r) for r in self.store.query(
-            "SELECT * FROM traces WHERE message_id = ? OR code_message_id = ? ORDER BY id", (message_id, message_id))]
+        return [_decode(r) for r in self.store.rows("traces", "message_id = ? OR code_message_id = ?",
+                                                    (message_id, message_id), order_by="id")]
 
     def iter_traces(self, where: str = "1", params: tuple = ()) -> Iterator[dict]:
         """Stream traces from a separate read cursor, for exports that must not hold everything in memory."""
-        conn = self.store.reader()
+        db = Database(self.store.reader())
         try:
-            for row in conn.execute(f"SELECT * FROM traces WHERE {where} ORDER BY id", params):
-                yield _decode(dict(row))
+            for row in db["traces"].rows_where(where, params, order_by="id"):
+                yield _decode(row)
         finally:
-            conn.close()
+            db.close()
 
     # -- human corrections -----------------------------------------------------------------------
 
     def record_edit(self, message_id: int, before: str, after: str, *, dialog_id: int | None = None,
                     trace_id: int | None = None, attempt_id: int | None = None) -> int:
-        with self.store.transaction() as c:
-            cur = c.execute("INSERT INTO edits (dialog_id, message_id, trace_id, attempt_id, before, after, created_at)"
-                            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                            (dialog_id, message_id, trace_id, attempt_id, before, after, now()))
-            return cur.lastrowid
+        with self.store.transaction() as db:
+            return db["edits"].insert({"dialog_id": dialog_id, "message_id": message_id, "trace_id": trace_id,
+                                       "attempt_id": attempt_id, "before": before, "after": after,
+                                       "created_at": now()}).last_rowid
 
     def edits(self, message_id: int | None = None) -> list[dict]:
         if message_id is None:
-            return self.store.query("SELECT * FROM edits ORDER BY id")
-        return self.store.query("SELECT * FROM edits WHERE message_id = ? ORDER BY id", (message_id,))
+            return self.store.rows("edits", order_by="id")
+        return self.store.rows("edits", "message_id = ?", (message_id,), order_by="id")
 
     # -- eval runs -------------------------------------------------------------------------------
 
@@ -176,16 +173,15 @@ class TraceStore:
         existing = self.eval_run(name)
         if existing:
             return existing
-        with self.store.transaction() as c:
-            c.execute("INSERT INTO eval_runs (name, problems_path, problems_sha256, config, created_at) "
-                      "VALUES (?, ?, ?, ?, ?)", (name, problems_path, problems_sha256, json.dumps(config or {}), now()))
+        with self.store.transaction() as db:
+            db["eval_runs"].insert({"name": name, "problems_path": problems_path, "problems_sha256": problems_sha256,
+                                    "config": json.dumps(config or {}), "created_at": now()})
         return self.eval_run(name)
 
     def finish_eval_run(self, run_id: int, summary: dict, status: str = "done") -> None:
-        with self.store.transaction() as c:
-            c.execute("UPDATE eval_runs SET summary = ?, status = ?, finished_at = ? WHERE id = ?",
-                      (json.dumps(summary), status, now(), run_id))
+        with self.store.transaction() as db:
+            db["eval_runs"].update(run_id, {"summary": json.dumps(summary), "status": status, "finished_at": now()})
 
     def eval_run(self, name: str) -> dict | None:
-        rows = self.store.query("SELECT * FROM eval_runs WHERE name = ?", (name,))
+        rows = self.store.rows("eval_runs", "name = ?", (name,))
         return _decode(rows[0]) if rows else None
