@@ -37,7 +37,7 @@ from dialog.render import ansi_css, ansi_html, markdown_html
 from execfeedback.adapters import get as get_adapter
 from execfeedback.adapters import list_adapters
 from execfeedback.adapters import resolve_adapter
-from execfeedback.export import ExportError, options_from_mapping, stream_export_zip
+from execfeedback.export.exporter import ExportError, options_from_mapping, stream_export_zip
 from execfeedback.workspace.ask import ask, sampling_from
 from execfeedback.workspace.live import LiveHub
 from execfeedback.workspace.solve import (RETRY_MODES, Loop, LoopConfig, TraceStore, dialog_key, fix_task, land,

@@ -227,7 +227,7 @@ def run_export(data_dir: Path, out: Path, fmt: str, *extra: str) -> dict:
 def baseline() -> tuple[float, float]:
     """Start-up alone: the CLI's imports, no export (wall s, peak RSS MiB)."""
     wall, rss, _, _ = _run("from execfeedback.__main__ import build_parser, _skip_pandas_in_sqlite_utils\n"
-                           "_skip_pandas_in_sqlite_utils()\nbuild_parser()\nimport execfeedback.export, tqdm\nrc = 0")
+                           "_skip_pandas_in_sqlite_utils()\nbuild_parser()\nimport execfeedback.export.exporter, tqdm\nrc = 0")
     return wall, rss
 
 

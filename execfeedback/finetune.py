@@ -156,7 +156,7 @@ def _log(quiet: bool):
 
 def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
     """Export the solved traces into the run folder (reusing the one a stopped run started with)."""
-    from .export import ExportError, export_to_dir, options_from_mapping
+    from .export.exporter import ExportError, export_to_dir, options_from_mapping
     from .finetune_train import read_checkpoint_state
 
     out = run_dir / "export"
@@ -178,7 +178,7 @@ def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
                                 f"on a training problem set: `python -m execfeedback eval TRAIN.jsonl --data-dir "
                                 f"{store.data_dir}`.") from None
         raise FinetuneError(text) from None
-    # Problem ids for eval traces, `request:<hash>` or `trace:<id>` for the rest (export_split.task_key).
+    # Problem ids for eval traces, `request:<hash>` or `trace:<id>` for the rest (export.split.task_key).
     tasks = sorted(k.removeprefix("task:") for k in report.tasks["train"])
     tasks_file.write_text(json.dumps(tasks))
     saved.write_text(json.dumps(filters))

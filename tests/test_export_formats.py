@@ -7,8 +7,8 @@ import pytest
 from exporthelpers import PLANTED, ask, build_store, fenced, solved_trace
 
 from dialog import Store
-from execfeedback.export import ExportError, export_to_dir, options_from_mapping
-from execfeedback.export_schema import SCHEMAS
+from execfeedback.export.exporter import ExportError, export_to_dir, options_from_mapping
+from execfeedback.export.schema import SCHEMAS
 from execfeedback.traces import TraceStore
 
 APP_TOKEN = "lb-app-token-7Hq2Zr9PxW4n"
@@ -267,7 +267,7 @@ def test_empty_store_is_a_clear_error(tmp_path):
 
 
 def test_zip_download_streams_the_same_files(built):
-    from execfeedback.export import export_zip, stream_export_zip
+    from execfeedback.export.exporter import export_zip, stream_export_zip
     import io
     import zipfile
 

@@ -5,8 +5,8 @@ import json
 import pytest
 from exporthelpers import ask, gguf_path, solved_trace
 
-from execfeedback.export import export_to_dir, options_from_mapping
-from execfeedback.export_hygiene import Scrubber, TokenCounter, normalise_code
+from execfeedback.export.exporter import export_to_dir, options_from_mapping
+from execfeedback.export.hygiene import Scrubber, TokenCounter, normalise_code
 from execfeedback.traces import TraceStore
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 from exporthelpers import ask, solved_trace
 
-from execfeedback.export import ExportError, export_to_dir, options_from_mapping
+from execfeedback.export.exporter import ExportError, export_to_dir, options_from_mapping
 from execfeedback.traces import TraceStore
 
 N_TASKS = 12
@@ -87,7 +87,7 @@ def test_worker_processes_write_exactly_what_one_process_writes(tmp_path):
     from pathlib import Path
 
     from dialog import Store
-    from execfeedback.export import PARALLEL_MIN
+    from execfeedback.export.exporter import PARALLEL_MIN
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
     from bench_export import fill

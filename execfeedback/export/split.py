@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 
-from .export_hygiene import normalise_text
+from .hygiene import normalise_text
 
 
 def task_key(task_id: str | None, request: str | None, trace_id: int) -> str:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Iterator
 
-from .export_hygiene import cut, digest, normalise_code, normalise_text
-from .export_source import Trace, answer_text, is_good
+from .hygiene import cut, digest, normalise_code, normalise_text
+from .source import Trace, answer_text, is_good
 
 
 @dataclass

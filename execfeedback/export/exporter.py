@@ -17,22 +17,23 @@ import sys
 import tempfile
 import zipfile
 from collections import Counter
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from dialog import Store
 
-from .export_card import render_card
-from .export_hygiene import Deduper, Scrubber, TokenCounter, cut, digest
-from .export_rows import (RowSpec, correction_rows, is_trivial_edit, kto_rows, preference_rows, sft_final_rows,
-                          sft_rows, traceback_text, trajectory_rows)
-from .export_schema import FORMATS, SPLITS
-from .export_options import ExportOptions, options_from_mapping
-from .export_source import AUTHORS, FilterError, Source, Trace, check_known
-from .export_split import Splitter
-from .export_writers import ExportError, Writers, dumps, require_pyarrow
+from .card import render_card
+from .hygiene import Deduper, Scrubber, TokenCounter, cut, digest
+from .options import ExportOptions, options_from_mapping
+from .parallel import parallel_trace_pass
+from .report import ExportReport, Stats
+from .rows import (RowSpec, correction_rows, is_trivial_edit, kto_rows, preference_rows, sft_final_rows, sft_rows,
+                   traceback_text, trajectory_rows)
+from .schema import FORMATS, SPLITS
+from .source import AUTHORS, FilterError, Source, Trace, check_known
+from .split import Splitter
+from .writers import ExportError, Writers, dumps, require_pyarrow
 
 __all__ = ["ExportError", "ExportOptions", "ExportReport", "export_to_dir", "export_zip", "options_from_mapping",
            "stream_export_zip", "FORMATS"]
@@ -44,47 +45,6 @@ PARALLEL_MIN = 2000  # traces; below this, starting worker processes costs more 
 
 
 # -- the export --------------------------------------------------------------------------------------
-
-@dataclass
-class Stats:
-    """Everything the card reports, gathered while the rows stream."""
-
-    store_traces: int = 0
-    store_edits: int = 0
-    unfinished: int = 0
-    matched: int = 0
-    exported_traces: int = 0
-    no_attempts: int = 0
-    author_skipped: int = 0
-    rebuilt: int = 0
-    attempts: int = 0
-    outcomes: Counter = field(default_factory=Counter)
-    stop_reasons: Counter = field(default_factory=Counter)
-    models: Counter = field(default_factory=Counter)
-    errors: Counter = field(default_factory=Counter)
-    kto_labels: Counter = field(default_factory=Counter)
-    observations_cut: int = 0
-    traces_with_cut: int = 0
-    tokens_cut: Counter = field(default_factory=Counter)
-    tokens_dropped: Counter = field(default_factory=Counter)
-    tokens_max: Counter = field(default_factory=Counter)
-    correction_rows: Counter = field(default_factory=Counter)
-    edits_no_trace: int = 0
-    edits_filtered: int = 0
-    edits_trivial: int = 0
-
-
-@dataclass
-class ExportReport:
-    files: dict[str, int]
-    rows: dict[tuple[str, str], int]
-    card: str
-    stats: Stats
-    dedup: dict[str, tuple[int, int]]
-    secrets: dict[str, int]
-    directory: Path | None = None
-    tasks: dict[str, set[str]] = field(default_factory=dict)  # the task keys the split put in train and test
-
 
 def _manifest_text(raw: Any, scrub) -> str:
     """The manifest without local paths (they name the user's home), as sorted JSON text."""
@@ -330,13 +290,18 @@ class _Exporter:
             src.close()
         if not self.writers.counts:
             raise ExportError(self._nothing_message())
-        card = render_card(self)
-        (self.directory / "README.md").write_text(card, encoding="utf-8")
         files = {self.writers.name(f, sp): n for (f, sp), n in sorted(self.writers.counts.items())}
-        return ExportReport(files=files, rows=dict(self.writers.counts), card=card, stats=s,
-                            dedup={f: (d.exact, d.near) for f, d in self.dedupers.items()},
-                            secrets=dict(self.scrubber.counts), directory=self.directory,
-                            tasks=self.splitter.tasks)
+        sp, tok = self.splitter, self.tokens
+        report = ExportReport(files=files, rows=dict(self.writers.counts), card="", stats=s,
+                              dedup={f: (d.exact, d.near) for f, d in self.dedupers.items()},
+                              secrets=dict(self.scrubber.counts), directory=self.directory, tasks=sp.tasks,
+                              options=o, schema_version=self.store.schema_version,
+                              literal_secrets=dict(self.scrubber.literal_sources),
+                              tokenizer=None if tok is None else (tok.name, tok.exact_template),
+                              groups={k: len(v) for k, v in sp.groups.items()}, forced_tasks=len(sp.forced_tasks))
+        report.card = render_card(report)
+        (self.directory / "README.md").write_text(report.card, encoding="utf-8")
+        return report
 
     def _trace_pass(self, src: Source) -> None:
         o, s = self.o, self.stats
@@ -350,8 +315,6 @@ class _Exporter:
                    mininterval=0.5, dynamic_ncols=True)
         try:
             if self.workers > 1 and s.matched >= PARALLEL_MIN:
-                from .export_parallel import parallel_trace_pass
-
                 parallel_trace_pass(self, where, params, bar)
                 return
             for tr, split in self.traces(src, where, params, on_trace=lambda: bar.update(1)):

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Iterator
 
-from .export_split import task_key
-from .traces import messages_hash
+from ..traces import messages_hash
+from .split import task_key
 
 AUTHORS = ("model", "human", "human_edit")
 OUTCOMES = ("solved", "unsolved", "all")

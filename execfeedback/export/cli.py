@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from .export_schema import FORMATS
-from .traces import open_store
+from ..traces import open_store
+from .schema import FORMATS
 
 HELP = "export traces as SFT, preference, KTO, trajectory and correction datasets with a dataset card"
 
@@ -56,7 +56,7 @@ _OPTION_KEYS = ("format", "observation_role", "parquet", "outcome", "min_rounds"
 
 
 def run(args: argparse.Namespace) -> int:
-    from .export import ExportError, export_to_dir, options_from_mapping
+    from .exporter import ExportError, export_to_dir, options_from_mapping
 
     try:
         options = options_from_mapping({k: getattr(args, k) for k in _OPTION_KEYS if getattr(args, k) is not None})

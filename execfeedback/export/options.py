@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
-from .export_schema import FORMATS
-from .export_source import AUTHORS, OUTCOMES, Filters, FilterError, parse_when
-from .export_writers import ExportError
+from .schema import FORMATS
+from .source import AUTHORS, OUTCOMES, Filters, FilterError, parse_when
+from .writers import ExportError
 
 OBSERVATION_ROLES = ("user", "tool")
 SPLIT_BY = ("task", "dialog")

@@ -1,14 +1,10 @@
-"""The dataset card (README.md) written next to the exported files."""
+"""The dataset card (README.md) written next to the exported files, from the export's report."""
 
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
-
-from .export_schema import FORMATS, SCHEMAS, SPLITS, STEP_COLUMNS, type_label
-
-if TYPE_CHECKING:
-    from .export import _Exporter
+from .report import ExportReport
+from .schema import FORMATS, SCHEMAS, SPLITS, STEP_COLUMNS, type_label
 
 PLACEHOLDERS = {
     "api_key": "<SECRET_API_KEY>", "github_token": "<SECRET_GITHUB_TOKEN>", "aws_key": "<SECRET_AWS_KEY>",
@@ -51,27 +47,27 @@ def _pct(n: int, total: int) -> str:
     return f"{100 * n / total:.1f}%" if total else "-"
 
 
-def _front_matter(ex: "_Exporter") -> str:
+def _front_matter(r: ExportReport, ext: str) -> str:
     lines = ["---", "configs:"]
     for fmt in FORMATS:
-        splits = [s for s in SPLITS if (fmt, s) in ex.writers.counts]
+        splits = [s for s in SPLITS if (fmt, s) in r.rows]
         if not splits:
             continue
         lines += [f"- config_name: {fmt}", "  data_files:"]
         for s in splits:
-            lines += [f"  - split: {s}", f"    path: {ex.writers.name(fmt, s)}"]
+            lines += [f"  - split: {s}", f"    path: {fmt}.{s}.{ext}"]
     lines += ["tags:", "- code", "- execution-feedback", "- loopbook", "---", ""]
     return "\n".join(lines)
 
 
-def render_card(ex: "_Exporter") -> str:
-    o, s, counts = ex.o, ex.stats, ex.writers.counts
+def render_card(r: ExportReport) -> str:
+    o, s, counts = r.options, r.stats, r.rows
     now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    ext = ex.writers.ext
+    ext = "parquet" if o.parquet else "jsonl"
     loader = "parquet" if o.parquet else "json"
     first = next((f for f in FORMATS if (f, "train") in counts or (f, "test") in counts), "sft")
-    parts = [_front_matter(ex), "# Loopbook execution-feedback dataset", "",
-             f"Exported on {now} from a Loopbook store (schema version {ex.store.schema_version}) with "
+    parts = [_front_matter(r, ext), "# Loopbook execution-feedback dataset", "",
+             f"Exported on {now} from a Loopbook store (schema version {r.schema_version}) with "
              "`python -m execfeedback export`. Each trace is one solve: a model answered a request in a notebook "
              "(or an eval task), its code ran in a Jupyter kernel, and what went wrong was sent back to it as the "
              "next turn until the code passed or the budget ran out.", ""]
@@ -141,24 +137,24 @@ def render_card(ex: "_Exporter") -> str:
               "(whitespace and case ignored) and the same code once comments, docstrings, blank lines, spacing, "
               "indentation width and the code's own names are ignored (attribute names, builtins, keywords, "
               "numbers and strings count). The first row of each is kept.", ""]
-    dd = [[f, ex.dedupers[f].exact, ex.dedupers[f].near] for f in FORMATS if f in o.formats]
+    dd = [[f, *r.dedup[f]] for f in FORMATS if f in o.formats]
     parts += [_table(["format", "exact duplicates dropped", "near duplicates dropped"], dd), ""]
     parts += ["### Secrets", "",
               "Secrets in prompts, code, outputs and observations are replaced by placeholders (counted per trace "
               "in which they occur)."]
-    lit = ex.scrubber.literal_sources
+    lit = r.literal_secrets
     parts += [f"Scrubbed as literal values too: the Loopbook access token ({'found' if lit.get('app_token') else 'none found'}) "
               f"and {lit.get('env_secret', 0)} environment variable value(s) whose names contain KEY, TOKEN, SECRET, "
               "PASSWORD or CREDENTIAL.", ""]
     sec = [[SECRET_LABELS.get(k, k), ", ".join(f"`{p}`" for p in PLACEHOLDERS.get(k, "").split(", ") if p), n]
-           for k, n in sorted(ex.scrubber.counts.items())]
+           for k, n in sorted(r.secrets.items())]
     parts += [_table(["kind", "placeholder", "replaced"], sec) if sec else "No secrets were found.", ""]
     parts += ["### Length", ""]
-    if ex.tokens is not None:
+    if r.tokenizer is not None:
         tok = [[f, s.tokens_max.get(f, 0), s.tokens_cut.get(f, 0), s.tokens_dropped.get(f, 0)]
                for f in FORMATS if f in o.formats]
-        parts += [f"Tokens counted with the vocabulary of `{ex.tokens.name}` "
-                  + ("(its chat template applied)" if ex.tokens.exact_template else "(content + 5 per message)")
+        parts += [f"Tokens counted with the vocabulary of `{r.tokenizer[0]}` "
+                  + ("(its chat template applied)" if r.tokenizer[1] else "(content + 5 per message)")
                   + (f"; budget {o.max_tokens_per_row} tokens per row: rows over it had their observations cut "
                      "shorter, and rows that still did not fit were dropped." if o.max_tokens_per_row else "; no budget."),
                   "", _table(["format", "longest row (tokens, before cuts)", "rows cut", "rows dropped"], tok), ""]
@@ -166,16 +162,15 @@ def render_card(ex: "_Exporter") -> str:
         parts += ["No token budget (no --tokenizer-gguf / --max-tokens-per-row).", ""]
 
     parts += ["## Split", ""]
-    sp = ex.splitter
     what = ("task (the eval task id, else the request text with whitespace and case ignored)" if o.split_by == "task"
             else "dialog (dialogs that share a task are kept together)")
     parts += [f"Held out by {what}: test fraction {o.test_fraction}, seed {o.seed}. A group goes to test when "
               "a hash of the seed and its name falls below the fraction, so the split is the same on every export "
               "with the same seed, and one task's rows are never in both train and test.",
-              f"Groups: {len(sp.groups['train'])} in train, {len(sp.groups['test'])} in test."]
+              f"Groups: {r.groups['train']} in train, {r.groups['test']} in test."]
     if o.exclude_eval_runs:
         parts += [f"Eval runs kept out of train: {', '.join(o.exclude_eval_runs)}. Every task they contain "
-                  f"({len(sp.forced_tasks)}) is in test only, whatever trace it comes from."]
+                  f"({r.forced_tasks}) is in test only, whatever trace it comes from."]
     parts += [""]
 
     parts += ["## Error types", "", "Execution status of every attempt in the traces read (the first error of an "

@@ -6,7 +6,7 @@ import importlib
 import json
 from pathlib import Path
 
-from .export_schema import arrow_schema
+from .schema import arrow_schema
 
 PARQUET_HINT = "pip install '.[parquet]' (or pip install 'pyarrow>=15')"
 PARQUET_BATCH = 1000          # rows per row group at most,

@@ -3,6 +3,7 @@
 Worker i takes the traces whose id % n == i and writes each row with its trace id, split and
 duplicate keys to a part file; the parent merges the parts back in trace order and runs the
 duplicate check and the writers itself, so the files are exactly those one process would write.
+`ex` is the exporter being run (exporter._Exporter), passed in: this module does not import it.
 """
 
 from __future__ import annotations
@@ -15,18 +16,14 @@ import shutil
 import time
 import traceback
 from collections import Counter
-from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .export_schema import FORMATS
-from .export_source import Source
-
-if TYPE_CHECKING:
-    from .export import Stats, _Exporter
+from .report import Stats, merge_stats
+from .schema import FORMATS
+from .source import Source
 
 
-def _part(ex: "_Exporter", where: str, params: list, i: int, n: int, directory: Path, progress, on_trace) -> None:
+def _part(ex, where: str, params: list, i: int, n: int, directory: Path, progress, on_trace) -> None:
     """Rows of every n-th trace into <fmt>.part: trace id, split, exact key, near key, flags, JSON line."""
     directory.mkdir(parents=True, exist_ok=True)
     o = ex.o
@@ -59,10 +56,8 @@ def _part(ex: "_Exporter", where: str, params: list, i: int, n: int, directory: 
         src.close()
 
 
-def _child(ex: "_Exporter", where: str, params: list, i: int, n: int, directory: Path, progress) -> None:
+def _child(ex, where: str, params: list, i: int, n: int, directory: Path, progress) -> None:
     """A forked worker: its own connection, fresh counters; results pickled; no cleanup of the parent's state."""
-    from .export import Stats
-
     code = 0
     ex.stats = Stats()
     ex.scrubber.counts = Counter()
@@ -83,23 +78,11 @@ def _child(ex: "_Exporter", where: str, params: list, i: int, n: int, directory:
         os._exit(code)  # skip atexit and finalizers: the parent's SQLite handles must not be touched here
 
 
-def merge_stats(into: "Stats", other: "Stats") -> None:
-    for f in fields(into):
-        a, b = getattr(into, f.name), getattr(other, f.name)
-        if f.name == "tokens_max":
-            for k, v in b.items():
-                a[k] = max(a[k], v)
-        elif isinstance(a, Counter):
-            a.update(b)
-        else:
-            setattr(into, f.name, a + b)
-
-
 def _trace_id(line: str) -> int:
     return int(line[:line.index("\t")])
 
 
-def parallel_trace_pass(ex: "_Exporter", where: str, params: list, bar) -> None:
+def parallel_trace_pass(ex, where: str, params: list, bar) -> None:
     n = ex.workers
     root = Path(ex.directory) / ".parts"
     ctx = multiprocessing.get_context("fork")
