@@ -12,7 +12,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, str] = {
-    "export": "execfeedback.export_cli",
+    "export": "execfeedback.export.cli",
     "eval": "execfeedback.eval.cli",
     "finetune": "execfeedback.finetune",
     "adapter": "execfeedback.adapters_cli",
