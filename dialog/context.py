@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .render import strip_ansi
+from .render import IMAGE_MIMES, strip_ansi, text_of, trim_middle
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a coding assistant inside a Python notebook. You see the notebook's cells: notes, code "
@@ -28,20 +28,6 @@ class ContextOptions:
     images: bool = False                  # send images as image parts (Anthropic), else a text note
 
 
-def trim_middle(text: str, limit: int) -> str:
-    """Keep the head and the tail of `text` within about `limit` characters."""
-    if limit <= 0 or len(text) <= limit:
-        return text
-    head = limit * 2 // 3
-    tail = limit - head
-    omitted = len(text) - head - tail
-    return f"{text[:head]}\n... [{omitted} characters omitted] ...\n{text[-tail:]}"
-
-
-def _joined(value) -> str:
-    return "".join(value) if isinstance(value, list) else (value or "")
-
-
 def render_outputs(outputs: list[dict], opts: ContextOptions) -> tuple[str, list[dict]]:
     """Text of a cell's outputs, plus image parts when the model takes images."""
     texts: list[str] = []
@@ -49,22 +35,22 @@ def render_outputs(outputs: list[dict], opts: ContextOptions) -> tuple[str, list
     for o in outputs or []:
         kind = o.get("output_type")
         if kind == "stream":
-            texts.append(strip_ansi(_joined(o.get("text"))))
+            texts.append(strip_ansi(text_of(o.get("text"))))
         elif kind == "error":
             tb = strip_ansi("\n".join(o.get("traceback") or []))
             head = f"{o.get('ename', 'Error')}: {strip_ansi(str(o.get('evalue', '')))}"
             texts.append(f"{head}\n{trim_middle(tb, opts.traceback_chars)}" if tb else head)
         elif kind in ("execute_result", "display_data"):
             data = o.get("data") or {}
-            image = next((m for m in ("image/png", "image/jpeg", "image/gif") if m in data), None)
+            image = next((m for m in IMAGE_MIMES if m in data), None)
             if image:
                 if opts.images:
-                    images.append({"type": "image", "mime": image, "data": _joined(data[image]).strip()})
+                    images.append({"type": "image", "mime": image, "data": text_of(data[image]).strip()})
                 texts.append(f"[image output: {image}]")
             elif "text/plain" in data:
-                texts.append(strip_ansi(_joined(data["text/plain"])))
+                texts.append(strip_ansi(text_of(data["text/plain"])))
             elif "text/markdown" in data:
-                texts.append(_joined(data["text/markdown"]))
+                texts.append(text_of(data["text/markdown"]))
             elif "text/html" in data:
                 texts.append("[HTML output]")
     text = "\n".join(t.rstrip("\n") for t in texts if t)

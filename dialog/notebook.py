@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import nbformat
 
+from .render import IMAGE_MIMES, text_of
 from .store import AUTHORS, MAX_TITLE, InvalidInput, Store, StoreError, lone_surrogate
 
 MAX_IMPORT_BYTES = 50 * 1024 * 1024
@@ -34,17 +35,9 @@ MEDIA_TYPES = {"ipynb": "application/x-ipynb+json", "py": "text/x-python", "md":
 # Outputs that live only in a running session (clear_output, update_display_data) have no place in a file.
 _FILE_OUTPUTS = ("stream", "display_data", "execute_result", "error")
 _JSON_MIME = re.compile(r"^application/(.*\+)?json$")
-_IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif")
 # ANSI colour and cursor sequences, as IPython writes them into tracebacks.
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 _MAGIC_LINE = re.compile(r"^\s*[%!]")
-
-
-def _text(value: Any) -> str:
-    """nbformat's multiline string (a str or a list of lines) as one str."""
-    if isinstance(value, list):
-        return "".join(str(v) for v in value)
-    return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -71,7 +64,7 @@ def _mimebundle(data: Any) -> dict:
         if _JSON_MIME.match(mime):
             out[mime] = value
         elif isinstance(value, (str, list)):
-            out[mime] = _text(value)
+            out[mime] = text_of(value)
         else:
             out[mime] = json.dumps(value)
     return out
@@ -84,11 +77,11 @@ def clean_output(output: Any, execution_count: int | None = None) -> dict | None
     kind = output["output_type"]
     if kind == "stream":
         name = output.get("name") if output.get("name") in ("stdout", "stderr") else "stdout"
-        return {"output_type": "stream", "name": name, "text": _text(output.get("text"))}
+        return {"output_type": "stream", "name": name, "text": text_of(output.get("text"))}
     if kind == "error":
         tb = output.get("traceback")
-        return {"output_type": "error", "ename": _text(output.get("ename")), "evalue": _text(output.get("evalue")),
-                "traceback": [_text(line) for line in tb] if isinstance(tb, list) else []}
+        return {"output_type": "error", "ename": text_of(output.get("ename")), "evalue": text_of(output.get("evalue")),
+                "traceback": [text_of(line) for line in tb] if isinstance(tb, list) else []}
     metadata = output.get("metadata")
     out = {"output_type": kind, "data": _mimebundle(output.get("data")),
            "metadata": metadata if isinstance(metadata, dict) else {}}
@@ -219,7 +212,7 @@ def _md_output(output: dict) -> str | None:
         tb = "\n".join(output["traceback"]) or f"{output['ename']}: {output['evalue']}"
         return _fence(_ANSI.sub("", tb))
     data = output["data"]
-    for mime in _IMAGE_MIMES:
+    for mime in IMAGE_MIMES:
         if mime in data:
             return f"![{mime} output](data:{mime};base64,{data[mime].replace(chr(10), '')})"
     if "text/markdown" in data:
@@ -439,7 +432,7 @@ def _inline_attachments(source: str, attachments: Any) -> str:
             continue
         mime = next((m for m in bundle if isinstance(m, str) and m.startswith("image/")), None)
         if mime and isinstance(bundle[mime], (str, list)):
-            url = f"data:{mime};base64,{_text(bundle[mime]).replace(chr(10), '')}"
+            url = f"data:{mime};base64,{text_of(bundle[mime]).replace(chr(10), '')}"
             source = source.replace(f"attachment:{name}", url)
     return source
 

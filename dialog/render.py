@@ -1,14 +1,59 @@
-"""Safe HTML from dialog content: markdown (markdown-it-py, then nh3) and ANSI-coloured text (ansi2html)."""
+"""Dialog content as text and as safe HTML: nbformat outputs as text, markdown (markdown-it-py, then nh3) and
+ANSI-coloured text (ansi2html)."""
 
 from __future__ import annotations
 
 import re
 from functools import lru_cache
+from typing import Any
 
 import nh3
 from ansi2html import Ansi2HTMLConverter
 from fastcore.ansi import strip_ansi as _strip_ansi
 from markdown_it import MarkdownIt
+
+# Image outputs shown as images (the page, the markdown export) and sent as images (the model context): the raster
+# types every browser shows in an <img> and Anthropic's API takes. SVG is markup: each place treats it as such.
+IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+
+
+def text_of(value: Any) -> str:
+    """nbformat's multiline string (a str or a list of lines) as one str."""
+    if isinstance(value, list):
+        return "".join(str(v) for v in value)
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def stream_text(outputs: list[dict], name: str) -> str:
+    """One stream ("stdout" or "stderr") of stored nbformat outputs (a fresh run has kernels' ExecResult.stdout)."""
+    return "".join(text_of(o.get("text")) for o in outputs
+                   if o.get("output_type") == "stream" and o.get("name") == name)
+
+
+def trim_middle(text: str, limit: int, *, head_thirds: int = 2, fit: bool = False,
+                marker: str = "\n... [{} characters omitted] ...\n") -> str:
+    """The head and the tail of `text` with `marker` (filled with the number of characters cut) between, once it is
+    longer than `limit`; `head_thirds` thirds of what is kept come from the head. Without `fit` the marker comes
+    on top of the limit, and a limit of 0 or less keeps everything. With `fit` the marker counts against the limit,
+    each side is cut at a line break when that costs less than half of it, and a limit of 0 keeps nothing."""
+    if len(text) <= limit or (limit <= 0 and not fit):
+        return text
+    if limit <= 0:
+        return ""
+    room = limit - len(marker.format(len(text))) if fit else limit
+    if room <= 0:
+        return text[-limit:]
+    n_head = room * head_thirds // 3
+    head, tail = text[:n_head], text[len(text) - (room - n_head):]
+    if fit:
+        nl = head.rfind("\n")
+        if nl > len(head) // 2:
+            head = head[:nl]
+        nl = tail.find("\n")
+        if 0 <= nl < len(tail) // 2:
+            tail = tail[nl + 1:]
+    return head + marker.format(len(text) - len(head) - len(tail)) + tail
+
 
 # The markdown renderer may pass raw HTML through; nh3 then decides what survives, so a model or a
 # notebook that writes <script>, onerror= or javascript: links produces inert text.
@@ -27,7 +72,7 @@ _ALLOWED_ATTRS = {
     "ol": {"start"},
 }
 _URL_SCHEMES = {"http", "https", "mailto", "data"}
-_DATA_IMAGE = re.compile(r"^data:image/(png|jpeg|gif|webp);base64,", re.I)
+_DATA_IMAGE = re.compile(rf"^data:({'|'.join(map(re.escape, IMAGE_MIMES))});base64,", re.I)
 
 
 def _filter_attr(tag: str, attr: str, value: str) -> str | None:

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 
 from fastcore.ansi import strip_ansi
+
+from dialog.render import trim_middle
 
 from .checks import CheckFailure, CheckReport, parse_check_output, parse_locals_output
 
@@ -293,24 +296,8 @@ def _tail(text: str, budget: int) -> str:
     return cut
 
 
-def _trim_middle(text: str, budget: int) -> str:
-    """Keep a third of the budget from the head and the rest from the tail, cut on line boundaries when possible."""
-    if len(text) <= budget:
-        return text
-    if budget <= 0:
-        return ""
-    marker = "\n[... {} characters cut ...]\n"
-    room = budget - len(marker.format(len(text)))
-    if room <= 0:
-        return text[-budget:]
-    head, tail = text[: room // 3], text[len(text) - (room - room // 3):]
-    nl = head.rfind("\n")
-    if nl > len(head) // 2:
-        head = head[:nl]
-    nl = tail.find("\n")
-    if 0 <= nl < len(tail) // 2:
-        tail = tail[nl + 1:]
-    return head + marker.format(len(text) - len(head) - len(tail)) + tail
+# A third from the head: a traceback's end says most. The marker counts against the budget.
+_trim_middle = partial(trim_middle, head_thirds=1, fit=True, marker="\n[... {} characters cut ...]\n")
 
 
 _STATUS_PARTS = {

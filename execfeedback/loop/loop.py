@@ -102,10 +102,6 @@ class LoopResult:
     final: Attempt | None
 
 
-def _text(outputs: list[dict], name: str) -> str:
-    return "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream" and o.get("name") == name)
-
-
 def _clean_outputs(outputs: list[dict]) -> list[dict]:
     """The candidate's outputs as the user should see them: our marker lines removed."""
     out = []
@@ -323,8 +319,8 @@ class Loop:
             if cfg.fresh_namespace:
                 await self.pool.execute(task.kernel_key, RESET_NAMESPACE, silent=True, store_history=False)
             res = await self.pool.execute(task.kernel_key, instrument_candidate(code), timeout=cfg.exec_timeout)
-            stdout = _text(res.outputs, "stdout")
-            local_info, stderr = parse_locals_output(_text(res.outputs, "stderr"))
+            stdout = res.stdout
+            local_info, stderr = parse_locals_output(res.stderr)
             outputs = _clean_outputs(res.outputs)
             obs: dict[str, Any] = {"status": res.status, "stdout": stdout, "stderr": stderr,
                                    "truncated": res.truncated, "timeout_s": cfg.exec_timeout}
@@ -336,7 +332,7 @@ class Loop:
             if res.status == "ok" and task.checks:
                 cres = await self.pool.execute(task.kernel_key, instrument(task.checks), timeout=cfg.exec_timeout,
                                                store_history=False)
-                report, check_out = parse_check_output(_text(cres.outputs, "stdout"))
+                report, check_out = parse_check_output(cres.stdout)
                 if cres.status != "ok" or report is None:
                     obs.update(status="timeout" if cres.status == "timeout" else cres.status if cres.status in
                                ("died", "interrupted") else "error",
@@ -362,7 +358,7 @@ class Loop:
             return False
         cres = await self.pool.execute(key, instrument(task.hidden_tests), timeout=self.config.exec_timeout,
                                        store_history=False)
-        report, _ = parse_check_output(_text(cres.outputs, "stdout"))
+        report, _ = parse_check_output(cres.stdout)
         await self.pool.execute(key, RESET_NAMESPACE, silent=True, store_history=False)
         return bool(cres.status == "ok" and report is not None and report.ok)
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from dialog import InvalidInput, Store
 from dialog.context import ContextOptions, build_context
+from dialog.render import stream_text
 from local_model import Engine
 
 from .ask import context_for, dialog_key
@@ -65,9 +66,7 @@ def observation_of(cell: dict) -> dict | None:
     status = meta.get("status") or ("error" if err else None)
     if status not in ("error", "timeout", "died"):
         return None
-    stream = lambda name: "".join(o.get("text", "") for o in outputs
-                                  if o.get("output_type") == "stream" and o.get("name") == name)
-    obs = {"status": status, "stdout": stream("stdout"), "stderr": stream("stderr")}
+    obs = {"status": status, "stdout": stream_text(outputs, "stdout"), "stderr": stream_text(outputs, "stderr")}
     if err:
         obs.update(ename=err.get("ename"), evalue=err.get("evalue"), traceback=err.get("traceback") or [])
     return obs
