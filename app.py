@@ -34,9 +34,7 @@ from dialog import MESSAGE_TYPES, Conflict, InvalidInput, Store, StoreError, def
 from dialog.context import DEFAULT_SYSTEM_PROMPT
 from dialog.notebook import export_dialog, import_ipynb
 from dialog.render import ansi_css, ansi_html, markdown_html
-from execfeedback.adapters import get as get_adapter
-from execfeedback.adapters import list_adapters
-from execfeedback.adapters import resolve_adapter
+from execfeedback.adapters.registry import get as get_adapter, list_adapters, resolve_adapter
 from execfeedback.export.exporter import ExportError, options_from_mapping, stream_export_zip
 from execfeedback.workspace.ask import ask, sampling_from
 from execfeedback.workspace.live import LiveHub

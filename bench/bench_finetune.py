@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from dialog import Store  # noqa: E402
-from execfeedback import adapters, finetune  # noqa: E402
+from execfeedback import finetune  # noqa: E402
+from execfeedback.adapters import registry as adapters  # noqa: E402
 from finetunehelpers import add_solved_traces  # noqa: E402
 
 

@@ -15,7 +15,7 @@ COMMANDS: dict[str, str] = {
     "export": "execfeedback.export.cli",
     "eval": "execfeedback.eval.cli",
     "finetune": "execfeedback.finetune",
-    "adapter": "execfeedback.adapters_cli",
+    "adapter": "execfeedback.adapters.cli",
     "problems": "execfeedback.eval.benchmarks_cli",
 }
 

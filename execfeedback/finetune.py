@@ -21,7 +21,8 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import adapters
+from .adapters import registry as adapters
+from .adapters.gguf_file import record_strings
 from .traces import open_store
 from .finetune_data import MIN_ROWS, FinetuneError, FinetuneInterrupted, check_enough, prepare_rows, read_export
 from .training_process import TrainingProcessError, run_own_process, use_hf_kernels
@@ -201,7 +202,7 @@ def _finetune(store, name: str, args, hyper, versions: dict, log) -> int:
     from peft import get_peft_model_state_dict
 
     from .finetune_base import load_base, resolve_base
-    from .finetune_convert import convert, record_strings, verify_loads
+    from .finetune_convert import convert, verify_loads
     from .finetune_train import RunSpec, add_lora, check_resumable, fingerprint, pick_device, train_sft
 
     t_start = time.perf_counter()

@@ -9,7 +9,6 @@ bench/bench_finetune.py checks the result tensor by tensor against llama.cpp's c
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .adapters.gguf_file import write_gguf
 from .finetune_data import FinetuneError
 
 DTYPES = ("f16", "f32")
@@ -87,28 +87,6 @@ def lora_tensors(state: dict[str, Any], *, arch: str, config: dict, dtype: str =
     return out
 
 
-def write_gguf(path: str | Path, *, arch: str, alpha: float, tensors: list[tuple[str, np.ndarray]],
-               name: str | None = None, strings: dict[str, str] | None = None) -> int:
-    """Write a GGUF LoRA adapter; returns its size in bytes."""
-    import gguf
-
-    w = gguf.GGUFWriter(str(path), arch=arch)
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
-    if name:
-        w.add_name(name)
-    for key, value in (strings or {}).items():
-        w.add_string(key, value)
-    for tname, array in tensors:
-        w.add_tensor(tname, array)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return Path(path).stat().st_size
-
-
 def convert(state: dict[str, Any], *, arch: str, config: dict, alpha: float, out: str | Path, name: str,
             dtype: str = "f16", strings: dict[str, str] | None = None) -> dict:
     """PEFT state dict -> GGUF adapter file; returns figures (seconds, bytes, tensors)."""
@@ -117,30 +95,6 @@ def convert(state: dict[str, Any], *, arch: str, config: dict, alpha: float, out
     size = write_gguf(out, arch=arch, alpha=alpha, tensors=tensors, name=name, strings=strings)
     return {"convert_s": round(time.perf_counter() - t0, 3), "size_bytes": size, "tensors": len(tensors),
             "dtype": dtype}
-
-
-def read_gguf(path: str | Path) -> tuple[str, float, str | None, list[tuple[str, np.ndarray]], dict[str, str]]:
-    """(architecture, alpha, name, tensors, string metadata) of an adapter file."""
-    import gguf
-
-    r = gguf.GGUFReader(str(path))
-
-    def value(key: str):
-        f = r.fields.get(key)
-        return None if f is None else f.contents()
-
-    strings = {}
-    for key, f in r.fields.items():
-        if key.startswith("loopbook.") and f.types and f.types[0] == gguf.GGUFValueType.STRING:
-            strings[key] = f.contents()
-    tensors = [(t.name, np.array(t.data)) for t in r.tensors]
-    return value("general.architecture"), float(value("adapter.lora.alpha")), value("general.name"), tensors, strings
-
-
-def rewrite_metadata(src: str | Path, dst: str | Path, strings: dict[str, str]) -> int:
-    """Copy an adapter GGUF with its loopbook.* strings replaced (the card and record travel inside)."""
-    arch, alpha, name, tensors, old = read_gguf(src)
-    return write_gguf(dst, arch=arch, alpha=alpha, tensors=tensors, name=name, strings={**old, **strings})
 
 
 _VERIFY = """
@@ -175,8 +129,3 @@ def verify_loads(base_path: str | Path, adapter_path: str | Path, timeout_s: flo
                             + (f": {said[-1]}" if said else "") + "); nothing was registered.")
     return time.perf_counter() - t0
 
-
-def record_strings(record: dict, card_text: str) -> dict[str, str]:
-    from .adapters import META_CARD, META_RECORD
-
-    return {META_RECORD: json.dumps(record, ensure_ascii=False, default=str), META_CARD: card_text}

@@ -8,7 +8,7 @@ from html import unescape
 from bs4 import BeautifulSoup
 
 from dialog import Store
-from execfeedback import adapters
+from execfeedback.adapters import registry as adapters
 
 HX = {"HX-Request": "true"}
 _names = itertools.count()

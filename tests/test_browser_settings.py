@@ -8,7 +8,7 @@ from apphelpers import TOKEN, Server
 from browserhelpers import VIEWPORT, Watched, launch, shot, until
 from parts import require, require_module
 from dialog import Store
-from execfeedback import adapters
+from execfeedback.adapters import registry as adapters
 
 pytestmark = pytest.mark.browser
 

@@ -8,7 +8,7 @@ import pytest
 
 from dialog import NotFound, Store
 from dialog.migrations import MIGRATIONS
-from execfeedback import adapters
+from execfeedback.adapters import registry as adapters
 from finetunehelpers import smollm2_path
 
 BASE_SHA = "b1" * 32
@@ -97,7 +97,7 @@ def _real_adapter_file(path, alpha: float = 32.0) -> None:
     """A small, well-formed LoRA for SmolLM2 (rank 2 on one q projection) written with the gguf package."""
     np = pytest.importorskip("numpy")
     pytest.importorskip("gguf")
-    from execfeedback.finetune_convert import write_gguf
+    from execfeedback.adapters.gguf_file import write_gguf
 
     rng = np.random.default_rng(0)
     tensors = [("blk.0.attn_q.weight.lora_a", rng.standard_normal((2, 576)).astype(np.float16)),
@@ -142,7 +142,7 @@ def test_llama_cpp_loads_a_written_adapter_and_refuses_another_base(tmp_path):
     _real_adapter_file(good)
     assert verify_loads(smollm2_path(), good) >= 0
     np = pytest.importorskip("numpy")
-    from execfeedback.finetune_convert import write_gguf
+    from execfeedback.adapters.gguf_file import write_gguf
 
     # Shaped for a 1536-wide model (Qwen2.5-1.5B): llama.cpp must refuse it on SmolLM2 (576 wide).
     write_gguf(bad, arch="llama", alpha=16, tensors=[("blk.0.attn_q.weight.lora_a", np.zeros((2, 1536), np.float16)),
@@ -152,7 +152,7 @@ def test_llama_cpp_loads_a_written_adapter_and_refuses_another_base(tmp_path):
 
 
 def test_adapter_cli_lists_shows_and_exports(store, tmp_path, capsys):
-    from execfeedback import adapters_cli
+    from execfeedback.adapters import cli as adapters_cli
 
     folder = adapters.adapters_dir(store)
     folder.mkdir(parents=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from dialog import Store
-from execfeedback import adapters, finetune
+from execfeedback import finetune
+from execfeedback.adapters import registry as adapters
 from execfeedback.finetune_data import is_oom, turn_weights
 from execfeedback.traces import TraceStore
 from finetunehelpers import add_solved_traces, base_cache, require_train_extra
@@ -95,7 +96,7 @@ def test_a_base_architecture_that_cannot_be_trained(enough, tmp_path, arch, said
 def test_a_missing_base_and_an_adapter_as_base(enough, tmp_path):
     with pytest.raises(SystemExit, match="--base /no/such.gguf.*does not exist"):
         finetune.main(["--data-dir", str(enough), "--out", "x", "--base", "/no/such.gguf", *FAST])
-    from execfeedback.finetune_convert import write_gguf
+    from execfeedback.adapters.gguf_file import write_gguf
     import numpy as np
 
     lora = tmp_path / "lora.gguf"

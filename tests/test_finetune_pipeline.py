@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from dialog import Store
-from execfeedback import adapters, finetune
+from execfeedback import finetune
+from execfeedback.adapters import registry as adapters
 from finetunehelpers import SYSTEM, add_solved_traces, base_cache, interrupt_after_step, require_train_extra, smollm2_path
 from local_model.gguf import sha256_file
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from dialog import Store
-from execfeedback import adapters, finetune
+from execfeedback import finetune
+from execfeedback.adapters import registry as adapters
 from execfeedback.finetune_train import BEST, read_best_label
 from finetunehelpers import OPS, SYSTEM, base_cache, fenced, interrupt_after_step, require_train_extra
 

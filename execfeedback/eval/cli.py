@@ -43,7 +43,7 @@ from dialog import Store, StoreError
 from dialog.store import default_data_dir
 from local_model import Engine, ModelError, load_backend
 
-from ..adapters import get, record_eval, resolve_adapter
+from ..adapters.registry import get, record_eval, resolve_adapter
 from ..traces import TraceStore
 from .problems import SHIPPED, Problem, load_problems
 from .runner import (RESULT_KEYS, EvalRunner, EvalSettings, file_sha256, finished_traces, format_comparison,

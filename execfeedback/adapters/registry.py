@@ -17,12 +17,11 @@ from typing import Any
 from dialog import InvalidInput, NotFound, Store
 from dialog.store import now
 
+from .gguf_file import META_CARD, META_RECORD, record_strings, rewrite_metadata
+
 ADAPTERS_DIR = "adapters"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _JSON = ("export", "hyperparameters", "training", "eval_before", "eval_after")
-# Keys of the GGUF metadata that make an adapter file self-describing (llama.cpp ignores them).
-META_RECORD = "loopbook.adapter"
-META_CARD = "loopbook.card"
 EVAL_ROLES = ("base", "adapter")
 
 
@@ -282,8 +281,7 @@ def export_adapter(store: Store, name: str, out: str | os.PathLike) -> tuple[Pat
     src = Path(lora_path_for(store, name, rec["base_sha256"]))
     tmp = target.with_name(f".{target.name}.tmp")
     try:
-        _copy_with_metadata(src, tmp, {META_RECORD: json.dumps(_public_record(rec), ensure_ascii=False),
-                                       META_CARD: text})
+        _copy_with_metadata(src, tmp, record_strings(_public_record(rec), text))
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -299,8 +297,6 @@ def _copy_with_metadata(src: Path, dst: Path, strings: dict[str, str]) -> None:
     except ImportError:
         shutil.copyfile(src, dst)
         return
-    from .finetune_convert import rewrite_metadata
-
     rewrite_metadata(src, dst, strings)
 
 

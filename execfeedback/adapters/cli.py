@@ -9,8 +9,8 @@ from pathlib import Path
 
 from dialog import NotFound
 
-from . import adapters
-from .traces import open_store
+from ..traces import open_store
+from . import registry as adapters
 
 HELP = "list, show, export (one .gguf file with its card), import or remove LoRA adapters"
 
