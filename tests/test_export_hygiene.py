@@ -3,7 +3,8 @@
 import json
 
 import pytest
-from exporthelpers import ask, gguf_path, solved_trace
+from exporthelpers import ask, solved_trace
+from parts import smollm2_path
 
 from execfeedback.export.exporter import export_to_dir, options_from_mapping
 from execfeedback.export.hygiene import Scrubber, TokenCounter, normalise_code
@@ -132,7 +133,7 @@ def test_long_observations_are_cut_to_the_character_budget(store, tmp_path):
 
 def test_token_budget_cuts_observations_then_drops_rows(store, tmp_path):
     ts = TraceStore(store)
-    counter = TokenCounter(gguf_path())
+    counter = TokenCounter(str(smollm2_path()))
     feedback = "Your code raised ValueError: bad\n" + " ".join(f"value{i}" for i in range(1500))
     solved_trace(ts, ask("Write g(x)."), "def g(x):\n    return x + 1\n", failing="def g(x):\n    raise ValueError\n",
                  feedback=feedback)
@@ -140,7 +141,7 @@ def test_token_budget_cuts_observations_then_drops_rows(store, tmp_path):
     solved_trace(ts, ask("Write k()."), "def k():\n    return 2\n")
     budget = 400
     report = export_to_dir(store, tmp_path / "o", options_from_mapping(
-        {"format": "sft,sft_final", "tokenizer_gguf": gguf_path(), "max_tokens_per_row": str(budget),
+        {"format": "sft,sft_final", "tokenizer_gguf": str(smollm2_path()), "max_tokens_per_row": str(budget),
          "test_fraction": "0"}), environ={})
     sft = lines(tmp_path / "o" / "sft.train.jsonl")
     final = lines(tmp_path / "o" / "sft_final.train.jsonl")

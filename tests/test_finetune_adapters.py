@@ -9,7 +9,7 @@ import pytest
 from dialog import NotFound, Store
 from dialog.migrations import MIGRATIONS
 from execfeedback.adapters import registry as adapters
-from finetunehelpers import smollm2_path
+from parts import smollm2_path
 
 BASE_SHA = "b1" * 32
 OTHER_SHA = "0f" * 32

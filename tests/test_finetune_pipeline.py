@@ -17,8 +17,9 @@ import pytest
 from dialog import Store
 from execfeedback import finetune
 from execfeedback.adapters import registry as adapters
-from finetunehelpers import SYSTEM, add_solved_traces, base_cache, interrupt_after_step, require_train_extra, smollm2_path
+from finetunehelpers import SYSTEM, add_solved_traces, base_cache, interrupt_after_step, require_train_extra
 from local_model.gguf import sha256_file
+from parts import smollm2_path
 
 require_train_extra()  # the test process never imports transformers: see training_process
 pytestmark = [pytest.mark.train, pytest.mark.timeout(900)]

