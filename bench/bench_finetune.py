@@ -37,7 +37,7 @@ def upstream_compare(sdist: Path, peft_dir: Path, base_cache: Path, ours: Path, 
     import numpy as np
     from safetensors.torch import load_file
 
-    from execfeedback.finetune_convert import lora_tensors
+    from execfeedback.finetune.convert import lora_tensors
 
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name and

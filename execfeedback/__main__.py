@@ -14,7 +14,7 @@ import sys
 COMMANDS: dict[str, str] = {
     "export": "execfeedback.export.cli",
     "eval": "execfeedback.eval.cli",
-    "finetune": "execfeedback.finetune",
+    "finetune": "execfeedback.finetune.cli",
     "adapter": "execfeedback.adapters.cli",
     "problems": "execfeedback.eval.benchmarks_cli",
 }

@@ -29,7 +29,7 @@ def require_train_extra(*more: str) -> None:
     """Skip when the train extra is not installed (under CI=true, conftest makes that a failure).
 
     find_spec, not import: transformers imported into the test process would find our `kernels` package
-    instead of Hugging Face's. Training runs in its own process (execfeedback/training_process.py).
+    instead of Hugging Face's. Training runs in its own process (execfeedback/finetune/training_process.py).
     """
     missing = [m for m in (*TRAIN_EXTRA, *more) if importlib.util.find_spec(m) is None]
     if missing:

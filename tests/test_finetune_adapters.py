@@ -135,8 +135,8 @@ def test_export_then_import_carries_the_record_and_the_card(store, tmp_path):
 
 def test_llama_cpp_loads_a_written_adapter_and_refuses_another_base(tmp_path):
     pytest.importorskip("llama_cpp")
-    from execfeedback.finetune_convert import verify_loads
-    from execfeedback.finetune_data import FinetuneError
+    from execfeedback.finetune.convert import verify_loads
+    from execfeedback.finetune.data import FinetuneError
 
     good, bad = tmp_path / "good.gguf", tmp_path / "bad.gguf"
     _real_adapter_file(good)

@@ -14,7 +14,7 @@ import pytest
 from dialog import Store
 from execfeedback import finetune
 from execfeedback.adapters import registry as adapters
-from execfeedback.finetune_data import is_oom, turn_weights
+from execfeedback.finetune.data import is_oom, turn_weights
 from execfeedback.traces import TraceStore
 from finetunehelpers import add_solved_traces, base_cache, require_train_extra
 
@@ -144,7 +144,7 @@ def test_a_real_allocation_failure_is_recognised():
 def test_running_out_of_memory_says_what_to_change_and_keeps_a_checkpoint(enough):
     """A real OOM: once the run has checkpointed step 1, its address space is capped at what it uses."""
     ck = enough / "finetune" / "oom" / "checkpoint" / "state.json"
-    cmd = [sys.executable, "-m", "execfeedback.finetune", "--data-dir", str(enough), "--out", "oom", "--base",
+    cmd = [sys.executable, "-m", "execfeedback", "finetune", "--data-dir", str(enough), "--out", "oom", "--base",
            "smollm2-135m", "--max-steps", "6", "--save-every", "1", "--batch-size", "8", *FAST]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -167,7 +167,7 @@ def test_running_out_of_memory_says_what_to_change_and_keeps_a_checkpoint(enough
 
 
 def test_a_rising_held_out_loss_is_warned_about():
-    from execfeedback.finetune import overfit_warning
+    from execfeedback.finetune.pipeline import overfit_warning
 
     assert overfit_warning({"test_loss_before": 0.19588, "test_loss_after": 0.22483}, 34).startswith(
         "Warning: the held-out loss rose (0.19588 -> 0.22483): the adapter fits its 34 training rows")

@@ -105,7 +105,7 @@ def test_a_second_run_of_the_same_name_is_refused(trained, data_dir, capsys):
 
 
 def _cmd(data_dir: Path, name: str, steps: int) -> list[str]:
-    return [sys.executable, "-m", "execfeedback.finetune", "--data-dir", str(data_dir), "--out", name,
+    return [sys.executable, "-m", "execfeedback", "finetune", "--data-dir", str(data_dir), "--out", name,
             "--max-steps", str(steps), "--save-every", "1", *FAST]
 
 

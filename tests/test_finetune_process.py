@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kernels
-from execfeedback.training_process import TrainingProcessError, is_ours, use_hf_kernels
+from execfeedback.finetune.training_process import TrainingProcessError, is_ours, use_hf_kernels
 from finetunehelpers import require_train_extra
 
 require_train_extra()
@@ -27,7 +27,7 @@ def test_this_process_holds_our_kernels():
 
 
 def test_the_training_process_imports_transformers_hub_kernels_with_hugging_faces_package():
-    proc = _python("from execfeedback.training_process import use_hf_kernels, is_ours\n"
+    proc = _python("from execfeedback.finetune.training_process import use_hf_kernels, is_ours\n"
                    "use_hf_kernels()\n"
                    "import transformers.integrations.hub_kernels, sys\n"
                    "k = sys.modules['kernels']\n"
@@ -57,8 +57,8 @@ def test_a_broken_extra_is_named_with_its_exception(tmp_path):
 
 def test_a_missing_extra_is_named_as_missing():
     proc = _python("import sys\n"
-                   "from execfeedback.training_process import use_hf_kernels\n"
-                   "from execfeedback.finetune import require_train_extra, FinetuneError\n"
+                   "from execfeedback.finetune.training_process import use_hf_kernels\n"
+                   "from execfeedback.finetune.pipeline import require_train_extra, FinetuneError\n"
                    "use_hf_kernels()\n"
                    "sys.modules['gguf'] = None  # as if it were not installed\n"
                    "try:\n    require_train_extra()\nexcept FinetuneError as e:\n    print(e)\n")

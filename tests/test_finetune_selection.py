@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from dialog import Store
-from execfeedback import finetune
+from execfeedback.finetune import pipeline as finetune
 from execfeedback.adapters import registry as adapters
-from execfeedback.finetune_train import BEST, read_best_label
+from execfeedback.finetune.train import BEST, read_best_label
 from finetunehelpers import OPS, SYSTEM, base_cache, fenced, interrupt_after_step, require_train_extra
 
 require_train_extra()  # the test process never imports transformers: see training_process
@@ -96,7 +96,7 @@ def test_the_best_epoch_is_kept(best_run, data_dir):
 
 
 def _cmd(data_dir: Path, export: Path, name: str) -> list[str]:
-    return [sys.executable, "-m", "execfeedback.finetune", *_args(data_dir, export, name, "--keep", "last",
+    return [sys.executable, "-m", "execfeedback", "finetune", *_args(data_dir, export, name, "--keep", "last",
                                                                   "--save-every", "1")]
 
 
@@ -161,7 +161,7 @@ def test_a_best_file_written_after_the_last_checkpoint_is_adopted_on_resume(tmp_
     import torch
     from safetensors.torch import save_file
 
-    from execfeedback.finetune_train import _adopt_newer_best
+    from execfeedback.finetune.train import _adopt_newer_best
 
     save_file({"w": torch.zeros(2)}, tmp_path / BEST, metadata={"epoch": "3", "step": "6", "test_loss": "0.18"})
     state = {"step": 4, "best_epoch": 1, "best_step": 2, "best_test_loss": 0.2}

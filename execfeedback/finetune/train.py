@@ -1,7 +1,7 @@
 """The LoRA training loop: weighted SFT on assistant turns, checkpoints, resume, progress, clean stops.
 
 A plain torch loop rather than transformers' Trainer, because the loss weighs each assistant turn
-(see finetune_data), only the assistant positions go through the LM head (`logits_to_keep`: the
+(see data.py), only the assistant positions go through the LM head (`logits_to_keep`: the
 logits of a long feedback context never exist), and a stop must land on a whole step that resumes
 exactly. Row order is fixed by the seed and the effective batch (batch size x accumulation), so a
 run resumed with `--batch-size 2 --grad-accum 2` after running out of memory at `--batch-size 4`
@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .finetune_data import Encoded, FinetuneError, FinetuneInterrupted, is_oom
+from .data import Encoded, FinetuneError, FinetuneInterrupted, is_oom
 
 CHECKPOINT = "checkpoint"
 BEST = "best.safetensors"

@@ -1,11 +1,10 @@
-"""`python -m execfeedback finetune`: a LoRA adapter for the local GGUF model, trained on the store's traces.
-
-    python -m execfeedback finetune --data-dir D --base qwen2.5-coder-1.5b --out coder-fix-v1
+"""One fine-tuning run: a LoRA adapter for the local GGUF model, trained on the store's traces, end to end.
 
 Exports the solved traces (task-held-out split), trains a LoRA on the dequantized base (weighted SFT,
 then optionally DPO on the preference pairs), converts it to a GGUF adapter, checks that llama.cpp
 loads it onto the base, and registers it. A stopped run resumes from its checkpoint when the same
-command runs again. Needs the train extra (torch, transformers, peft, gguf; trl for --dpo).
+command runs again. Needs the train extra (torch, transformers, peft, gguf; trl for --dpo), imported
+only inside the run: main() starts it in a process of its own (see training_process).
 """
 
 from __future__ import annotations
@@ -21,91 +20,21 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .adapters import registry as adapters
-from .adapters.gguf_file import record_strings
-from .traces import open_store
-from .finetune_data import MIN_ROWS, FinetuneError, FinetuneInterrupted, check_enough, prepare_rows, read_export
-from .training_process import TrainingProcessError, run_own_process, use_hf_kernels
+from ..adapters import registry as adapters
+from ..adapters.gguf_file import record_strings
+from ..traces import open_store
+from .data import FinetuneError, check_enough, prepare_rows, read_export
+from .training_process import run_own_process
 
-HELP = "fine-tune a LoRA adapter for the local GGUF model on the store's traces and register it"
 TRAIN_EXTRA = ("pip install torch==2.13.0 && pip install 'transformers>=5,<6' 'peft>=0.15,<1' 'gguf>=0.10,<1' "
                "'accelerate>=1,<3' 'trl>=0.20,<2'  (install torch first: from the CPU or the CUDA index, as suits "
                "the machine)")
 FILTER_KEYS = ("model", "backend", "dialog", "eval_run", "since", "until", "min_rounds", "max_rounds", "author",
                "exclude_eval_run", "split_by", "test_fraction")
-EXIT_INTERRUPTED = 130
-
-
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--data-dir", help="Loopbook data directory (default: $LOOPBOOK_DATA_DIR or ~/.loopbook)")
-    p.add_argument("--out", required=True, metavar="NAME", help="adapter name (registered in the store)")
-    p.add_argument("--base", default="default", help="base model: a short name or a GGUF path (default: the app's "
-                   "default model)")
-    p.add_argument("--replace", action="store_true", help="overwrite a registered adapter of the same name")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    d = p.add_argument_group("data (default: export the store's solved traces into the run folder)")
-    d.add_argument("--export", metavar="DIR", help="train on this export (sft.train.jsonl, preference.train.jsonl)")
-    d.add_argument("--model", action="append", help="only traces of this model (repeatable)")
-    d.add_argument("--backend", action="append", help="only traces of this backend (repeatable)")
-    d.add_argument("--dialog", action="append", help="only traces of this dialog id (repeatable)")
-    d.add_argument("--eval-run", action="append", help="only traces of this eval run (repeatable)")
-    d.add_argument("--exclude-eval-run", action="append", metavar="NAME",
-                   help="keep this eval run's tasks out of training (repeatable)")
-    d.add_argument("--since", help="traces started on or after this date (UTC)")
-    d.add_argument("--until", help="traces started on or before this date (UTC)")
-    d.add_argument("--min-rounds", type=int, help="only traces with at least this many model turns")
-    d.add_argument("--max-rounds", type=int, help="only traces with at most this many model turns")
-    d.add_argument("--author", action="append", help="model, human or human_edit")
-    d.add_argument("--split-by", choices=["task", "dialog"], help="held-out unit (default task)")
-    d.add_argument("--test-fraction", type=float, help="share of tasks held out (default 0.1)")
-    d.add_argument("--min-rows", type=int, default=MIN_ROWS, help=f"refuse fewer training rows (default {MIN_ROWS})")
-    t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=2)
-    t.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
-    t.add_argument("--lr", type=float, default=2e-4, help="learning rate (default 2e-4)")
-    t.add_argument("--batch-size", type=int, default=4, help="rows per forward pass (default 4)")
-    t.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step (default 1)")
-    t.add_argument("--max-length", type=int, default=2048, help="tokens per row; longer rows are left out (2048)")
-    t.add_argument("--lora-r", type=int, default=16)
-    t.add_argument("--lora-alpha", type=int, default=32)
-    t.add_argument("--lora-dropout", type=float, default=0.05)
-    t.add_argument("--fix-weight", type=float, default=2.0,
-                   help="loss weight of an answer that passed after feedback (round-0 passes weigh 1; default 2)")
-    t.add_argument("--failed-weight", type=float, default=0.0,
-                   help="loss weight of the failed answers before the fix (default 0: context only)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--keep", choices=["best", "last"], default="best",
-                   help="best: the epoch with the lowest held-out loss (default); last: the final weights")
-    t.add_argument("--dpo", action="store_true", help="after SFT, DPO on the preference pairs (TRL)")
-    t.add_argument("--dpo-beta", type=float, default=0.1)
-    t.add_argument("--dpo-lr", type=float, default=2e-5)
-    t.add_argument("--dpo-epochs", type=int, default=1)
-    t.add_argument("--dpo-max-steps", type=int)
-    r = p.add_argument_group("machine and run")
-    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: the GPU in bf16 when there is one, else the CPU in float32")
-    g = r.add_mutually_exclusive_group()
-    g.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_true", default=None,
-                   help="recompute activations (less memory; default on a GPU)")
-    g.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
-    r.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice, one per core)")
-    r.add_argument("--save-every", type=int, default=20, help="checkpoint every N steps (default 20)")
-    r.add_argument("--eval-rows", type=int, default=64,
-                   help="training rows whose loss is measured before and after (default 64)")
-    s = r.add_mutually_exclusive_group()
-    s.add_argument("--resume", action="store_true", help="require a checkpoint to resume (default: resume when "
-                   "the run folder has one)")
-    s.add_argument("--restart", action="store_true", help="discard the run folder's checkpoint and export")
-    r.add_argument("--no-base-cache", action="store_true", help="do not keep the dequantized base on disk")
-    r.add_argument("--base-cache", metavar="DIR", help="where the dequantized base is kept (default "
-                   "DATA_DIR/cache/finetune-base; share one between data directories)")
-    r.add_argument("--adapter-dtype", choices=["f16", "f32"], default="f16", help="GGUF tensor type (default f16)")
-    r.add_argument("--no-verify", action="store_true", help="skip loading the adapter in llama.cpp before registering")
-    return p
 
 
 def hyper_from_args(args: argparse.Namespace):
-    from .finetune_train import Hyper
+    from .train import Hyper
 
     return Hyper(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                  grad_accum=args.grad_accum, max_length=args.max_length, lora_r=args.lora_r,
@@ -139,26 +68,14 @@ def require_train_extra(dpo: bool = False) -> dict:
     return versions
 
 
-def run(args: argparse.Namespace) -> int:
-    """The CLI's entry: this process is the training process (see training_process)."""
-    try:
-        use_hf_kernels()
-        return finetune(args)
-    except FinetuneInterrupted as e:
-        print(f"{e}", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
-    except (FinetuneError, adapters.AdapterError, TrainingProcessError) as e:
-        raise SystemExit(f"error: {e}") from None
-
-
 def _log(quiet: bool):
     return (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
 
 
 def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
     """Export the solved traces into the run folder (reusing the one a stopped run started with)."""
-    from .export.exporter import ExportError, export_to_dir, options_from_mapping
-    from .finetune_train import read_checkpoint_state
+    from ..export.exporter import ExportError, export_to_dir, options_from_mapping
+    from .train import read_checkpoint_state
 
     out = run_dir / "export"
     filters = {k: getattr(args, k) for k in FILTER_KEYS if getattr(args, k, None) not in (None, [], False)}
@@ -179,7 +96,7 @@ def _export(store, run_dir: Path, args, log) -> tuple[Path, dict]:
                                 f"on a training problem set: `python -m execfeedback eval TRAIN.jsonl --data-dir "
                                 f"{store.data_dir}`.") from None
         raise FinetuneError(text) from None
-    # Problem ids for eval traces, `request:<hash>` or `trace:<id>` for the rest (export.split.task_key).
+    # Problem ids for eval traces, `request:<hash>` or `trace:<id>` for the rest (export/split.py: task_key).
     tasks = sorted(k.removeprefix("task:") for k in report.tasks["train"])
     tasks_file.write_text(json.dumps(tasks))
     saved.write_text(json.dumps(filters))
@@ -201,9 +118,9 @@ def finetune(args: argparse.Namespace) -> int:
 def _finetune(store, name: str, args, hyper, versions: dict, log) -> int:
     from peft import get_peft_model_state_dict
 
-    from .finetune_base import load_base, resolve_base
-    from .finetune_convert import convert, verify_loads
-    from .finetune_train import RunSpec, add_lora, check_resumable, fingerprint, pick_device, train_sft
+    from .base import load_base, resolve_base
+    from .convert import convert, verify_loads
+    from .train import RunSpec, add_lora, check_resumable, fingerprint, pick_device, train_sft
 
     t_start = time.perf_counter()
     data_dir = Path(store.data_dir)
@@ -265,7 +182,7 @@ def _finetune(store, name: str, args, hyper, versions: dict, log) -> int:
         + (f", held out {figures['test_loss_before']} -> {figures['test_loss_after']}" if test.rows else "") + ".")
     method = "sft"
     if args.dpo:
-        from .finetune_dpo import train_dpo
+        from .dpo import train_dpo
 
         figures["dpo"] = train_dpo(model, tok, data.pref_train, hyper, spec, grad_ckpt=grad_ckpt)
         method = "sft+dpo"
@@ -375,18 +292,3 @@ def overfit_warning(figures: dict, n_rows: int) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Fine-tune from any process: the run gets a process of its own (see training_process)."""
     return run_own_process("finetune", list(sys.argv[1:] if argv is None else argv))
-
-
-def _cli(argv: list[str] | None = None) -> int:
-    """`python -m execfeedback.finetune ...`: the same command without the execfeedback CLI around it."""
-    parser = add_arguments(argparse.ArgumentParser(prog="python -m execfeedback finetune", description=HELP))
-    args = parser.parse_args(argv)
-    try:
-        return run(args)
-    except KeyboardInterrupt:
-        print("Interrupted before training started; nothing was registered.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-
-if __name__ == "__main__":
-    sys.exit(_cli())

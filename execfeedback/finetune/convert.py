@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from .adapters.gguf_file import write_gguf
-from .finetune_data import FinetuneError
+from ..adapters.gguf_file import write_gguf
+from .data import FinetuneError
 
 DTYPES = ("f16", "f32")
 _PREFIX = "base_model.model."
@@ -117,7 +117,7 @@ def verify_loads(base_path: str | Path, adapter_path: str | Path, timeout_s: flo
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, "-c", _VERIFY, str(base_path), str(adapter_path)], capture_output=True,
-                              text=True, timeout=timeout_s, cwd=Path(__file__).resolve().parent.parent)
+                              text=True, timeout=timeout_s, cwd=Path(__file__).resolve().parents[2])
     except subprocess.TimeoutExpired:
         raise FinetuneError(f"llama.cpp took over {timeout_s:.0f} s to load the adapter onto "
                             f"{Path(base_path).name}; nothing was registered.") from None

@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 import time
 import warnings
-from .finetune_data import FinetuneError, FinetuneInterrupted, is_oom
-from .finetune_train import Hyper, RunSpec, StopFlag
+from .data import FinetuneError, FinetuneInterrupted, is_oom
+from .train import Hyper, RunSpec, StopFlag
 
 REF = "ref"
 

@@ -22,7 +22,7 @@ from local_model import ModelError, resolve
 from local_model.gguf import cached_sha256, read_metadata
 from local_model.registry import sha_cache_file
 
-from .finetune_data import FinetuneError, is_oom
+from .data import FinetuneError, is_oom
 
 CACHE_DIR = Path("cache") / "finetune-base"
 
