@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from dialog import MESSAGE_TYPES, Conflict, InvalidInput, Store, StoreError, default_data_dir, lone_surrogate
 from dialog.context import DEFAULT_SYSTEM_PROMPT
 from dialog.notebook import export_dialog, import_ipynb
-from dialog.render import ansi_css, ansi_html, markdown_html
+from dialog.render import IMAGE_MIMES, ansi_css, ansi_html, markdown_html, text_of
 from execfeedback.adapters.registry import get as get_adapter, list_adapters, resolve_adapter
 from execfeedback.export.exporter import ExportError, options_from_mapping, stream_export_zip
 from execfeedback.workspace.ask import ask, sampling_from
@@ -1062,7 +1062,6 @@ COLLAPSE_LINES = 40      # outputs longer than this many lines, or
 COLLAPSE_CHARS = 4096    # this many characters, show their head and a "show all" button:
 HEAD_LINES = 20          # this many lines of it,
 HEAD_CHARS = 2048        # at most this many characters
-_IMAGE_MIMES = ("image/png", "image/jpeg", "image/gif", "image/webp")
 _BASE64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\n\r ")
 
 
@@ -1078,13 +1077,6 @@ def _number(value) -> float | int | None:
 
 def _text_or(value, default: str | None = None) -> str | None:
     return value if isinstance(value, str) else default
-
-
-def _text_of(value) -> str:
-    """nbformat's multiline string (a str or a list of lines) as one str."""
-    if isinstance(value, list):
-        return "".join(str(v) for v in value)
-    return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -1142,31 +1134,31 @@ def OutputView(o: dict, mid: int = 0, n: int = 0, full: bool = False) -> str:
     kind = o.get("output_type")
     data = o.get("data") or {}
     if kind == "stream":
-        cls, text = f"out out-stream out-{_e(o.get('name') or 'stdout')}", _text_of(o.get("text"))
+        cls, text = f"out out-stream out-{_e(o.get('name') or 'stdout')}", text_of(o.get("text"))
     elif kind == "error":
         cls = "out out-error"
         text = "\n".join(o.get("traceback") or [f"{o.get('ename')}: {o.get('evalue')}"])
     else:
-        for mime in _IMAGE_MIMES:
+        for mime in IMAGE_MIMES:
             if mime in data:
-                b64 = _text_of(data[mime]).strip()
+                b64 = text_of(data[mime]).strip()
                 if not set(b64) <= _BASE64:
                     return '<pre class="out out-result">(an image output that is not valid base64)</pre>'
                 return (f'<div class="out out-image"><img src="data:{mime};base64,{_e(b64)}" '
                         f'alt="image output" loading="lazy"></div>')
         if "image/svg+xml" in data:
-            svg = base64.b64encode(_text_of(data["image/svg+xml"]).encode()).decode()
+            svg = base64.b64encode(text_of(data["image/svg+xml"]).encode()).decode()
             return f'<div class="out out-image"><img src="data:image/svg+xml;base64,{svg}" alt="svg output"></div>'
         if "text/html" in data:
-            html = _text_of(data["text/html"])
+            html = text_of(data["text/html"])
             # An empty sandbox: an opaque origin, no scripts, forms or navigation. Scripts could not run anyway
             # (srcdoc frames inherit the page's CSP), and a frame allowed to run them could load our own
             # /static scripts as gadgets.
             return (f'<div class="out-frame h{_frame_height(html)}"><iframe class="out out-html" sandbox="" '
                     f'srcdoc="{_e(html)}" title="HTML output" loading="lazy"></iframe></div>')
         if "text/markdown" in data:
-            return f'<div class="out out-markdown md">{_md(_text_of(data["text/markdown"]))}</div>'
-        cls, text = "out out-result", _text_of(data.get("text/plain", ""))
+            return f'<div class="out out-markdown md">{_md(text_of(data["text/markdown"]))}</div>'
+        cls, text = "out out-result", text_of(data.get("text/plain", ""))
     shown, lines = (text, 0) if full else _clip(text)
     if full and _clip(text)[1]:
         cls += " out-all"  # shown whole on request: it scrolls inside a frame of its own
@@ -2060,7 +2052,7 @@ def main(argv: list[str] | None = None) -> None:
     S.cfg = cfg
     if not (math.isfinite(cfg.session_hours) and 0 < cfg.session_hours <= 24 * 3660):
         sys.exit(f"--session-hours must be more than 0 and at most ten years; got {cfg.session_hours}.")
-    data_dir = Path(cfg.data_dir).expanduser() if cfg.data_dir else default_data_dir()
+    data_dir = default_data_dir(cfg.data_dir)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # the store holds all your work: yours alone
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         # Anyone who reaches this address can run code as you: demand a token chosen on purpose.

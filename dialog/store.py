@@ -201,12 +201,15 @@ class Store:
         sql += " ORDER BY d.updated_at DESC, d.id DESC"
         return [self._dialog_row(r) for r in self.query(sql, params)]
 
-    def get_dialog(self, dialog_id: Any) -> dict:
-        dialog_id = _check_id(dialog_id, "Dialog")
-        rows = self.rows("dialogs", "id = ?", (dialog_id,))
+    def _by_id(self, table: str, what: str, value: Any) -> dict:
+        number = _check_id(value, what)
+        rows = self.rows(table, "id = ?", (number,))
         if not rows:
-            raise NotFound(f"There is no dialog {dialog_id}.")
-        return self._dialog_row(rows[0])
+            raise NotFound(f"There is no {what.lower()} {number}.")
+        return rows[0]
+
+    def get_dialog(self, dialog_id: Any) -> dict:
+        return self._dialog_row(self._by_id("dialogs", "Dialog", dialog_id))
 
     def rename_dialog(self, dialog_id: Any, title: str) -> dict:
         title = _check_title(title)
@@ -260,11 +263,7 @@ class Store:
         return [self._message_row(r) for r in self.rows("messages", "dialog_id = ?", (d["id"],), order_by="position")]
 
     def get_message(self, message_id: Any) -> dict:
-        message_id = _check_id(message_id, "Message")
-        rows = self.rows("messages", "id = ?", (message_id,))
-        if not rows:
-            raise NotFound(f"There is no message {message_id}.")
-        return self._message_row(rows[0])
+        return self._message_row(self._by_id("messages", "Message", message_id))
 
     def add_message(self, dialog_id: Any, type: str = "code", source: str = "", *, after: Any = None,
                     before: Any = None, **fields: Any) -> dict:

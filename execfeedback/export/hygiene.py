@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from dialog.context import trim_middle
+from dialog.render import trim_middle
 
 # -- secret scrubbing ------------------------------------------------------------------------------
 
