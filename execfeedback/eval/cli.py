@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     if not problems:
         return _fail(f"no problem could be loaded from {args.problems}; see the line errors above")
 
-    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir()
+    data_dir = default_data_dir(args.data_dir)
     store = Store(data_dir)
     try:
         if settings.adapter:
