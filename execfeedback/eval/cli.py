@@ -39,17 +39,20 @@ import sys
 import time
 from pathlib import Path
 
-from dialog import Store, StoreError
+from dialog import InvalidInput, Store, StoreError
 from dialog.store import default_data_dir
 from local_model import Engine, ModelError, load_backend
 
 from ..adapters.registry import get, record_eval, resolve_adapter
 from ..traces import TraceStore
+from ..workspace.settings import add_arguments as add_setting_arguments
+from ..workspace.settings import check
 from .problems import SHIPPED, Problem, load_problems
 from .runner import (RESULT_KEYS, EvalRunner, EvalSettings, file_sha256, finished_traces, format_comparison,
                      format_table, problem_result, summarize)
 
 HELP = "run the loop over a problem file and score pass@1 per round on hidden tests (resumable)"
+SAMPLED = ("max_tokens", "temperature", "seed")  # the settings an eval samples with
 EXIT_OK, EXIT_LINE_ERRORS, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -58,14 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = parser
     p.add_argument("problems", nargs="?", default=str(SHIPPED),
                    help=f"a .jsonl problem file (default: the shipped {SHIPPED.name})")
-    p.add_argument("--rounds", type=int, default=3, help="feedback rounds after round 0 (default 3)")
-    p.add_argument("--candidates", type=int, default=1, help="samples per round, first to pass the visible tests wins")
-    p.add_argument("--retry", choices=("refine", "repair", "resample"), default="refine",
-                   help="refine: answer the feedback in a growing conversation (default); repair: one fresh turn "
-                        "with the task, the failed code and the feedback; resample: a fresh sample of the round-0 prompt")
-    p.add_argument("--repeat-resamples", type=int, default=2,
-                   help="when a feedback round returns code already tried, sample again warmer, up to N times "
-                        "(default 2; 0: off)")
+    add_setting_arguments(p, "rounds", "candidates", "retry", "repeat_resamples")
     p.add_argument("--model", default="default",
                    help="a model name (`python -m local_model list`), a GGUF path, or a served model name")
     p.add_argument("--adapter", default=None,
@@ -76,9 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="with --adapter: run only the adapter, not the base model beside it")
     p.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://127.0.0.1:8080/v1")
     p.add_argument("--n-ctx", type=int, default=4096, help="context window for the in-process model")
-    p.add_argument("--max-tokens", type=int, default=1024, help="tokens per reply (default 1024)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    p.add_argument("--seed", type=int, default=0)
+    add_setting_arguments(p, *SAMPLED)
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per execution (default 10)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="problems at once, one kernel each; pays off with an OpenAI-compatible server")
@@ -115,14 +109,15 @@ def _settings(args: argparse.Namespace) -> EvalSettings:
 
 
 def _check_numbers(args: argparse.Namespace) -> str | None:
-    checks = [(args.max_tokens >= 1, "--max-tokens must be at least 1"),
-              (args.concurrency >= 1, "--concurrency must be at least 1"),
+    checks = [(args.concurrency >= 1, "--concurrency must be at least 1"),
               (args.limit is None or args.limit >= 1, "--limit must be at least 1"),
               (args.n_ctx >= 256, "--n-ctx must be at least 256"),
               (args.memory_mb >= 256, "--memory-mb must be at least 256"),
-              (args.cpu_seconds >= 10, "--cpu-seconds must be at least 10"),
-              (args.temperature >= 0, "--temperature must be 0 or more"),
-              (0 <= args.repeat_resamples <= 8, "--repeat-resamples must be from 0 to 8")]
+              (args.cpu_seconds >= 10, "--cpu-seconds must be at least 10")]
+    try:  # the sampling flags as the settings table has them (the loop's: settings.loop_config())
+        check({k: getattr(args, k) for k in SAMPLED})
+    except InvalidInput as e:
+        checks.append((False, f"{e} (see --help)"))
     return next((msg for ok, msg in checks if not ok), None)
 
 

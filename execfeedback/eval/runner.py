@@ -26,6 +26,7 @@ from local_model import Engine, Sampling
 
 from ..loop.loop import Loop, LoopConfig, Task
 from ..traces import TraceStore
+from ..workspace.settings import SETTINGS
 from .problems import Problem, task_message
 
 OVERHEAD_TARGET_S = 0.020
@@ -177,13 +178,13 @@ class EvalSettings:
     adapter: str | None = None
     backend: str | None = None
     base_url: str | None = None
-    rounds: int = 3
-    candidates: int = 1
-    retry: str = "refine"
-    repeat_resamples: int = 2
-    temperature: float = 0.0
-    seed: int = 0
-    max_tokens: int = 1024
+    rounds: int = SETTINGS["rounds"].default
+    candidates: int = SETTINGS["candidates"].default
+    retry: str = SETTINGS["retry"].default
+    repeat_resamples: int = SETTINGS["repeat_resamples"].default
+    temperature: float = SETTINGS["temperature"].default
+    seed: int = SETTINGS["seed"].default
+    max_tokens: int = SETTINGS["max_tokens"].default
     timeout: float = 10.0
     n_ctx: int = 4096
     concurrency: int = 1

@@ -19,39 +19,34 @@ from .checks import instrument, instrument_candidate, parse_check_output, parse_
 from .extract import extract_code
 from .feedback import FeedbackConfig, error_signature, feedback_message, syntax_error_obs
 from ..traces import TraceStore
+from ..workspace.settings import LOOP, SETTINGS, keys
 
-RETRY_MODES = ("refine", "repair", "resample")
+RETRY_MODES = SETTINGS["retry"].choices
 RESET_NAMESPACE = "get_ipython().run_line_magic('reset', '-f')"
 
 
 @dataclass
 class LoopConfig:
-    rounds: int = 3                    # feedback rounds after round 0
-    candidates: int = 1                # samples per round; the first that passes the visible checks wins
+    """The loop's settings; those of the settings table (workspace/settings.py) take their defaults and ranges
+    from it. retry: refine (the conversation grows: code, feedback, code...), repair (one fresh user turn with the
+    task, the failed code and the feedback: small models copy their last answer less this way) or resample (the
+    round-0 prompt again, sampled warmer). repeat_resamples: greedy small models often copy their failed answer,
+    which would end the loop as "no progress"."""
+
+    rounds: int = SETTINGS["rounds"].default
+    candidates: int = SETTINGS["candidates"].default
     candidate_temperature: float = 0.8  # used when candidates > 1 (sampling several at 0 gives one answer)
-    # refine: the conversation grows (code, feedback, code...); repair: one fresh user turn with the task,
-    # the failed code and the feedback (small models copy their last answer less this way);
-    # resample: the round-0 prompt again, sampled warmer.
-    retry: str = "refine"
-    # A feedback round that returns code the trace already tried is sampled again, warmer, up to this
-    # many times: greedy small models often copy their failed answer, which would end the loop as "no progress".
-    repeat_resamples: int = 2
-    exec_timeout: float = 30.0
+    retry: str = SETTINGS["retry"].default
+    repeat_resamples: int = SETTINGS["repeat_resamples"].default
+    exec_timeout: float = SETTINGS["exec_timeout"].default
     fresh_namespace: bool = False      # eval: each attempt runs in a clean namespace
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1024))
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     def validate(self) -> "LoopConfig":
-        if not isinstance(self.rounds, int) or not 0 <= self.rounds <= 20:
-            raise ValueError("rounds must be a whole number from 0 to 20")
-        if not isinstance(self.candidates, int) or not 1 <= self.candidates <= 16:
-            raise ValueError("candidates must be a whole number from 1 to 16")
-        if not isinstance(self.repeat_resamples, int) or not 0 <= self.repeat_resamples <= 8:
-            raise ValueError("repeat_resamples must be a whole number from 0 to 8")
-        if self.retry not in RETRY_MODES:
-            raise ValueError(f"retry must be one of {', '.join(RETRY_MODES)}")
-        if not self.exec_timeout > 0:
-            raise ValueError("exec_timeout must be positive")
+        for key in keys(LOOP):
+            if problem := SETTINGS[key].problem(getattr(self, key)):
+                raise ValueError(problem)
         return self
 
     def as_dict(self) -> dict:

@@ -13,6 +13,7 @@ from local_model import Engine, ModelError, Sampling
 
 from ..loop.extract import code_blocks  # noqa: F401 - the page turns a reply's code blocks into cells
 from .live import Live
+from .settings import ASK, check, keys
 
 SAVE_EVERY_S = 1.0          # a crash mid-reply loses at most this much of it
 CONTEXT_MARGIN_TOKENS = 64  # chat-template tokens the count may miss
@@ -46,31 +47,12 @@ def context_for(store: Store, engine: Engine, message: dict, max_tokens: int,
 
 
 def sampling_from(settings: dict, overrides: dict | None = None) -> Sampling:
-    """Sampling from dialog settings, then per-request overrides; unknown keys are refused."""
-    base = {k: settings[k] for k in ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "seed",
-                                     "max_tokens") if k in settings}
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key not in Sampling.__dataclass_fields__:
-            raise InvalidInput(f"Unknown sampling setting {key!r}.")
-        base[key] = value
-    try:
-        s = Sampling(**base)
-    except TypeError as e:
-        raise InvalidInput(str(e)) from None
-    for key, kind, low, high in SAMPLING_RANGES:
-        value = getattr(s, key)
-        ok = not isinstance(value, bool) and isinstance(value, (int,) if kind == "an integer" else (int, float))
-        if not ok or not low <= value <= high:  # NaN fails this too
-            raise InvalidInput(f"{key} must be {kind} between {low} and {high}; got {value!r}.")
-    return s
-
-
-# What each sampling setting may be; checked here, so a bad value is a 400, not a failed generation.
-SAMPLING_RANGES = [("max_tokens", "an integer", 1, 32768), ("temperature", "a number", 0, 5),
-                   ("top_p", "a number", 0, 1), ("top_k", "an integer", 0, 100_000), ("min_p", "a number", 0, 1),
-                   ("repeat_penalty", "a number", 0, 10), ("seed", "an integer", -1, 2**32 - 1)]
+    """Sampling from dialog settings, then per-request overrides (None: not given), each checked against the
+    settings table, so a bad value is a 400, not a failed generation; unknown keys are refused."""
+    values = {k: settings[k] for k in keys(ASK) if settings.get(k) is not None}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    check(values, ASK)
+    return Sampling(**values)
 
 
 async def ask(store: Store, engine: Engine, message_id: Any, *, sampling: Sampling | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from dialog import InvalidInput, Store
@@ -12,8 +13,7 @@ from local_model import Engine
 from .ask import context_for, dialog_key
 from ..loop.loop import RETRY_MODES, Loop, LoopConfig, LoopResult, Task  # noqa: F401 - Loop, RETRY_MODES: for app.py
 from ..traces import TraceStore
-
-SETTING_KEYS = ("rounds", "candidates", "retry", "repeat_resamples", "exec_timeout")
+from .settings import LOOP, check, keys
 
 
 def visible_checks(cells: list[dict]) -> str | None:
@@ -28,21 +28,12 @@ def visible_checks(cells: list[dict]) -> str | None:
 
 
 def loop_config(settings: dict, overrides: dict | None = None, base: LoopConfig | None = None) -> LoopConfig:
-    """Loop settings: defaults, then the dialog's settings, then a request's overrides."""
-    cfg = base or LoopConfig()
-    values = {k: settings[k] for k in SETTING_KEYS if k in settings}
-    for key, value in (overrides or {}).items():
-        if value is None:
-            continue
-        if key not in SETTING_KEYS:
-            raise InvalidInput(f"Unknown loop setting {key!r}; known: {', '.join(SETTING_KEYS)}.")
-        values[key] = value
-    for key, value in values.items():
-        setattr(cfg, key, value)
-    try:
-        return cfg.validate()
-    except (ValueError, TypeError) as e:
-        raise InvalidInput(str(e)) from None
+    """Loop settings: defaults, then the dialog's settings, then a request's overrides (None: not given), each
+    checked against the settings table."""
+    values = {k: settings[k] for k in keys(LOOP) if settings.get(k) is not None}
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    check(values, LOOP)
+    return replace(base or LoopConfig(), **values)
 
 
 def solve_task(store: Store, engine: Engine, message_id: Any, max_tokens: int) -> Task:
