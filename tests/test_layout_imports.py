@@ -12,14 +12,18 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LEAVES = {"dialog", "kernels", "local_model"}
 EF = "execfeedback."
+# The one settings table (issue 14) lives in workspace/ but is a unit of its own, a leaf of execfeedback: the page,
+# LoopConfig and the eval command line all read it, and it imports only the leaves.
+SETTINGS = EF + "workspace.settings"
 # What each unit may import besides itself; every arrow points down this list.
 MAY_IMPORT = {
-    "app": {EF + "workspace", EF + "export", EF + "adapters", *LEAVES},
+    "app": {EF + "workspace", SETTINGS, EF + "export", EF + "adapters", *LEAVES},
     EF + "__main__": set(),  # it imports the chosen command's cli module by name (importlib), no other
-    EF + "workspace": {EF + "loop", EF + "traces", EF + "adapters", *LEAVES},
-    EF + "eval": {EF + "loop", EF + "traces", EF + "adapters", *LEAVES},
+    EF + "workspace": {EF + "loop", EF + "traces", EF + "adapters", SETTINGS, *LEAVES},
+    EF + "eval": {EF + "loop", EF + "traces", EF + "adapters", SETTINGS, *LEAVES},
     EF + "finetune": {EF + "export", EF + "adapters", EF + "traces", *LEAVES},
-    EF + "loop": {EF + "traces", *LEAVES},
+    EF + "loop": {EF + "traces", SETTINGS, *LEAVES},
+    SETTINGS: LEAVES,
     EF + "export": {EF + "traces", *LEAVES},
     EF + "adapters": {EF + "traces", *LEAVES},
     EF + "traces": LEAVES,
@@ -75,6 +79,8 @@ EDGES = {name: RUNS[name] | TYPING[name] for name in MODULES}
 
 
 def _unit(module: str) -> str:
+    if module == SETTINGS:
+        return SETTINGS
     parts = module.split(".")
     return ".".join(parts[:2]) if parts[0] == "execfeedback" else parts[0]
 
