@@ -2,26 +2,8 @@
 
     python -m execfeedback eval PROBLEMS.jsonl --model qwen2.5-coder-1.5b --rounds 3
 
-Problem file format (JSON Lines, UTF-8, one problem per line; blank lines are skipped):
-
-    {"id": "digit_sum",
-     "prompt": "def digit_sum(n: int) -> int:\\n    \\"\\"\\"Return the sum of the decimal digits of n.\\"\\"\\"\\n",
-     "entry_point": "digit_sum",
-     "visible_tests": "assert digit_sum(123) == 6\\n",
-     "hidden_tests": "assert digit_sum(-123) == 6\\nassert digit_sum(10 ** 20) == 1\\n"}
-
-- `id` (string, required): unique in the file; results, traces and resume are keyed by it.
-- `prompt` (string, required): the task, usually a signature and a docstring. The model is asked to
-  "Write this Python function" with the prompt in a code block.
-- `entry_point` (string, optional): the name of the function the tests call.
-- `visible_tests` (string, required, may be empty): Python shown to the model with the prompt and run
-  after each attempt; a failing visible test is fed back ("`f(x)` returned 1, expected 2").
-- `hidden_tests` (string, required): Python run only to score an attempt, in a fresh namespace with the
-  attempt's code; never shown to the model and never fed back.
-Tests are plain `assert` statements or a HumanEval-style `def check(candidate): ...` followed by
-`check(entry_point)`. Other keys are kept with the problem and ignored. A malformed line (bad JSON, a
-missing field, tests that do not parse, a duplicate id) is reported with its line number and skipped;
-the other problems run. The shipped set is `execfeedback/eval/problem_sets/loopbook-30.jsonl`.
+Problem files are JSON Lines, one problem per line, in the format problems.py describes; the shipped set is
+`execfeedback/eval/problem_sets/loopbook-30.jsonl`.
 
 With `--adapter A` the command compares: problems whose id is one of A's training tasks are left out,
 the base model runs the rest first (run `NAME-base`, or the base settings' default name; resumable,

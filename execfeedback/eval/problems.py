@@ -1,15 +1,25 @@
 """Eval problems: one JSON object per line, loaded with per-line errors instead of a crash.
 
-Format (JSON Lines, UTF-8):
-    {"id": "rotate_list", "prompt": "def rotate_list(xs, k):\\n    \\"\\"\\"...\\"\\"\\"\\n",
-     "entry_point": "rotate_list", "visible_tests": "assert rotate_list([1, 2, 3], 1) == [3, 1, 2]\\n",
-     "hidden_tests": "assert rotate_list([], 5) == []\\n..."}
-- id: non-empty string, unique in the file.
-- prompt: the task shown to the model, usually a signature and a docstring.
-- entry_point: optional name of the function the tests call.
-- visible_tests: Python shown to the model and run for feedback (asserts, or a check(candidate) block).
-- hidden_tests: Python run only to score; never shown, never fed back.
-Other keys are kept in `Problem.extra`. Blank lines are skipped.
+Problem file format (JSON Lines, UTF-8, one problem per line; blank lines are skipped):
+
+    {"id": "digit_sum",
+     "prompt": "def digit_sum(n: int) -> int:\\n    \\"\\"\\"Return the sum of the decimal digits of n.\\"\\"\\"\\n",
+     "entry_point": "digit_sum",
+     "visible_tests": "assert digit_sum(123) == 6\\n",
+     "hidden_tests": "assert digit_sum(-123) == 6\\nassert digit_sum(10 ** 20) == 1\\n"}
+
+- `id` (string, required): unique in the file; results, traces and resume are keyed by it.
+- `prompt` (string, required): the task, usually a signature and a docstring. The model is asked to
+  "Write this Python function" with the prompt in a code block.
+- `entry_point` (string, optional): the name of the function the tests call.
+- `visible_tests` (string, required, may be empty): Python shown to the model with the prompt and run
+  after each attempt; a failing visible test is fed back ("`f(x)` returned 1, expected 2").
+- `hidden_tests` (string, required): Python run only to score an attempt, in a fresh namespace with the
+  attempt's code; never shown to the model and never fed back.
+Tests are plain `assert` statements or a HumanEval-style `def check(candidate): ...` followed by
+`check(entry_point)`. Other keys are kept in `Problem.extra`. A malformed line (bad JSON, a
+missing field, tests that do not parse, a duplicate id) is reported with its line number and skipped;
+the other problems run.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from ..traces import open_store
+from .options import add_trace_filters
 from .schema import FORMATS
 
 HELP = "export traces as SFT, preference, KTO, trajectory and correction datasets with a dataset card"
@@ -24,15 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes for large stores (default: one per core, at most 4)")
     f = p.add_argument_group("filters")
     f.add_argument("--outcome", choices=["solved", "unsolved", "all"], help="(default all)")
-    f.add_argument("--min-rounds", type=int, help="at least this many rounds (1: done at the first round)")
-    f.add_argument("--max-rounds", type=int, help="at most this many rounds")
-    f.add_argument("--model", action="append", help="model name (repeatable)")
-    f.add_argument("--backend", action="append", help="llama, anthropic or openai (repeatable)")
-    f.add_argument("--dialog", action="append", help="dialog id (repeatable)")
-    f.add_argument("--eval-run", action="append", help="only traces of this eval run (repeatable)")
-    f.add_argument("--since", help="traces started on or after this date (YYYY-MM-DD or ISO time, UTC)")
-    f.add_argument("--until", help="traces started on or before this date (a whole day) or before this ISO time")
-    f.add_argument("--author", action="append", help="model, human or human_edit: who wrote the exported code")
+    add_trace_filters(f)
     f.add_argument("--include-unfinished", action="store_true", help="also traces whose loop never finished")
     h = p.add_argument_group("hygiene")
     h.add_argument("--dedup", choices=["near", "exact", "none"], help="duplicate removal (default near)")

@@ -290,9 +290,8 @@ class _Exporter:
             src.close()
         if not self.writers.counts:
             raise ExportError(self._nothing_message())
-        files = {self.writers.name(f, sp): n for (f, sp), n in sorted(self.writers.counts.items())}
         sp, tok = self.splitter, self.tokens
-        report = ExportReport(files=files, rows=dict(self.writers.counts), card="", stats=s,
+        report = ExportReport(files=self.writers.files(), rows=dict(self.writers.counts), card="", stats=s,
                               dedup={f: (d.exact, d.near) for f, d in self.dedupers.items()},
                               secrets=dict(self.scrubber.counts), directory=self.directory, tasks=sp.tasks,
                               options=o, schema_version=self.store.schema_version,

@@ -69,7 +69,7 @@ def _choice(flag: str, v: Any, choices: tuple[str, ...]) -> str | None:
     return s
 
 
-def _int(flag: str, v: Any, minimum: int = 0) -> int | None:
+def _int(flag: str, v: Any, minimum: int | None = 0) -> int | None:
     s = _one(v)
     if s is None:
         return None
@@ -77,7 +77,7 @@ def _int(flag: str, v: Any, minimum: int = 0) -> int | None:
         n = int(s)
     except ValueError:
         raise ExportError(f"{flag} must be a whole number; got {s!r}.") from None
-    if n < minimum:
+    if minimum is not None and n < minimum:
         raise ExportError(f"{flag} must be at least {minimum}; got {n}.")
     return n
 
@@ -85,6 +85,19 @@ def _int(flag: str, v: Any, minimum: int = 0) -> int | None:
 def _bool(v: Any) -> bool:
     s = _one(v)
     return s is not None and s.lower() not in ("0", "false", "no", "off")
+
+
+def add_trace_filters(group) -> None:
+    """The flags that choose traces, for each command that exports them (export, finetune)."""
+    group.add_argument("--min-rounds", type=int, help="at least this many rounds (1: done at the first round)")
+    group.add_argument("--max-rounds", type=int, help="at most this many rounds")
+    group.add_argument("--model", action="append", help="model name (repeatable)")
+    group.add_argument("--backend", action="append", help="llama, anthropic or openai (repeatable)")
+    group.add_argument("--dialog", action="append", help="dialog id (repeatable)")
+    group.add_argument("--eval-run", action="append", help="only traces of this eval run (repeatable)")
+    group.add_argument("--since", help="traces started on or after this date (YYYY-MM-DD or ISO time, UTC)")
+    group.add_argument("--until", help="traces started on or before this date (a whole day) or before this ISO time")
+    group.add_argument("--author", action="append", help="model, human or human_edit: who wrote the exported code")
 
 
 def options_from_mapping(values: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> ExportOptions:
@@ -127,12 +140,8 @@ def options_from_mapping(values: Mapping[str, Any] | Iterable[tuple[str, Any]]) 
             raise ExportError(f"--test-fraction must be a number from 0 to 1; got {frac!r}.") from None
         if not 0.0 <= opts.test_fraction <= 1.0:
             raise ExportError(f"--test-fraction must be from 0 to 1; got {frac}.")
-    seed = _one(v.get("seed"))
-    if seed is not None:
-        try:
-            opts.seed = int(seed)
-        except ValueError:
-            raise ExportError(f"--seed must be a whole number; got {seed!r}.") from None
+    seed = _int("--seed", v.get("seed"), minimum=None)
+    opts.seed = opts.seed if seed is None else seed
     opts.exclude_eval_runs = tuple(_values(v.get("exclude_eval_runs")))
 
     f = opts.filters

@@ -19,8 +19,6 @@ class Column:
     doc: str
 
 
-MESSAGE_DOC = "list of {role, content} (both strings)"
-
 STEP_COLUMNS = (
     Column("attempt_id", "int", "attempt id in the store"),
     Column("round", "int", "0 for the first answer, r for the answer after r feedback turns"),

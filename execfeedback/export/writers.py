@@ -96,5 +96,6 @@ class Writers:
             w.close()
         self._open.clear()
 
-    def files(self) -> list[str]:
-        return [self.name(f, s) for (f, s) in sorted(self.counts)]
+    def files(self) -> dict[str, int]:
+        """Rows written per file name, in (format, split) order."""
+        return {self.name(f, s): n for (f, s), n in sorted(self.counts.items())}

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..adapters.registry import AdapterError
+from ..export.options import add_trace_filters
 from . import pipeline
 from .data import MIN_ROWS, FinetuneError, FinetuneInterrupted
 from .training_process import TrainingProcessError, use_hf_kernels
@@ -29,17 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     d = p.add_argument_group("data (default: export the store's solved traces into the run folder)")
     d.add_argument("--export", metavar="DIR", help="train on this export (sft.train.jsonl, preference.train.jsonl)")
-    d.add_argument("--model", action="append", help="only traces of this model (repeatable)")
-    d.add_argument("--backend", action="append", help="only traces of this backend (repeatable)")
-    d.add_argument("--dialog", action="append", help="only traces of this dialog id (repeatable)")
-    d.add_argument("--eval-run", action="append", help="only traces of this eval run (repeatable)")
+    add_trace_filters(d)
     d.add_argument("--exclude-eval-run", action="append", metavar="NAME",
                    help="keep this eval run's tasks out of training (repeatable)")
-    d.add_argument("--since", help="traces started on or after this date (UTC)")
-    d.add_argument("--until", help="traces started on or before this date (UTC)")
-    d.add_argument("--min-rounds", type=int, help="only traces with at least this many model turns")
-    d.add_argument("--max-rounds", type=int, help="only traces with at most this many model turns")
-    d.add_argument("--author", action="append", help="model, human or human_edit")
     d.add_argument("--split-by", choices=["task", "dialog"], help="held-out unit (default task)")
     d.add_argument("--test-fraction", type=float, help="share of tasks held out (default 0.1)")
     d.add_argument("--min-rows", type=int, default=MIN_ROWS, help=f"refuse fewer training rows (default {MIN_ROWS})")

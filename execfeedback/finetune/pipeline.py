@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,14 +34,10 @@ FILTER_KEYS = ("model", "backend", "dialog", "eval_run", "since", "until", "min_
 
 
 def hyper_from_args(args: argparse.Namespace):
+    """The training flags as Hyper (what has no flag keeps its default)."""
     from .train import Hyper
 
-    return Hyper(epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-                 grad_accum=args.grad_accum, max_length=args.max_length, lora_r=args.lora_r,
-                 lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, fix_weight=args.fix_weight,
-                 failed_weight=args.failed_weight, seed=args.seed, dpo=args.dpo, dpo_beta=args.dpo_beta,
-                 dpo_lr=args.dpo_lr, dpo_epochs=args.dpo_epochs, dpo_max_steps=args.dpo_max_steps,
-                 keep=args.keep).validate()
+    return Hyper(**{f.name: getattr(args, f.name) for f in fields(Hyper) if hasattr(args, f.name)}).validate()
 
 
 def require_train_extra(dpo: bool = False) -> dict:

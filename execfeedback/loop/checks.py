@@ -360,6 +360,14 @@ class _Explain:
         except Exception as e:
             raise _PartError(None, e)
 
+    def holds(self, compute):
+        """truth() of what compute() returns; an exception in either is the check's error."""
+        try:
+            value = compute()
+        except Exception as e:
+            raise _PartError(None, e)
+        return self.truth(value)
+
     def evaluate(self, test):
         approx = _approx_parts(test)
         if approx is not None:
@@ -371,13 +379,7 @@ class _Explain:
             self.got(a if call is a_node else b)
             self.expected(b if call is a_node else a)
             tol = self.val(tol_node)
-            try:
-                d = abs(a - b)
-                return self.truth(d < tol if isinstance(op, ast.Lt) else d <= tol)
-            except _PartError:
-                raise
-            except Exception as e:
-                raise _PartError(None, e)
+            return self.holds(lambda: abs(a - b) < tol if isinstance(op, ast.Lt) else abs(a - b) <= tol)
         if isinstance(test, ast.Compare):
             nodes = [test.left] + list(test.comparators)
             call, exp, _ = _orient(nodes[0], nodes[1])
@@ -387,13 +389,7 @@ class _Explain:
             for i, op in enumerate(test.ops):
                 right = self.val(nodes[i + 1])
                 symbol, fn = OPS[type(op)]
-                try:
-                    ok = self.truth(fn(left, right))
-                except _PartError:
-                    raise
-                except Exception as e:
-                    raise _PartError(None, e)
-                if not ok:
+                if not self.holds(lambda: fn(left, right)):
                     call, exp, swapped = _orient(nodes[i], nodes[i + 1])
                     self.f.update(call=self.seg(call), op=FLIP.get(symbol, symbol) if swapped else symbol)
                     self.got(right if swapped else left)
@@ -411,12 +407,7 @@ class _Explain:
             kwargs = {k.arg: self.val(k.value) for k in test.keywords}
             self.got(args[0] if call is test.args[0] else args[1])
             self.expected(args[1] if call is test.args[0] else args[0])
-            try:
-                return self.truth(fn(*args, **kwargs))
-            except _PartError:
-                raise
-            except Exception as e:
-                raise _PartError(None, e)
+            return self.holds(lambda: fn(*args, **kwargs))
         if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
             self.f.update(call=self.seg(test.operand), op="falsy")
             value = self.val(test.operand)
