@@ -1,4 +1,5 @@
-"""Loopbook: the web app. Routes, page components and the JSON API; the work happens in the packages."""
+"""Loopbook: the web app. Config, the access gate, page components and the routes (pages and the JSON API);
+the work happens in the packages. `create_app(cfg)` builds the app and keeps its state on `app.state`."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import argparse
 import asyncio
 import base64
 import functools
-import re
-from html import escape
 import hashlib
 import hmac
 import inspect
@@ -15,52 +14,43 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from html import escape
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from fasthtml.common import (A, Article, Body, Button, Details, Div, FastHTML, Form, H1, H2, Head, Header, Html, Input,
-                             Label, Li, Link, Main, Meta, NotStr, Option, P, Pre, Safe, Script, Select, Span, Summary, Textarea, Title, Ul, to_xml)
+from fasthtml.common import (A, Article, Body, Button, Details, Div, EventStream, FastHTML, Form, H1, H2, Head, Header,
+                             Html, Input, Label, Li, Link, Main, Meta, NotStr, Option, P, Pre, Safe, Script, Select,
+                             Span, Summary, Textarea, Title, Ul, to_xml)
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import (HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response,
                                  StreamingResponse)
 from starlette.staticfiles import StaticFiles
 
-from dialog import MESSAGE_TYPES, Conflict, InvalidInput, Store, StoreError, default_data_dir, lone_surrogate
+from dialog import MESSAGE_TYPES, InvalidInput, Store, StoreError, default_data_dir, lone_surrogate
 from dialog.context import DEFAULT_SYSTEM_PROMPT
-from dialog.notebook import export_dialog, import_ipynb
+from dialog.notebook import export_dialog
 from dialog.render import IMAGE_MIMES, ansi_css, ansi_html, markdown_html, text_of
-from execfeedback.adapters.registry import get as get_adapter, list_adapters, resolve_adapter
 from execfeedback.export.exporter import ExportError, options_from_mapping, stream_export_zip
-from execfeedback.workspace.ask import ask, sampling_from
-from execfeedback.workspace.live import LiveHub
-from execfeedback.workspace.solve import (RETRY_MODES, Loop, LoopConfig, TraceStore, dialog_key, fix_task, land,
-                                          loop_config, note_edit, solve_task, summary)
+from execfeedback.workspace.workspace import Workspace
+from execfeedback.workspace.settings import ASK, FORM_KEYS, LOOP, SETTINGS, Setting, from_form, keys
 from kernels import KernelInitError, KernelPool, KernelStartError
-from kernels.helper_setup import dialog_of_kernel_token, kernel_env, kernel_init_code
+from kernels.helper_setup import dialog_of_kernel_token
 from local_model import ModelError
-from local_model.loader import BACKENDS
 from local_model.registry import ALIASES, MODELS, canonical_name
 from local_model.registry import resolve as resolve_model
 from local_model.resident import Resident
 
 ROOT = Path(__file__).resolve().parent
+log = logging.getLogger("loopbook")
 
 
 # -- configuration: every knob is a flag and an environment variable ---------------------------
-
-@dataclass
-class Knob:
-    flag: str
-    env: str
-    default: object
-    help: str
-    type: type = str
-
 
 def size_bytes(text: str) -> int:
     """'4G', '512M', '800k' or a plain number of bytes."""
@@ -70,68 +60,60 @@ def size_bytes(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " "))
 
 
-KNOBS = [
-    Knob("--host", "LOOPBOOK_HOST", "127.0.0.1", "address to bind; anything but loopback needs a token"),
-    Knob("--port", "LOOPBOOK_PORT", 5001, "port to listen on", int),
-    Knob("--data-dir", "LOOPBOOK_DATA_DIR", None, "where the store, models and token live (default ~/.loopbook)"),
-    Knob("--token", "LOOPBOOK_TOKEN", None, "access token (default: a random one kept in DATA_DIR/token)"),
-    Knob("--model", "LOOPBOOK_MODEL", "default", "model: a short name (see `python -m local_model list`) or a GGUF path"),
-    Knob("--backend", "LOOPBOOK_BACKEND", None, "llama (in process), anthropic, or openai (any OpenAI-compatible server)"),
-    Knob("--base-url", "LOOPBOOK_BASE_URL", None, "base URL of an OpenAI-compatible server (or an Anthropic proxy)"),
-    Knob("--n-ctx", "LOOPBOOK_N_CTX", 8192, "context window in tokens for in-process models", int),
-    Knob("--n-gpu-layers", "LOOPBOOK_N_GPU_LAYERS", None, "layers to offload to the GPU (default: all that fit)", int),
-    Knob("--max-tokens", "LOOPBOOK_MAX_TOKENS", 1024, "longest reply in tokens", int),
-    Knob("--temperature", "LOOPBOOK_TEMPERATURE", 0.0, "sampling temperature for replies", float),
-    Knob("--rounds", "LOOPBOOK_ROUNDS", 3, "feedback rounds after the first attempt in Solve and Fix", int),
-    Knob("--candidates", "LOOPBOOK_CANDIDATES", 1, "code samples per round; the first that passes the checks wins", int),
-    Knob("--repeat-resamples", "LOOPBOOK_REPEAT_RESAMPLES", 2,
-         "when a feedback round returns code already tried, sample again warmer, up to N times", int),
-    Knob("--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT", 120.0, "seconds a cell may run before it is interrupted (0: no limit)", float),
-    Knob("--output-cap", "LOOPBOOK_OUTPUT_CAP", 200_000, "characters of output kept per cell (head and tail)", int),
-    Knob("--kernel-cwd", "LOOPBOOK_KERNEL_CWD", None, "working directory of the kernels (default: where you start)"),
-    Knob("--cull-idle", "LOOPBOOK_CULL_IDLE", 0.0, "shut kernels idle this many seconds (0: never)", float),
-    Knob("--allow-host", "LOOPBOOK_ALLOW_HOSTS", "", "extra Host header values to accept, comma separated"),
-    Knob("--max-body", "LOOPBOOK_MAX_BODY", 64 * 1024 * 1024, "largest request body in bytes", int),
-    Knob("--session-hours", "LOOPBOOK_SESSION_HOURS", 168.0,
-         "hours a browser login lasts; then open the start-up URL again", float),
-    Knob("--kernel-memory", "LOOPBOOK_KERNEL_MEMORY", 0, "address-space limit per kernel, e.g. 4G or 512M (0: none)",
-         size_bytes),
-]
+def knob(default, flag: str, env: str, help: str = "", kind=str):
+    """A Config field that is a flag and an environment variable. `default` may be a row of the settings table,
+    which then gives the default, the type and the help."""
+    if isinstance(default, Setting):
+        default, kind, help = default.default, default.kind, default.help
+    return field(default=default, metadata={"flag": flag, "env": env, "help": help, "type": kind})
 
 
 @dataclass
 class Config:
-    host: str = "127.0.0.1"
-    port: int = 5001
-    data_dir: str | None = None
-    token: str | None = None
-    model: str = "default"
-    backend: str | None = None
-    base_url: str | None = None
-    n_ctx: int = 8192
-    n_gpu_layers: int | None = None
-    max_tokens: int = 1024
-    temperature: float = 0.0
-    rounds: int = 3
-    candidates: int = 1
-    repeat_resamples: int = 2
-    exec_timeout: float = 120.0
-    output_cap: int = 200_000
-    kernel_cwd: str | None = None
-    cull_idle: float = 0.0
-    allow_host: str = ""
-    max_body: int = 64 * 1024 * 1024
-    kernel_memory: int = 0
-    session_hours: float = 168.0
-    extra: dict = field(default_factory=dict)
+    host: str = knob("127.0.0.1", "--host", "LOOPBOOK_HOST", "address to bind; anything but loopback needs a token")
+    port: int = knob(5001, "--port", "LOOPBOOK_PORT", "port to listen on", int)
+    data_dir: str | None = knob(None, "--data-dir", "LOOPBOOK_DATA_DIR",
+                                "where the store, models and token live (default ~/.loopbook)")
+    token: str | None = knob(None, "--token", "LOOPBOOK_TOKEN",
+                             "access token (default: a random one kept in DATA_DIR/token)")
+    model: str = knob("default", "--model", "LOOPBOOK_MODEL",
+                      "model: a short name (see `python -m local_model list`) or a GGUF path")
+    backend: str | None = knob(None, "--backend", "LOOPBOOK_BACKEND",
+                               "llama (in process), anthropic, or openai (any OpenAI-compatible server)")
+    base_url: str | None = knob(None, "--base-url", "LOOPBOOK_BASE_URL",
+                                "base URL of an OpenAI-compatible server (or an Anthropic proxy)")
+    n_ctx: int = knob(8192, "--n-ctx", "LOOPBOOK_N_CTX", "context window in tokens for in-process models", int)
+    n_gpu_layers: int | None = knob(None, "--n-gpu-layers", "LOOPBOOK_N_GPU_LAYERS",
+                                    "layers to offload to the GPU (default: all that fit)", int)
+    max_tokens: int = knob(SETTINGS["max_tokens"], "--max-tokens", "LOOPBOOK_MAX_TOKENS")
+    temperature: float = knob(SETTINGS["temperature"], "--temperature", "LOOPBOOK_TEMPERATURE")
+    rounds: int = knob(SETTINGS["rounds"], "--rounds", "LOOPBOOK_ROUNDS")
+    candidates: int = knob(SETTINGS["candidates"], "--candidates", "LOOPBOOK_CANDIDATES")
+    repeat_resamples: int = knob(SETTINGS["repeat_resamples"], "--repeat-resamples", "LOOPBOOK_REPEAT_RESAMPLES")
+    exec_timeout: float = knob(120.0, "--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT",
+                               "seconds a cell may run before it is interrupted (0: no limit)", float)
+    output_cap: int = knob(200_000, "--output-cap", "LOOPBOOK_OUTPUT_CAP",
+                           "characters of output kept per cell (head and tail)", int)
+    kernel_cwd: str | None = knob(None, "--kernel-cwd", "LOOPBOOK_KERNEL_CWD",
+                                  "working directory of the kernels (default: where you start)")
+    cull_idle: float = knob(0.0, "--cull-idle", "LOOPBOOK_CULL_IDLE", "shut kernels idle this many seconds (0: never)",
+                            float)
+    allow_host: str = knob("", "--allow-host", "LOOPBOOK_ALLOW_HOSTS",
+                           "extra Host header values to accept, comma separated")
+    max_body: int = knob(64 * 1024 * 1024, "--max-body", "LOOPBOOK_MAX_BODY", "largest request body in bytes", int)
+    session_hours: float = knob(168.0, "--session-hours", "LOOPBOOK_SESSION_HOURS",
+                                "hours a browser login lasts; then open the start-up URL again", float)
+    kernel_memory: int = knob(0, "--kernel-memory", "LOOPBOOK_KERNEL_MEMORY",
+                              "address-space limit per kernel, e.g. 4G or 512M (0: none)", size_bytes)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
     parser = argparse.ArgumentParser(description="Loopbook: a notebook for dialogue engineering.")
-    for k in KNOBS:
-        env = os.environ.get(k.env)
-        default = k.type(env) if env not in (None, "") else k.default
-        parser.add_argument(k.flag, type=k.type, default=default, help=f"{k.help} [{k.env}]")
+    for f in fields(Config):
+        k = f.metadata
+        env = os.environ.get(k["env"])
+        default = k["type"](env) if env not in (None, "") else f.default
+        parser.add_argument(k["flag"], dest=f.name, type=k["type"], default=default, help=f"{k['help']} [{k['env']}]")
     return Config(**vars(parser.parse_args(argv)))
 
 
@@ -149,26 +131,10 @@ def resolve_token(cfg: Config, data_dir: Path) -> str:
     return token
 
 
-class State:
-    cfg: Config = Config()
-    store: Store
-    pool: KernelPool
-    models: Resident
-    hub: LiveHub
-    traces: TraceStore
-    loops: dict
-    background: set = set()
-    token: str = ""
-    sessions: "Sessions"
-
-
-S = State()
-
-
 # -- access: token auth, host allow-list, same-origin writes, security headers ------------------
 
-LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
-SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # A Host header as RFC 9110 has it: a name, an IPv4 address or a bracketed IPv6 one, then perhaps a port.
 # Anything else ("localhost:5099.evil.com", "evil.com@localhost", "localhost:evil") names no host of ours.
 HOST_HEADER = re.compile(r"(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9._-]+))(?::[0-9]{1,5})?")
@@ -177,20 +143,24 @@ HOST_HEADER = re.compile(r"(?:\[(?P<ip6>[0-9a-fA-F:.]+)\]|(?P<name>[A-Za-z0-9._-
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
        "frame-src about:; connect-src 'self'; object-src 'none'; base-uri 'none'; "
        "form-action 'self'; frame-ancestors 'none'")
-SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+SECURITY_HEADERS = ((b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
                     (b"referrer-policy", b"no-referrer"), (b"x-frame-options", b"DENY"),
-                    (b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-resource-policy", b"same-origin")]
+                    (b"cross-origin-opener-policy", b"same-origin"), (b"cross-origin-resource-policy", b"same-origin"))
 
 
-def too_large() -> str:
-    return (f"The request body is over {S.cfg.max_body:,} bytes; send less, or start Loopbook with a larger "
+def too_large(cfg: Config) -> str:
+    return (f"The request body is over {cfg.max_body:,} bytes; send less, or start Loopbook with a larger "
             "--max-body.")
 
 
-def session_cookie() -> str:
+def session_cookie(cfg: Config) -> str:
     # Browsers keep cookies per host, not per port: the port in the name keeps two Loopbooks on one machine
     # from overwriting each other's login (it does not hide the cookie from other ports; SECURITY.md says so).
-    return f"loopbook_session_{S.cfg.port}"
+    return f"loopbook_session_{cfg.port}"
+
+
+def session_seconds(cfg: Config) -> int:
+    return max(1, int(cfg.session_hours * 3600))
 
 
 class Sessions:
@@ -247,26 +217,12 @@ class Sessions:
         return len(self._expiry)
 
 
-def session_seconds() -> int:
-    return max(1, int(S.cfg.session_hours * 3600))
-
-
-log = logging.getLogger("loopbook")
-
-
-def dialog_born(dialog_id: int) -> str | None:
-    """When a dialog was made (its kernel token is bound to it), or None when there is no such dialog."""
-    try:
-        return S.store.get_dialog(dialog_id)["created_at"]
-    except StoreError:
-        return None
-
-
 class AccessMiddleware:
-    """Plain ASGI, so static files, SSE and the API pass the same gate as the pages."""
+    """Plain ASGI, so static files, SSE and the API pass the same gate as the pages. `state`: the app's (its
+    config, token, logins and workspace), filled by the time a request comes."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, state):
+        self.app, self.state = app, state
 
     async def __call__(self, scope, receive, send):
         if scope["type"] not in ("http", "websocket"):
@@ -279,7 +235,7 @@ class AccessMiddleware:
                 started = True
                 ours = {k for k, _ in SECURITY_HEADERS}
                 message["headers"] = [h for h in message.get("headers", []) if h[0].lower() not in ours] \
-                    + SECURITY_HEADERS
+                    + list(SECURITY_HEADERS)
             await send(message)
 
         try:
@@ -318,19 +274,21 @@ class AccessMiddleware:
             if self.cross_site(req):  # a handshake is a GET, but what it opens can write
                 return JSONResponse({"error": "Cross-site WebSocket refused."}, status_code=403)
             return None if self.authorised(req) else self.deny(req, "Log in first.")
+        st, cookie = self.state, session_cookie(self.state.cfg)
         token = req.query_params.get("token")
         if token is not None and req.method == "GET":
-            if not hmac.compare_digest(token.encode(), S.token.encode()):
+            if not hmac.compare_digest(token.encode(), st.token.encode()):
                 return self.deny(req, "That token is not valid.")
             query = urlencode([(k, v) for k, v in parse_qsl(scope.get("query_string", b"").decode("latin-1"))
                                if k != "token"])
             # One leading slash: "//evil.example/?token=..." must not become an off-site redirect.
             resp = RedirectResponse("/" + scope["path"].lstrip("/") + (f"?{query}" if query else ""), status_code=303)
-            old = req.cookies.get(session_cookie())
+            old = req.cookies.get(cookie)
             if old:
-                S.sessions.drop(old)  # logging in again replaces this browser's login
-            resp.set_cookie(session_cookie(), S.sessions.new(S.token, session_seconds()), max_age=session_seconds(),
-                            httponly=True, samesite="strict", path="/")
+                st.sessions.drop(old)  # logging in again replaces this browser's login
+            lifetime = session_seconds(st.cfg)
+            resp.set_cookie(cookie, st.sessions.new(st.token, lifetime), max_age=lifetime, httponly=True,
+                            samesite="strict", path="/")
             return resp
         if not self.authorised(req):
             return self.deny(req, "Log in with the URL Loopbook printed at start-up (it ends in ?token=...), "
@@ -338,30 +296,29 @@ class AccessMiddleware:
         # No cookie goes further. FastHTML fills a handler's parameters from cookies before form fields, and
         # any page on this host may set cookies here (they ignore ports): a cookie named "source" would have
         # replaced the text a Run sends. The login is all the app needs, and it is checked above.
-        scope["loopbook.session"] = req.cookies.get(session_cookie())
+        scope["loopbook.session"] = req.cookies.get(cookie)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"cookie"]
         return None
 
-    @staticmethod
-    def limited(receive):
+    def limited(self, receive):
         """Count body bytes as they arrive: a chunked body has no Content-Length to refuse up front."""
-        seen = 0
+        seen, cfg = 0, self.state.cfg
 
         async def receive_limited():
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > S.cfg.max_body:
-                    raise HTTPException(413, too_large())
+                if seen > cfg.max_body:
+                    raise HTTPException(413, too_large(cfg))
             return message
         return receive_limited
 
-    @staticmethod
-    def allowed_hosts() -> set[str]:
-        allowed = LOOPBACK_HOSTS | {h.strip().strip("[]").lower() for h in S.cfg.allow_host.split(",") if h.strip()}
-        if S.cfg.host not in ("0.0.0.0", "::"):
-            allowed.add(S.cfg.host.strip("[]").lower())
+    def allowed_hosts(self) -> set[str]:
+        cfg = self.state.cfg
+        allowed = {*LOOPBACK_HOSTS, *(h.strip().strip("[]").lower() for h in cfg.allow_host.split(",") if h.strip())}
+        if cfg.host not in ("0.0.0.0", "::"):
+            allowed.add(cfg.host.strip("[]").lower())
         return allowed
 
     @staticmethod
@@ -396,26 +353,33 @@ class AccessMiddleware:
                 return JSONResponse({"error": "Cross-site request refused: changes come only from Loopbook's own "
                                               "pages or from clients that send no Origin."}, status_code=403)
             length = req.headers.get("content-length")
-            if length and length.isascii() and length.isdigit() and int(length) > S.cfg.max_body:
-                return JSONResponse({"error": too_large()}, status_code=413)
+            if length and length.isascii() and length.isdigit() and int(length) > self.state.cfg.max_body:
+                return JSONResponse({"error": too_large(self.state.cfg)}, status_code=413)
         return None
 
     def authorised(self, req: Request) -> bool:
+        st = self.state
         auth = req.headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
         value = value.strip()
         if scheme.lower() in ("token", "bearer"):
-            if hmac.compare_digest(value.encode(), S.token.encode()):
+            if hmac.compare_digest(value.encode(), st.token.encode()):
                 return True
-            dialog_id = dialog_of_kernel_token(S.token, value, dialog_born)
+            dialog_id = dialog_of_kernel_token(st.token, value, self.dialog_born)
             if dialog_id is not None:
                 req.scope["loopbook.kernel_dialog"] = dialog_id
                 return self.kernel_may(req, dialog_id)
-        sid = req.cookies.get(session_cookie())
-        return bool(sid) and S.sessions.valid(S.token, sid)
+        sid = req.cookies.get(session_cookie(st.cfg))
+        return bool(sid) and st.sessions.valid(st.token, sid)
 
-    @staticmethod
-    def kernel_may(req: Request, dialog_id: int) -> bool:
+    def dialog_born(self, dialog_id: int) -> str | None:
+        """When a dialog was made (its kernel token is bound to it), or None when there is no such dialog."""
+        try:
+            return self.state.ws.store.get_dialog(dialog_id)["created_at"]
+        except StoreError:
+            return None
+
+    def kernel_may(self, req: Request, dialog_id: int) -> bool:
         """A kernel's token reaches its own dialog's API: its messages and cells, nothing else."""
         path = req.url.path
         # ASCII digits, and few: \d takes other scripts' digits, and int() refuses more than 4,300 of them.
@@ -423,7 +387,7 @@ class AccessMiddleware:
             return int(m.group(1)) == dialog_id and (m.group(2) is not None or req.method == "GET")
         if m := re.fullmatch(r"/api/messages/([0-9]+)(/run)?", path):
             try:
-                return S.store.get_message(m.group(1))["dialog_id"] == dialog_id
+                return self.state.ws.store.get_message(m.group(1))["dialog_id"] == dialog_id
             except StoreError:
                 return True  # let the route answer 404
         return False
@@ -435,53 +399,19 @@ class AccessMiddleware:
         return HTMLResponse(f"<!doctype html><title>Loopbook: log in</title><p>{message}</p>", status_code=401)
 
 
-# -- app -----------------------------------------------------------------------------------------
+# -- the app ---------------------------------------------------------------------------------------
 
-async def lifespan(app):
-    cfg = S.cfg
-    S.store = Store(cfg.data_dir)
-    S.token = resolve_token(cfg, S.store.data_dir)
-    S.sessions = Sessions()
-    S.pool = KernelPool(output_cap_chars=cfg.output_cap, default_timeout=cfg.exec_timeout or None,
-                        cull_idle_s=cfg.cull_idle or None,
-                        resource_limits={"memory_bytes": cfg.kernel_memory} if cfg.kernel_memory else None)
-    S.store.recover_interrupted()
-    S.hub = LiveHub()
-    S.traces = TraceStore(S.store)
-    S.loops = {}
-    S.models = Resident(cfg.model, cfg.backend, base_url=cfg.base_url, n_ctx=cfg.n_ctx,
-                        n_gpu_layers=cfg.n_gpu_layers, data_dir=S.store.data_dir)
-    await S.pool.start()
-    loading = asyncio.create_task(load_model())
-    try:
-        yield
-    finally:
-        loading.cancel()
-        await S.pool.shutdown_all()
-        await asyncio.to_thread(S.models.close)
-        S.store.close()
-
-
-async def load_model():
-    """Load the resident model in the background, so the page is up at once; say what was chosen."""
-    try:
-        engine = await S.models.get()
-        m = engine.manifest
-        print(f"Loopbook: model {m.get('model')} ({m.get('backend')}), {m.get('gpu') or 'CPU'}"
-              + (f"; {m['note']}" if m.get("note") else ""), flush=True)
-    except ModelError as e:
-        print(f"Loopbook: no model loaded: {e}", flush=True)
-
-
-HDRS = [
+HDRS = (
     Link(rel="stylesheet", href="/static/app.css"),
     Link(rel="stylesheet", href="/ansi.css"),
     Script(src="/static/vendor/htmx.min.js"),
     Script(src="/static/vendor/htmx-ext-sse.js"),
     Script(src="/static/vendor/codemirror.js"),
+    Script(src="/static/keys.js"),
     Script(src="/static/editor.js"),
     Script(src="/static/app.js"),
-]
+)
+
 
 def http_error(req: Request, exc: Exception):
     """Clean answers for errors raised before our handlers run (bad JSON, unknown routes, bad methods)."""
@@ -496,9 +426,6 @@ def http_error(req: Request, exc: Exception):
     return PlainTextResponse(str(detail), status_code=status)
 
 
-app = FastHTML(default_hdrs=False, exception_handlers={s: http_error for s in (400, 404, 405, 413, 422, 500, RecursionError)}, hdrs=HDRS, lifespan=lifespan, sess_cls=None,
-               secret_key=secrets.token_hex(16), title="Loopbook", htmlkw={"lang": "en"}, canonical=False)
-app.add_middleware(AccessMiddleware)
 class AssetFiles(StaticFiles):
     """static/, minus the asset build folder (its node_modules is no business of the browser's)."""
 
@@ -508,15 +435,68 @@ class AssetFiles(StaticFiles):
         return super().lookup_path(path)
 
 
-app.mount("/static", AssetFiles(directory=ROOT / "static"), name="static")
-rt = app.route
+def route(method: str, path: str):
+    """Mark a function as what answers `method path`; create_app adds every marked one, in the order of this file."""
+    def mark(fn):
+        fn.loopbook_route = (method, path)
+        return fn
+    return mark
 
 
-# -- JSON API ------------------------------------------------------------------------------------
+def create_app(cfg: Config) -> FastHTML:
+    """The app, its state on `app.state`: `cfg`, the logins (`sessions`), what an import changed (`flash`, shown
+    once), and, from start-up on, the `token` and the workspace `ws` (the store, kernels and model)."""
+    app = FastHTML(default_hdrs=False, hdrs=HDRS, lifespan=lifespan, sess_cls=None, secret_key=secrets.token_hex(16),
+                   exception_handlers={s: http_error for s in (400, 404, 405, 413, 422, 500, RecursionError)},
+                   title="Loopbook", htmlkw={"lang": "en"}, canonical=False)
+    app.state.cfg, app.state.sessions, app.state.flash = cfg, Sessions(), {}
+    app.add_middleware(AccessMiddleware, state=app.state)
+    app.mount("/static", AssetFiles(directory=ROOT / "static"), name="static")
+    for fn in [f for f in globals().values() if inspect.isfunction(f) and "loopbook_route" in vars(f)]:
+        method, path = fn.loopbook_route
+        app.route(path, methods=[method])(fn)
+    return app
+
+
+async def lifespan(app):
+    st, cfg = app.state, app.state.cfg
+    store = Store(cfg.data_dir)
+    st.token = resolve_token(cfg, store.data_dir)
+    pool = KernelPool(output_cap_chars=cfg.output_cap, default_timeout=cfg.exec_timeout or None,
+                      cull_idle_s=cfg.cull_idle or None,
+                      resource_limits={"memory_bytes": cfg.kernel_memory} if cfg.kernel_memory else None)
+    store.recover_interrupted()
+    models = Resident(cfg.model, cfg.backend, base_url=cfg.base_url, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
+                      data_dir=store.data_dir)
+    # The app's own setting values, under each dialog's; a Solve attempt gets at most a minute by default.
+    defaults = {k: getattr(cfg, k) for k in keys(ASK) + keys(LOOP) if hasattr(cfg, k)} | {
+        "exec_timeout": min(cfg.exec_timeout or 60.0, 60.0)}
+    st.ws = Workspace(store, pool, models, url=f"http://127.0.0.1:{cfg.port}", token=st.token,
+                      kernel_cwd=cfg.kernel_cwd, defaults=defaults)
+    await pool.start()
+    loading = asyncio.create_task(load_model(models))
+    try:
+        yield
+    finally:
+        loading.cancel()
+        await st.ws.close()
+
+
+async def load_model(models: Resident):
+    """Load the resident model in the background, so the page is up at once; say what was chosen."""
+    try:
+        engine = await models.get()
+        m = engine.manifest
+        print(f"Loopbook: model {m.get('model')} ({m.get('backend')}), {m.get('gpu') or 'CPU'}"
+              + (f"; {m['note']}" if m.get("note") else ""), flush=True)
+    except ModelError as e:
+        print(f"Loopbook: no model loaded: {e}", flush=True)
+
+
+# -- the JSON API ----------------------------------------------------------------------------------
 
 def api(handler):
     """Turn store and input errors into clean JSON errors instead of tracebacks."""
-    import functools
 
     @functools.wraps(handler)
     async def wrapper(*args, **kwargs):
@@ -564,118 +544,75 @@ def message_json(m: dict) -> dict:
                               "author", "version", "created_at", "updated_at")}
 
 
-@rt("/api/dialogs")
-@api
-async def post(req: Request):
-    body = await json_body(req)
-    return {"id": S.store.create_dialog(body.get("title", "Untitled"))["id"]}
+def wants_events(req: Request) -> bool:
+    return "text/event-stream" in req.headers.get("accept", "")
 
 
-@rt("/api/dialogs")
-@api
-def get(q: str = ""):
-    return [{k: d[k] for k in ("id", "title", "created_at", "updated_at", "n_messages", "parent_id")}
-            for d in S.store.list_dialogs(search=q or None)]
+def event_stream(events) -> Response:
+    """One SSE answer: `events` yields (event, data, id). Each line of data goes in a data: line of its own, so
+    newlines inside tokens survive the trip; the id lets a reconnecting EventSource resume (Last-Event-ID)."""
+    async def encoded():
+        async for event, data, n in events:
+            yield f"id: {n}\nevent: {event}\n" + "".join(f"data: {line}\n" for line in data.split("\n")) + "\n"
+    resp = EventStream(encoded())
+    resp.headers["Cache-Control"] = "no-cache"
+    return resp
 
 
-@rt("/api/dialogs/{id}")
-@api
-def get(id: str):
-    d = S.store.get_dialog(id)
-    return {**d, "kernel": S.pool.state(dialog_key(d["id"])),
-            "messages": [message_json(m) for m in S.store.messages(d["id"])]}
+def last_event_id(req: Request) -> int:
+    """Where a reconnecting EventSource left off, so it is not sent the same tokens twice."""
+    value = req.headers.get("last-event-id") or "0"
+    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+    return int(value) if re.fullmatch(r"[0-9]{1,11}", value) else 0
 
 
-@rt("/api/dialogs/{id}")
-@api
-async def patch(id: str, req: Request):
-    body = await json_body(req)
-    d = S.store.get_dialog(id)
-    if "settings" in body:
-        if not isinstance(body["settings"], dict):
-            raise InvalidInput("'settings' must be an object.")
-        check_settings({**d["settings"], **body["settings"]}, body["settings"])
-    with S.store.transaction():  # title and settings change together, or not at all
-        if "title" in body:
-            d = S.store.rename_dialog(d["id"], body["title"])
-        if "settings" in body:
-            d = S.store.update_dialog_settings(d["id"], **body["settings"])
-    return d
-
-
-def check_settings(settings: dict, patch: dict | None = None) -> None:
-    """Refuse dialog settings that Ask or Solve would refuse later: a bad value is caught where it is set.
-    `settings`: all of them as they would be after the change; `patch`: what the change sets (default: all).
-    Null removes a setting, any setting: a key that is not known here (from an older store) can always go."""
-    known = {*ASK_KEYS, *LOOP_KEYS, "system_prompt", "adapter"}
-    patch = settings if patch is None else patch
-    unknown = {k for k, v in patch.items() if v is not None} - known
-    if unknown:
-        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(map(str, unknown)))} (set one to null to remove "
-                           f"it); known: {', '.join(sorted(known))}.")
-    settings = {k: v for k, v in settings.items() if k in known and v is not None}
-    if not isinstance(settings.get("system_prompt", ""), str):
-        raise InvalidInput("'system_prompt' must be a string.")
-    if "adapter" in settings:
-        if not isinstance(settings["adapter"], str):
-            raise InvalidInput("'adapter' must be the name of a registered adapter.")
-        if patch.get("adapter") is not None:
-            # Only when chosen: one removed since stays shown as such in the panel, and does not block other saves.
-            get_adapter(S.store, settings["adapter"])  # NotFound names it
-    sampling_from({k: v for k, v in settings.items() if k in ASK_KEYS})
-    loop_config({k: v for k, v in settings.items() if k in LOOP_KEYS})
-
-
-# The Settings panel's fields and how each is read; check_settings judges the values.
-FORM_SETTINGS = {"adapter": str, "rounds": int, "candidates": int, "retry": str, "repeat_resamples": int,
-                 "system_prompt": str}
-
-
-def settings_from_form(form) -> dict:
-    """The Settings panel's form as a settings patch: an empty field is None (the app default), an absent
-    one (a disabled choice the browser does not send) is left as it is."""
-    patch = {}
-    for key, kind in FORM_SETTINGS.items():
-        if key not in form:
-            continue
-        value = form.get(key)
-        text = value.replace("\r\n", "\n") if isinstance(value, str) else ""
-        if not text.strip():
-            patch[key] = None
-        elif kind is int:
-            try:
-                patch[key] = int(text)
-            except ValueError:
-                raise InvalidInput(f"{key} must be a whole number, not {text.strip()[:40]!r}; leave it empty to use "
-                                   "the app default.") from None
-        else:
-            patch[key] = text if key == "system_prompt" else text.strip()
-    check_unicode(patch)
-    return patch
-
-
-async def delete_dialog(dialog_id) -> int:
-    """A deleted dialog takes its kernel with it."""
-    d = S.store.get_dialog(dialog_id)
-    await S.pool.shutdown(dialog_key(d["id"]))
-    S.store.delete_dialog(d["id"])
-    return d["id"]
-
-
-@rt("/api/dialogs/{id}")
-@api
-async def delete(id: str):
-    return {"deleted": await delete_dialog(id)}
-
-
-@rt("/api/dialogs/{id}/export")
-@api
-def get(id: str, format: str = "ipynb"):
-    text, media, name = export_dialog(S.store, id, format)
+def dialog_file(ws: Workspace, id: str, fmt: str) -> Response:
+    text, media, name = export_dialog(ws.store, id, fmt)
     return Response(text, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-def export_options(params: list[tuple[str, object]]):
+@route("POST", "/api/dialogs")
+@api
+async def api_create_dialog(state, req: Request):
+    body = await json_body(req)
+    return {"id": state.ws.new_dialog(body.get("title", "Untitled"))["id"]}
+
+
+@route("GET", "/api/dialogs")
+@api
+def api_list_dialogs(state, q: str = ""):
+    return [{k: d[k] for k in ("id", "title", "created_at", "updated_at", "n_messages", "parent_id")}
+            for d in state.ws.store.list_dialogs(search=q or None)]
+
+
+@route("GET", "/api/dialogs/{id}")
+@api
+def api_get_dialog(state, id: str):
+    ws = state.ws
+    d = ws.store.get_dialog(id)
+    return {**d, "kernel": ws.kernel_state(d["id"]), "messages": [message_json(m) for m in ws.store.messages(d["id"])]}
+
+
+@route("PATCH", "/api/dialogs/{id}")
+@api
+async def api_change_dialog(state, id: str, req: Request):
+    body = await json_body(req)
+    return state.ws.change_dialog(id, **{k: body[k] for k in ("title", "settings") if k in body})
+
+
+@route("DELETE", "/api/dialogs/{id}")
+@api
+async def api_delete_dialog(state, id: str):
+    return {"deleted": await state.ws.delete_dialog(id)}
+
+
+@route("GET", "/api/dialogs/{id}/export")
+@api
+def api_export_dialog(state, id: str, format: str = "ipynb"):
+    return dialog_file(state.ws, id, format)
+
+
+def export_options(store: Store, params: list[tuple[str, object]]):
     """The export CLI's options from a request, but for one: the tokenizer is a registered model's name
     (`tokenizer=smollm2-135m`), never a path, so no request makes the server open a file of its choosing."""
     names = ", ".join([*MODELS, *ALIASES])
@@ -698,7 +635,7 @@ def export_options(params: list[tuple[str, object]]):
             raise InvalidInput(f"tokenizer must be the name of a registered model ({names}); got "
                                f"{str(tokenizer)[:80]!r}.")
         try:
-            kept.append(("tokenizer_gguf", str(resolve_model(tokenizer, S.store.data_dir).path)))
+            kept.append(("tokenizer_gguf", str(resolve_model(tokenizer, store.data_dir).path)))
         except ModelError as e:
             raise InvalidInput(f"tokenizer {tokenizer}: {e}") from None
     try:
@@ -707,205 +644,108 @@ def export_options(params: list[tuple[str, object]]):
         raise InvalidInput(str(e)) from None
 
 
-@rt("/api/export")
+@route("POST", "/api/export")
 @api
-async def post(req: Request):
-    """The traces as a dataset: a zip of JSONL files per format and split, plus the dataset card. Options are
-    the export CLI's flags, as query parameters, form fields or a JSON object. A POST, not a GET: it does real
-    work, and an <img> in a note or another site's link must not be able to start one."""
+async def api_export_dataset(state, req: Request):
+    """The traces as a dataset: a zip of JSONL files per format and split, plus the dataset card. Options are the
+    export CLI's flags, as query parameters, form fields or a JSON object. A POST, not a GET: it does real work,
+    and an <img> in a note or another site's link must not be able to start one."""
     params = list(req.query_params.multi_items())
     kind = req.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind in ("application/x-www-form-urlencoded", "multipart/form-data"):
         params += [(k, v) for k, v in (await req.form()).multi_items() if isinstance(v, str)]
     else:
         params += list((await json_body(req)).items())
-    opts = await asyncio.to_thread(export_options, params)
+    opts = await asyncio.to_thread(export_options, state.ws.store, params)
     try:
-        chunks, report = await asyncio.to_thread(stream_export_zip, S.store, opts, secrets=[S.token])
+        chunks, _report = await asyncio.to_thread(stream_export_zip, state.ws.store, opts, secrets=[state.token])
     except ExportError as e:
         raise InvalidInput(str(e)) from None
     return StreamingResponse(chunks, media_type="application/zip",
                              headers={"Content-Disposition": 'attachment; filename="loopbook-dataset.zip"'})
 
 
-@rt("/api/export")
+@route("GET", "/api/export")
 @api
-def get():
+def api_refuse_export_by_get():
     return JSONResponse({"error": "The dataset export is a POST (with the same options as query parameters, form "
                                   "fields or a JSON object): a GET must not start work that an <img> could trigger."},
                         status_code=405, headers={"Allow": "POST"})
 
 
-@rt("/api/dialogs/import")
+@route("POST", "/api/dialogs/import")
 @api
-async def post(req: Request, title: str = ""):
-    d = import_ipynb(S.store, await req.body(), title or None, check_settings=check_settings)
+async def api_import_notebook(state, req: Request, title: str = ""):
+    d = state.ws.import_notebook(await req.body(), title or None)
     return {"id": d["id"], "title": d["title"], "n_messages": d["n_messages"], "notices": d["notices"]}
 
 
-@rt("/api/dialogs/{id}/duplicate")
+@route("POST", "/api/dialogs/{id}/duplicate")
 @api
-async def post(id: str, req: Request):
+async def api_duplicate_dialog(state, id: str, req: Request):
     body = await json_body(req)
-    return {"id": S.store.duplicate_dialog(id, body.get("title"))["id"]}
+    return {"id": state.ws.store.duplicate_dialog(id, body.get("title"))["id"]}
 
 
-@rt("/api/dialogs/{id}/messages")
+@route("POST", "/api/dialogs/{id}/messages")
 @api
-async def post(id: str, req: Request):
+async def api_add_message(state, id: str, req: Request):
     body = await json_body(req)
-    m = S.store.add_message(id, body.get("type", "code"), body.get("source", ""),
-                            after=body.get("after"), before=body.get("before"))
+    m = state.ws.store.add_message(id, body.get("type", "code"), body.get("source", ""),
+                                   after=body.get("after"), before=body.get("before"))
     return {"id": m["id"], "position": m["position"], "version": m["version"]}
 
 
-@rt("/api/messages/{id}")
+@route("GET", "/api/messages/{id}")
 @api
-def get(id: str):
-    return message_json(S.store.get_message(id))
+def api_get_message(state, id: str):
+    return message_json(state.ws.store.get_message(id))
 
 
-@rt("/api/messages/{id}")
+@route("PATCH", "/api/messages/{id}")
 @api
-async def patch(id: str, req: Request):
+async def api_edit_message(state, id: str, req: Request):
     body = await json_body(req)
-    allowed = {"source", "type", "pinned", "skipped", "is_test", "reply"}
-    unknown = set(body) - allowed - {"version"}
-    if unknown:
-        raise InvalidInput(f"Cannot change {', '.join(sorted(unknown))}; editable fields: {', '.join(sorted(allowed))}.")
-    with S.store.transaction():  # the correction record and the edit land together, or (409) neither does
-        S.store.update_message(id, version=body.get("version"))  # the version check alone, before any write
-        if "source" in body and isinstance(body["source"], str):
-            note_edit(S.store, S.traces, S.store.get_message(id), body["source"])
-        m = S.store.update_message(id, **{k: v for k, v in body.items() if k in allowed})
-    return message_json(m)
+    return message_json(state.ws.cells.edit(id, body))
 
 
-@rt("/api/messages/{id}")
+@route("DELETE", "/api/messages/{id}")
 @api
-def delete(id: str):
-    return {"deleted": S.store.delete_message(id)["id"]}
+def api_delete_message(state, id: str):
+    return {"deleted": state.ws.cells.delete(id)}
 
 
-@rt("/api/messages/{id}/move")
+@route("POST", "/api/messages/{id}/move")
 @api
-async def post(id: str, req: Request):
+async def api_move_message(state, id: str, req: Request):
     body = await json_body(req)
-    m = S.store.move_message(id, after=body.get("after"), before=body.get("before"), offset=body.get("offset"))
+    m = state.ws.store.move_message(id, after=body.get("after"), before=body.get("before"), offset=body.get("offset"))
     return {"id": m["id"], "position": m["position"]}
 
 
-async def prepare_kernel(dialog_id: int) -> str:
-    """The dialog's kernel, set up with its working directory and the `loopbook` helper; returns its key."""
-    key = dialog_key(dialog_id)
-    born = S.store.get_dialog(dialog_id)["created_at"]
-    env = kernel_env(f"http://127.0.0.1:{S.cfg.port}", S.token, dialog_id, born)
-    await S.pool.ensure(key, cwd=S.cfg.kernel_cwd, env=env, init_code=kernel_init_code())
-    return key
-
-
-async def run_message(message_id) -> dict:
-    """Run a code message in its dialog's kernel and store what came back."""
-    m = S.store.get_message(message_id)
-    if m["type"] != "code":
-        raise InvalidInput(f"Message {m['id']} is a {m['type']}, not code: only code runs.")
-    if not m["source"].strip():
-        m = S.store.update_message(m["id"], outputs=[], output_meta={"status": "ok", "empty": True})
-        return {"status": "ok", "outputs": [], "execution_count": m["execution_count"], "message": "Empty cell."}
-    key = await prepare_kernel(m["dialog_id"])
-    res = await S.pool.execute(key, m["source"])
-    meta = {"status": res.status, "duration_s": round(res.duration_s, 4), "truncated": res.truncated,
-            "original_chars": res.original_chars, "message": res.message}
-    S.store.update_message(m["id"], outputs=res.outputs, output_meta=meta, execution_count=res.execution_count)
-    return {"status": res.status, "outputs": res.outputs, "execution_count": res.execution_count,
-            "message": res.message, "truncated": res.truncated, "duration_s": meta["duration_s"]}
-
-
-@rt("/api/messages/{id}/run")
+@route("POST", "/api/messages/{id}/run")
 @api
-async def post(id: str, req: Request):
-    m = S.store.get_message(id)
-    if req.scope.get("loopbook.kernel_dialog") is not None and S.pool.state(dialog_key(m["dialog_id"])) == "busy":
-        # Called from a cell of this kernel: running now would wait on that very cell. Queue it instead.
-        task = asyncio.create_task(run_message(m["id"]))
-        S.background.add(task)
-        task.add_done_callback(S.background.discard)
-        return {"status": "queued", "outputs": []}
-    return await run_message(m["id"])
+async def api_run_message(state, id: str, req: Request):
+    return await state.ws.run(id, from_kernel=req.scope.get("loopbook.kernel_dialog") is not None)
 
 
-ASK_KEYS = ("max_tokens", "temperature", "seed", "top_p", "top_k", "min_p", "repeat_penalty")
-
-
-ENGINE_KEYS = ("model", "backend", "adapter")
-
-
-def request_sampling(settings: dict, body: dict):
-    """Sampling: the server's defaults, then the dialog's settings, then the request's."""
-    defaults = {"max_tokens": S.cfg.max_tokens, "temperature": S.cfg.temperature, **settings}
-    return sampling_from(defaults, {k: body.get(k) for k in ASK_KEYS})
-
-
-async def engine_for(body: dict, settings: dict):
-    """The engine a request runs on: its model, and the request's or else the dialog's LoRA adapter."""
-    for key in ENGINE_KEYS:
-        if body.get(key) is not None and not isinstance(body[key], str):
-            raise InvalidInput(f"'{key}' must be a string.")
-    if body.get("backend") is not None and body["backend"].lower() not in BACKENDS:
-        raise InvalidInput(f"Unknown backend {body['backend'][:40]!r}; Loopbook's backends are "
-                           f"{', '.join(BACKENDS)}.")
-    adapter = body.get("adapter") or settings.get("adapter")
-    lora_path, entry = None, {}
-    if adapter:
-        # The base's sha256 is checked before llama.cpp sees the adapter: it crashes on another base's.
-        lora_path, entry = resolve_adapter(S.store, adapter, model=body.get("model") or S.models.model,
-                                           data_dir=S.store.data_dir)
-    backend = body["backend"].lower() if body.get("backend") else None
-    return await S.models.get(body.get("model"), backend, lora_path=lora_path, manifest_extra=entry)
-
-
-async def start_ask(message_id, body: dict):
-    """Validate, pick the engine, and start answering in the background; returns (message, live log)."""
-    m = S.store.get_message(message_id)
-    if m["type"] != "prompt":
-        raise InvalidInput(f"Message {m['id']} is a {m['type']} cell; only prompts are answered.")
-    if S.hub.running(f"reply-{m['id']}"):
-        raise InvalidInput("This prompt is already being answered; stop it first.")
-    unknown = set(body) - set(ASK_KEYS) - set(ENGINE_KEYS)
-    if unknown:
-        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(unknown))}; known: "
-                           f"{', '.join(ENGINE_KEYS)}, {', '.join(ASK_KEYS)}.")
-    settings = S.store.get_dialog(m["dialog_id"])["settings"]
-    sampling = request_sampling(settings, body)
-    engine = await engine_for(body, settings)
-    live = S.hub.open(f"reply-{m['id']}")
-    task = asyncio.create_task(ask(S.store, engine, m["id"], sampling=sampling, live=live))
-    return m, live, task
-
-
-def sse_event(event: str, data: str, id: int | None = None) -> str:
-    # One data: line per line of text, so newlines inside tokens survive the trip.
-    lines = "".join(f"data: {line}\n" for line in data.split("\n"))
-    return (f"id: {id}\n" if id is not None else "") + f"event: {event}\n{lines}\n"
-
-
-@rt("/api/messages/{id}/ask")
+@route("POST", "/api/messages/{id}/ask")
 @api
-async def post(id: str, req: Request):
+async def api_ask_prompt(state, id: str, req: Request):
     body = await json_body(req)
-    m, live, task = await start_ask(id, body)
-    if "text/event-stream" in req.headers.get("accept", ""):
+    m, live, task = await state.ws.ask(id, body)
+    if wants_events(req):
         async def events():
             n = 0
             async for batch in live.follow():
                 for ev in batch:
                     n += 1
                     if ev["type"] == "token":
-                        yield sse_event("token", json.dumps({"text": ev["text"]}), n)
+                        yield "token", json.dumps({"text": ev["text"]}), n
             res = await task
-            yield sse_event("done", json.dumps({"reply": res.reply, "status": res.status, "error": res.error,
-                                                "figures": res.figures, "manifest": res.manifest}), n + 1)
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            yield "done", json.dumps({"reply": res.reply, "status": res.status, "error": res.error,
+                                      "figures": res.figures, "manifest": res.manifest}), n + 1
+        return event_stream(events())
     res = await task
     out = {"reply": res.reply, "status": res.status, "figures": res.figures, "manifest": res.manifest}
     if res.status == "error":
@@ -913,151 +753,85 @@ async def post(id: str, req: Request):
     return out
 
 
-async def stop_message(message_id) -> bool:
-    """Stop whatever works on this message: a loop (generation and code) or a streaming reply."""
-    m = S.store.get_message(message_id)
-    loop = S.loops.get(m["id"])
-    if loop is not None:
-        await loop.stop()
-        return True
-    rid = _text_or((m.get("reply_meta") or {}).get("request_id"))
-    return bool(rid and S.models.engine and S.models.engine.cancel(rid))
-
-
-@rt("/api/messages/{id}/stop")
+@route("POST", "/api/messages/{id}/stop")
 @api
-async def post(id: str):
-    return {"stopped": await stop_message(id)}
+async def api_stop_message(state, id: str):
+    return {"stopped": await state.ws.stop(id)}
 
 
-LOOP_KEYS = ("rounds", "candidates", "retry", "repeat_resamples", "exec_timeout")
-
-
-async def start_loop(message_id, body: dict, kind: str):
-    """Build the Task (Solve on a prompt, Fix on a failed code cell) and run the loop in the background."""
-    unknown = set(body) - set(LOOP_KEYS) - set(ASK_KEYS) - set(ENGINE_KEYS)
-    if unknown:
-        raise InvalidInput(f"Unknown setting(s) {', '.join(sorted(unknown))}.")
-    m = S.store.get_message(message_id)
-    if m["id"] in S.loops:
-        raise InvalidInput("A loop is already running on this cell; stop it first.")
-    settings = S.store.get_dialog(m["dialog_id"])["settings"]
-    sampling = request_sampling(settings, body)
-    base = LoopConfig(rounds=S.cfg.rounds, candidates=S.cfg.candidates, repeat_resamples=S.cfg.repeat_resamples,
-                      exec_timeout=min(S.cfg.exec_timeout or 60.0, 60.0), sampling=sampling)
-    cfg = loop_config(settings, {k: body.get(k) for k in LOOP_KEYS}, base)
-    engine = await engine_for(body, settings)
-    await prepare_kernel(m["dialog_id"])
-    task = solve_task(S.store, engine, m["id"], sampling.max_tokens) if kind == "solve" else \
-        fix_task(S.store, engine, m["id"])
-    loop = Loop(engine, S.pool, S.traces, cfg)
-    live = S.hub.open(f"loop-{m['id']}")
-    S.loops[m["id"]] = loop
-
-    async def run():
-        try:
-            result = None
-            async for ev in loop.run(task):
-                if ev["type"] == "done":
-                    result = ev["result"]
-                else:
-                    live.publish(ev if ev["type"] != "attempt" else {"type": "attempt", "attempt": {
-                        k: ev["attempt"].get(k) for k in ("id", "round", "candidate", "exec_status", "passed",
-                                                          "ename", "evalue", "author")}})
-            code_id = land(S.store, S.traces, task, result)
-            out = summary(result, code_id)
-            live.publish({"type": "done", "summary": out})
-            return out
-        finally:
-            S.loops.pop(m["id"], None)
-            live.close()
-
-    return m, live, asyncio.create_task(run())
-
-
-async def loop_response(req: Request, id: str, kind: str):
+async def loop_response(state, req: Request, id: str, kind: str):
+    """Solve or Fix: the summary when it is done, or its events as they come (SSE)."""
     body = await json_body(req)
-    m, live, task = await start_loop(id, body, kind)
-    if "text/event-stream" in req.headers.get("accept", ""):
+    m, live, task = await state.ws.solve(id, body, kind)
+    if wants_events(req):
         async def events():
             n = 0
             async for batch in live.follow():
                 for ev in batch:
                     n += 1
-                    yield sse_event(ev["type"], json.dumps(ev), n)
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                    yield ev["type"], json.dumps(ev), n
+        return event_stream(events())
     return await task
 
 
-@rt("/api/messages/{id}/solve")
+@route("POST", "/api/messages/{id}/solve")
 @api
-async def post(id: str, req: Request):
-    return await loop_response(req, id, "solve")
+async def api_solve_prompt(state, id: str, req: Request):
+    return await loop_response(state, req, id, "solve")
 
 
-@rt("/api/messages/{id}/fix")
+@route("POST", "/api/messages/{id}/fix")
 @api
-async def post(id: str, req: Request):
-    return await loop_response(req, id, "fix")
+async def api_fix_cell(state, id: str, req: Request):
+    return await loop_response(state, req, id, "fix")
 
 
-@rt("/api/traces/{id}")
+@route("GET", "/api/traces/{id}")
 @api
-def get(id: str):
-    return S.traces.get_trace(id)
+def api_get_trace(state, id: str):
+    return state.ws.traces.get_trace(id)
 
 
-@rt("/api/messages/{id}/traces")
+@route("GET", "/api/messages/{id}/traces")
 @api
-def get(id: str):
+def api_message_traces(state, id: str):
+    ws = state.ws
     return [{k: t[k] for k in ("id", "kind", "status", "stop_reason", "rounds", "n_attempts", "code_message_id",
-                               "created_at", "finished_at")} for t in S.traces.traces_for_message(S.store.get_message(id)["id"])]
+                               "created_at", "finished_at")}
+            for t in ws.traces.traces_for_message(ws.store.get_message(id)["id"])]
 
 
-@rt("/api/model")
+@route("GET", "/api/model")
 @api
-def get():
-    status = S.models.status()
-    if S.models.engine is not None:
-        status["manifest"] = S.models.engine.manifest
-    return status
+def api_model_status(state):
+    return state.ws.model_status()
 
 
-async def kernel_action(dialog_id, action: str) -> str:
-    """Interrupt or restart a dialog's kernel; returns its state afterwards."""
-    key = dialog_key(S.store.get_dialog(dialog_id)["id"])
-    await getattr(S.pool, action)(key)
-    return S.pool.state(key)
-
-
-@rt("/api/dialogs/{id}/interrupt")
+@route("POST", "/api/dialogs/{id}/interrupt")
 @api
-async def post(id: str):
-    return {"kernel": await kernel_action(id, "interrupt")}
+async def api_interrupt_dialog(state, id: str):
+    return {"kernel": state.ws.kernel_state(await state.ws.interrupt(id))}
 
 
-@rt("/api/dialogs/{id}/restart")
+@route("POST", "/api/dialogs/{id}/restart")
 @api
-async def post(id: str):
-    return {"kernel": await kernel_action(id, "restart")}
+async def api_restart_kernel(state, id: str):
+    return {"kernel": state.ws.kernel_state(await state.ws.restart(id))}
 
 
-@rt("/api/dialogs/{id}/kernel")
+@route("GET", "/api/dialogs/{id}/kernel")
 @api
-def get(id: str):
-    d = S.store.get_dialog(id)
-    key = dialog_key(d["id"])
-    return {"state": S.pool.state(key), "info": S.pool.info(key)}
+def api_kernel_state(state, id: str):
+    ws = state.ws
+    did = ws.store.get_dialog(id)["id"]
+    return {"state": ws.kernel_state(did), "info": ws.kernel_info(did)}
+# -- cells: the fast string renderer ----------------------------------------------------------------
+# Cells are rendered here, as plain strings, not FastHTML elements: a 1,000-cell dialog must render in well
+# under 300 ms, and building ~18 elements per cell as FT objects took 2.6 s (profiled). Every value that
+# reaches the markup goes through `_e` (escape) or the sanitizing renderers of dialog.render, and every
+# renderer of this section returns Safe markup. Cells carry no hx-* attributes: static/app.js drives them
+# (keys and toolbar), so htmx has nothing to process when a long dialog opens.
 
-
-# -- page components ------------------------------------------------------------------------------
-# Cells are rendered as plain strings, not FastHTML elements: a 1,000-cell dialog must render in well
-# under 300 ms, and building ~18 elements per cell as FT objects took 2.6 s (profiled). Every value
-# that reaches the markup goes through `_e` (escape) or the sanitizing renderers of dialog.render.
-# Cells carry no hx-* attributes: static/app.js drives them (keys and toolbar), so htmx has nothing
-# to process when a long dialog opens.
-
-TYPE_LABELS = {"code": "Code", "note": "Note", "prompt": "Prompt"}
 COLLAPSE_LINES = 40      # outputs longer than this many lines, or
 COLLAPSE_CHARS = 4096    # this many characters, show their head and a "show all" button:
 HEAD_LINES = 20          # this many lines of it,
@@ -1129,8 +903,12 @@ def _frame_height(html: str) -> int:
     return max(1, min(8, (rows * 22 + 20) // 60 + 1))
 
 
-def OutputView(o: dict, mid: int = 0, n: int = 0, full: bool = False) -> str:
-    """One nbformat output as safe HTML; long text collapsed unless `full`."""
+def OutputView(o: dict, mid: int = 0, n: int = 0, full: bool = False) -> Safe:
+    """One nbformat output; long text collapsed unless `full`."""
+    return Safe(_output(o, mid, n, full))
+
+
+def _output(o: dict, mid: int, n: int, full: bool) -> str:
     kind = o.get("output_type")
     data = o.get("data") or {}
     if kind == "stream":
@@ -1169,30 +947,30 @@ def OutputView(o: dict, mid: int = 0, n: int = 0, full: bool = False) -> str:
             f'data-url="/cells/{mid}/output/{n}">Show all {lines:,} lines ({_size(len(text))})</button></div>')
 
 
-def Outputs(m: dict) -> str:
+def Outputs(m: dict) -> Safe:
     meta = m.get("output_meta") if isinstance(m.get("output_meta"), dict) else {}
     status = _text_or(meta.get("status"))
     parts = []
     if status in ("timeout", "died", "interrupted") and meta.get("message"):
         parts.append(f'<div class="out-banner out-{_e(status)}">{_e(meta["message"])}</div>')
-    parts.extend(OutputView(o, m["id"], n) for n, o in enumerate(m.get("outputs") or []) if isinstance(o, dict))
+    parts.extend(_output(o, m["id"], n, False) for n, o in enumerate(m.get("outputs") or []) if isinstance(o, dict))
     if meta.get("truncated"):
         produced = _number(meta.get("original_chars"))
         parts.append('<div class="out-banner out-truncated">Output capped: '
                      + (f"{int(produced):,} characters produced, " if produced is not None else "")
                      + 'head and tail kept.</div>')
-    return f'<div id="out-{m["id"]}" class="outputs status-{_e(status or "none")}">{"".join(parts)}</div>'
+    return Safe(f'<div id="out-{m["id"]}" class="outputs status-{_e(status or "none")}">{"".join(parts)}</div>')
 
 
-def ExecCount(m: dict) -> str:
+def ExecCount(m: dict) -> Safe:
     count = m.get("execution_count")
-    return f'<span class="exec-count">[{count if count is not None else "&nbsp;"}]</span>'
+    return Safe(f'<span class="exec-count">[{_e(count) if count is not None else "&nbsp;"}]</span>')
 
 
-def Figures(meta: dict):
+def Figures(meta: dict) -> Safe:
     f = meta.get("figures")
     if not isinstance(f, dict) or not f:
-        return None
+        return Safe("")
     ttft, tps, prompt, cached, generated = (_number(f.get(k)) for k in (
         "ttft_s", "tokens_per_s", "prompt_tokens", "cached_prompt_tokens", "completion_tokens"))
     bits = [(_text_or(meta.get("model")) or "").strip(),
@@ -1200,34 +978,33 @@ def Figures(meta: dict):
             f"{tps:.1f} tok/s" if tps else "",
             f"{int(prompt)} prompt tokens, {int(cached or 0)} cached" if prompt is not None else "",
             f"{int(generated)} generated" if generated is not None else ""]
-    return Div(" · ".join(b for b in bits if b), cls="figures")
+    return Safe(f'<div class="figures">{_e(" · ".join(b for b in bits if b))}</div>')
 
 
-def Reply(m: dict, streaming: bool = False):
+def Reply(m: dict, streaming: bool = False) -> Safe:
     meta = m.get("reply_meta") if isinstance(m.get("reply_meta"), dict) else {}
     mid = m["id"]
     if streaming:
-        return to_xml(Div(
+        return Safe(to_xml(Div(
             Div(Span("Answering", cls="live-note"), Button("Stop", type="button", data_act="stop", cls="stop"),
                 cls="reply-bar"),
             Pre(cls="reply-live", sse_swap="token", hx_swap="beforeend"),
             Div(sse_swap="done", hx_target=f"#reply-{mid}", hx_swap="outerHTML"),
             id=f"reply-{mid}", cls="reply streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/stream",
-            sse_close="done"), indent=False)
+            sse_close="done"), indent=False))
     status = _text_or(meta.get("status"), "done")
     if not m.get("reply") and status not in ("error", "interrupted", "cancelled"):
         return Safe(f'<div id="reply-{mid}" class="reply empty"></div>')
     notes = {"interrupted": "The server stopped while this reply was being written; it is incomplete.",
              "cancelled": "Stopped.", "error": f"The model failed: {meta.get('error')}"}
     note = f'<div class="reply-note note-{_e(status)}">{_e(notes[status])}</div>' if status in notes else ""
-    figures = Figures(meta)
     return Safe(
         f'<div id="reply-{mid}" class="reply status-{_e(status)}">{note}<div class="md">{_md(m.get("reply") or "")}</div>'
         f'<div class="reply-foot"><span><button type="button" data-act="extract" class="extract" tabindex="-1" '
         f'title="Put the reply\'s code blocks in new code cells">Code to cells</button> '
         f'<button type="button" data-act="edit-reply" class="edit-reply" tabindex="-1" '
         f'title="Edit the reply by hand (the model sees your version from now on)">Edit reply</button></span>'
-        f'{to_xml(figures, indent=False) if figures else ""}</div></div>')
+        f'{Figures(meta)}</div></div>')
 
 
 def ReplyEditor(m: dict):
@@ -1243,57 +1020,45 @@ STATUS_WORDS = {"ok": "passed", "error": "error", "timeout": "timed out", "died"
                 "check_failed": "check failed"}
 
 
-def AttemptLine(a: dict):
+def AttemptLine(a: dict) -> Safe:
     what = STATUS_WORDS.get(a.get("exec_status"), a.get("exec_status"))
     detail = f": {a.get('ename')}: {a.get('evalue')}" if a.get("ename") else ""
     who = " (your code)" if a.get("author") == "human" else ""
-    return Li(Span(f"round {a['round']}" + (f" · candidate {a['candidate']}" if a.get("candidate") else "") + who,
-                   cls="attempt-round"),
-              Span(what + detail, cls=f"attempt-status st-{a.get('exec_status')}"), cls="attempt")
+    head = f"round {a['round']}" + (f" · candidate {a['candidate']}" if a.get("candidate") else "") + who
+    return Safe(f'<li class="attempt"><span class="attempt-round">{_e(head)}</span><span class="attempt-status '
+                f'st-{_e(a.get("exec_status"))}">{_e(f"{what}{detail}")}</span></li>')
 
 
-def latest_traces(dialog_id: int) -> dict[int, dict]:
-    """The newest Solve/Fix trace of each message of a dialog, in one query (the page shows one per cell)."""
-    out: dict[int, dict] = {}
-    for t in S.traces.iter_traces("dialog_id = ?", (dialog_id,)):
-        if t.get("message_id") is not None:
-            out[t["message_id"]] = t
-    return out
-
-
-def LoopView(m: dict, streaming: bool = False, trace: dict | None | bool = False):
+def LoopView(ws: Workspace, m: dict, streaming: bool = False, trace: dict | None | bool = False) -> Safe:
     """The attempts of the latest Solve/Fix on this cell, collapsed; live while the loop runs.
     `trace`: that trace when the caller looked it up already (None: there is none)."""
     mid = m["id"]
     if streaming:
-        return to_xml(Div(
+        return Safe(to_xml(Div(
             Div(Span("Solving: model code runs in this dialog's kernel", cls="loop-note live-note"),
                 Button("Stop", type="button", data_act="stop", cls="stop"), cls="reply-bar"),
             Ul(cls="attempts live", sse_swap="attempt", hx_swap="beforeend"),
             Pre(cls="reply-live", sse_swap="token", hx_swap="beforeend"),
             Div(sse_swap="done", hx_target=f"#cell-{mid}", hx_swap="outerHTML"),
             id=f"loop-{mid}", cls="loop streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/loop-stream",
-            sse_close="done"), indent=False)
-    if trace is False:
-        traces = [t for t in S.traces.traces_for_message(mid) if t["message_id"] == mid]
-        trace = traces[-1] if traces else None
-    if not trace:
+            sse_close="done"), indent=False))
+    t = ws.latest_trace(mid) if trace is False else trace
+    if not t:
         return Safe(f'<div id="loop-{mid}" class="loop empty"></div>')
-    t = trace
-    attempts = S.traces.attempts(t["id"])
     verdict = {"passed": "passed", "failed": "did not pass", "stopped": "stopped",
                "interrupted": "interrupted", "running": "running"}.get(t["status"], t["status"])
     reason = {"budget": "round budget spent", "no_progress": "same error twice", "no_code": "no code twice",
               "stopped": "stopped", "passed": ""}.get(t.get("stop_reason") or "", "")
     head = f"{t['kind'].capitalize()} {verdict} after {t['n_attempts']} attempt{'s' if t['n_attempts'] != 1 else ''}" \
         + (f" ({reason})" if reason else "")
-    return to_xml(Div(Details(Summary(head, A("trace", href=f"/traces/{t['id']}", cls="trace-link")),
-                                     Ul(*[AttemptLine(a) for a in attempts], cls="attempts")),
-                             id=f"loop-{mid}", cls=f"loop status-{t['status']}"), indent=False)
+    attempts = "".join(AttemptLine(a) for a in ws.traces.attempts(t["id"]))
+    return Safe(f'<div id="loop-{mid}" class="loop status-{_e(t["status"])}"><details><summary>{_e(head)}<a '
+                f'href="/traces/{_e(t["id"])}" class="trace-link">trace</a></summary><ul class="attempts">{attempts}'
+                f'</ul></details></div>')
 
 
-def Cell(m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False, trace: dict | None | bool = False,
-         lazy: bool = False):
+def Cell(ws: Workspace, m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False,
+         trace: dict | None | bool = False, lazy: bool = False) -> Safe:
     """One cell as the page shows it. `trace`: its latest Solve/Fix trace, when the caller batched the lookup.
     `lazy`: its editor is made when it nears the screen (static/app.js), not when the page loads."""
     mid, t, src = m["id"], m["type"], m["source"]
@@ -1313,7 +1078,7 @@ def Cell(m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False
     elif t == "prompt":
         body.append(Reply(m, streaming=reply_streaming))
     if t != "note":
-        body.append(LoopView(m, streaming=loop_streaming, trace=trace))
+        body.append(LoopView(ws, m, streaming=loop_streaming, trace=trace))
     cls = " ".join(["cell", f"cell-{t}", *flags])
     return Safe(f'<article class="{cls}" id="cell-{mid}" data-id="{mid}" data-type="{t}" tabindex="-1" '
                   f'aria-label="{t} cell"><div class="gutter">{gutter}</div><div class="cell-body">{"".join(body)}'
@@ -1323,51 +1088,32 @@ def Cell(m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False
 EAGER_EDITORS = 40  # cells whose editor is made at page load; the rest wait until they near the screen
 
 
-def Cells(dialog_id: int, messages: list[dict]):
+def Cells(ws: Workspace, dialog_id: int, messages: list[dict]) -> Safe:
     # A CodeMirror editor costs the browser ~4 ms to make: 1,000 at load kept a long dialog blank for 4 s.
-    traces = latest_traces(dialog_id)
+    traces = ws.latest_traces(dialog_id)
     return Safe(f'<div id="cells" data-dialog="{dialog_id}">'
-                + "".join(Cell(m, trace=traces.get(m["id"]), lazy=n >= EAGER_EDITORS) for n, m in enumerate(messages))
-                + "</div>")
+                + "".join(Cell(ws, m, trace=traces.get(m["id"]), lazy=n >= EAGER_EDITORS)
+                          for n, m in enumerate(messages)) + "</div>")
 
+
+
+
+# -- the page around the cells --------------------------------------------------------------------
 
 def AddBar(dialog_id: int):
-    return Div(*[Button(f"+ {TYPE_LABELS[t]}", type="button", data_act=f"add-{t}", cls=f"add-{t}", tabindex="-1")
+    return Div(*[Button(f"+ {t.capitalize()}", type="button", data_act=f"add-{t}", cls=f"add-{t}", tabindex="-1")
                  for t in MESSAGE_TYPES], cls="add-bar")
 
 
-KEYS = [
-    ("Command mode (a cell is selected; Esc gets you here)", [
-        ("Enter", "edit the cell"), ("Shift+Enter", "run, select the next cell (adds one at the end)"),
-        ("Ctrl/Cmd+Enter", "run in place"), ("Alt+Enter", "run, add a cell below"),
-        ("s  ·  Ctrl+Shift+Enter", "Solve a prompt (code runs here)"), ("f", "Fix a failed code cell"),
-        ("↑ ↓  ·  k j", "select the cell above / below"), ("Home  ·  End", "first / last cell"),
-        ("Ctrl/Cmd+Shift+↑ ↓", "move the cell up / down"),
-        ("a  ·  b", "add a cell above / below"), ("d d", "delete the cell"), ("z", "undo the last delete"),
-        ("x  ·  c  ·  v  ·  Shift+V", "cut, copy, paste below / above"),
-        ("y  ·  m  ·  p", "make the cell code, note, prompt"),
-        ("Shift+P  ·  Shift+S", "pin (survives truncation) · skip (left out of the context)"),
-        ("r", "run all code cells above"), ("i i", "interrupt the kernel, stop the model"),
-        ("0 0", "restart the kernel"), ("?  ·  h", "this list")]),
-    ("Edit mode (typing in a cell)", [
-        ("Esc", "back to command mode (a note or prompt shows rendered)"),
-        ("Shift+Enter  ·  Ctrl+Enter  ·  Alt+Enter", "as in command mode"),
-        ("Ctrl+Shift+Enter", "Solve a prompt / Fix a code cell"), ("Tab  ·  Shift+Tab", "indent / dedent"),
-        ("Ctrl+Space", "complete"), ("Ctrl+S", "save now (cells also save as you type)")]),
-]
-
-
 def KeyHelp():
-    def section(title, keys):
-        return Div(H2(title), *[Div(Span(k, cls="keys"), Span(what, cls="what"), cls="key-row") for k, what in keys],
-                   cls="key-section")
+    """The keyboard overlay; static/app.js fills it from static/keys.js, where the keys are declared."""
     return Div(Div(Div(H2("Keyboard"), Button("Close", type="button", data_act="help", cls="close"), cls="help-head"),
-                   *[section(t, keys) for t, keys in KEYS], cls="help-box"),
+                   cls="help-box"),
                id="keys-help", cls="overlay", hidden=True, role="dialog", aria_label="Keyboard shortcuts")
 
 
-def ModelBadge():
-    st = S.models.status()
+def ModelBadge(ws: Workspace):
+    st = ws.models.status()
     text = {"ready": f"model: {st.get('model')}", "loading": f"model: loading {st.get('model') or ''}",
             "error": "model: not loaded", "idle": "model: not loaded"}[st["state"]]
     title = st.get("error") or " · ".join(x for x in (st.get("gpu"), st.get("note")) if x)
@@ -1376,92 +1122,79 @@ def ModelBadge():
     return Span(text, id="model-state", cls=f"model-state model-{st['state']}", title=title, **extra)
 
 
-def KernelBadge(dialog_id: int):
-    state = S.pool.state(dialog_key(dialog_id))
+def KernelBadge(ws: Workspace, dialog_id: int):
+    state = ws.kernel_state(dialog_id)
     words = {"none": "not started"}.get(state, state)
     return Span(f"kernel: {words}", id="kernel-state", cls=f"kernel-state kernel-{state}", data_state=state,
                 role="status", aria_live="polite")
 
 
-def AutorunNote(d: dict, *, oob: bool = False):
+def AutorunNote(ws: Workspace, d: dict, *, oob: bool = False):
     adapter = _text_or(d["settings"].get("adapter"))
     text = "Solve and Fix run model code in this kernel" + (f" · adapter {adapter}" if adapter else "") \
-        + f" · cwd {S.cfg.kernel_cwd or os.getcwd()}"
+        + f" · cwd {ws.kernel_cwd or os.getcwd()}"
     return Span(text, id="autorun-note", cls="autorun-note" + (" has-adapter" if adapter else ""),
                 title=f"{text}. Model code runs automatically only inside Solve and Fix; elsewhere it waits for Run.",
                 **({"hx_swap_oob": "true"} if oob else {}))
 
 
-def AdapterSelect(current: str | None):
+def AdapterSelect(ws: Workspace, current: str | None):
     """Every registered adapter; those trained on another base than the loaded model are shown but disabled."""
     current = _text_or(current)
-    manifest = S.models.engine.manifest if S.models.engine is not None else None
-    sha = manifest.get("sha256") if manifest else None
-    loaded = (manifest or {}).get("file_name") or (manifest or {}).get("model") or "the loaded model"
     options = [Option("none (base model)", value="", selected=not current)]
-    names = set()
-    for a in list_adapters(S.store):
-        names.add(a["name"])
-        base = a.get("base_model") or a["base_file"]
-        if manifest is None:
-            fits, why = True, f"For {base}; checked against the model when it is used (no model is loaded yet)."
-        elif sha is None:
-            fits, why = False, f"Needs the in-process GGUF base {base}; {loaded} has no file to load it onto."
-        else:
-            fits = a["base_sha256"] == sha
-            why = f"For {base}." if fits else \
-                f"Needs base model {base} (sha256 {a['base_sha256'][:12]}...); the loaded model is {loaded}."
-        options.append(Option(f"{a['name']} · {base}", value=a["name"], selected=a["name"] == current,
-                              disabled=not fits, title=why))
-    if current and current not in names:
+    choices = ws.adapter_choices()
+    for a in choices:
+        options.append(Option(f"{a['name']} · {a['base']}", value=a["name"], selected=a["name"] == current,
+                              disabled=not a["fits"], title=a["why"]))
+    if current and current not in {a["name"] for a in choices}:
         # Disabled, so the browser does not send it back: saving other fields leaves it as it is.
         options.append(Option(f"{current} (no longer registered)", value=current, selected=True, disabled=True,
                               title="Choose another adapter, or none."))
     return Select(*options, name="adapter", cls="settings-adapter", aria_label="Adapter")
 
 
-def SettingsPanel(d: dict, *, open: bool = False, oob: bool = False):
-    """The dialog's settings as a form; an empty field means the app default, shown as the placeholder."""
+def SettingField(ws: Workspace, key: str, value):
+    """One field of the Settings panel, as the settings table has it; empty means the app default."""
+    s, default = SETTINGS[key], ws.defaults.get(key)
+    if key == "adapter":
+        control = AdapterSelect(ws, value)
+    elif s.choices:
+        control = Select(Option(f"default ({default})", value=""),
+                         *[Option(c, value=c, selected=c == value) for c in s.choices], name=key)
+    elif key == "system_prompt":
+        # The parser drops one newline after <textarea>; this one, so a prompt's own first newline stays.
+        value = _text_or(value)
+        control = Textarea("\n" + value if value else "", name=key, rows=5, placeholder=DEFAULT_SYSTEM_PROMPT)
+    else:
+        # A value the API stored beyond the range (an older Loopbook's) must still submit unchanged.
+        high = max(s.high, value) if isinstance(value, int) and not isinstance(value, bool) else s.high
+        control = Input(type="number", name=key, min=s.low, max=high, step=1 if s.kind is int else "any",
+                        value="" if value is None else str(value), placeholder=f"default {default}")
+    return Label(Span(s.label), control, cls="field wide" if key == "system_prompt" else "field")
+
+
+def SettingsPanel(ws: Workspace, d: dict, *, open: bool = False, oob: bool = False):
+    """The dialog's settings as a form, its fields those of the settings table that have a label."""
     s = d["settings"]
-    prompt = _text_or(s.get("system_prompt"))
-
-    def number(key: str, label: str, low: int, high: int, default: int):
-        value = s.get(key)
-        # A value set through the API may lie beyond the form's range; the form must still submit it.
-        high = max(high, value) if isinstance(value, int) else high
-        return Label(Span(label), Input(type="number", name=key, min=low, max=high, step=1,
-                                        value="" if value is None else str(value), placeholder=f"default {default}"),
-                     cls="field")
-
     # Compact, as the cells are: no whitespace text between the fields.
     return Safe(to_xml(Details(
         Summary("Settings"),
-        Form(Label(Span("Adapter"), AdapterSelect(s.get("adapter")), cls="field"),
-             number("rounds", "Feedback rounds", 0, 10, S.cfg.rounds),
-             number("candidates", "Candidates", 1, 8, S.cfg.candidates),
-             Label(Span("Retry"), Select(Option(f"default ({LoopConfig.retry})", value=""),
-                                         *[Option(m, value=m, selected=m == s.get("retry")) for m in RETRY_MODES],
-                                         name="retry"), cls="field"),
-             number("repeat_resamples", "Resample repeats", 0, 8, S.cfg.repeat_resamples),
-             # The parser drops one newline after <textarea>; this one, so a prompt's own first newline stays.
-             Label(Span("System prompt"), Textarea("\n" + prompt if prompt else "",
-                                                   name="system_prompt", rows=5, placeholder=DEFAULT_SYSTEM_PROMPT),
-                   cls="field wide"),
+        Form(*[SettingField(ws, key, s.get(key)) for key in FORM_KEYS],
              Div(Span("Empty fields use the app default.", cls="hint"), Button("Save settings", type="submit"),
                  cls="settings-foot"),
              hx_post=f"/d/{d['id']}/settings", hx_target="#toast", hx_swap="beforeend", cls="menu settings-form"),
         id="settings", cls="settings", open=open, **({"hx_swap_oob": "true"} if oob else {})), indent=False))
 
 
-def DialogHeader(d: dict):
+def DialogHeader(ws: Workspace, d: dict):
     did = d["id"]
     return Header(
         A("Loopbook", href="/", cls="brand"),
         Form(Input(name="title", value=d["title"], cls="dialog-title", aria_label="Dialog title"),
              hx_post=f"/d/{did}/rename", hx_trigger="change, submit", hx_swap="none", cls="rename"),
-        KernelBadge(did),
-        ModelBadge(),
-        AutorunNote(d),
+        KernelBadge(ws, did),
+        ModelBadge(ws),
+        AutorunNote(ws, d),
         Div(Button("Run all", type="button", data_act="run-all", cls="run-all", title="Run every code cell in order"),
             Button("Interrupt", type="button", data_act="interrupt", cls="interrupt", title="Interrupt (i i)"),
             Button("Restart", type="button", data_act="restart", cls="restart", title="Restart the kernel (0 0)"),
@@ -1470,7 +1203,7 @@ def DialogHeader(d: dict):
                     Div(A(".ipynb", href=f"/d/{did}/export.ipynb", cls="export-ipynb"),
                         A(".py", href=f"/d/{did}/export.py", cls="export-py"),
                         A(".md", href=f"/d/{did}/export.md", cls="export-md"), cls="menu"), cls="export"),
-            SettingsPanel(d),
+            SettingsPanel(ws, d),
             Button("?", type="button", data_act="help", cls="help", title="Keyboard shortcuts (?)"),
             LogoutButton(),
             cls="actions"),
@@ -1508,10 +1241,11 @@ def page(handler):
 REFERRER = Meta(name="referrer", content="same-origin")
 ICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
             'fill="#2f6fdf"/><path d="M9 8v16h14" stroke="#fff" stroke-width="4" fill="none"/></svg>')
+TAB_HEADER = "x-loopbook-tab"  # which tab of the page saves (static/app.js names itself)
 
 
-@rt("/favicon.ico")
-def get():
+@route("GET", "/favicon.ico")
+def favicon():
     return Response(ICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
 
@@ -1520,24 +1254,23 @@ def LogoutButton():
                 action="/logout", method="post", cls="logout")
 
 
-@rt("/logout")
-def post(req: Request):
+@route("POST", "/logout")
+def log_out(state, req: Request):
     """End this browser's login: its session is dropped here and its cookie cleared. (A POST, and from this
     origin only, like every write: another site cannot log you out.)"""
     sid = req.scope.get("loopbook.session")
     if sid:
-        S.sessions.drop(sid)
+        state.sessions.drop(sid)
     # A bare page, like the log-in one: a logged-out browser may load none of the app's own files.
     resp = HTMLResponse("<!doctype html><html lang=en><title>Loopbook: logged out</title><h1>Logged out</h1><p>This "
                         "browser's login has ended. To log in again, open the URL Loopbook printed at start-up (it "
                         "ends in ?token=...).</p></html>")
-    resp.delete_cookie(session_cookie(), path="/", httponly=True, samesite="strict")
+    resp.delete_cookie(session_cookie(state.cfg), path="/", httponly=True, samesite="strict")
     return resp
 
 
-
-def Home(q: str = "", error: str | None = None):
-    dialogs = S.store.list_dialogs(search=q or None)
+def Home(ws: Workspace, q: str = "", error: str | None = None):
+    dialogs = ws.store.list_dialogs(search=q or None)
     return (Title("Loopbook"), REFERRER,
             Main(Div(H1("Loopbook"), LogoutButton(), cls="home-head"),
                  Div(error, cls="import-error", role="alert") if error else None,
@@ -1568,53 +1301,9 @@ def Home(q: str = "", error: str | None = None):
                  cls="home"))
 
 
-@rt("/")
-def get(q: str = ""):
-    return Home(q)
-
-
-@rt("/dialogs")
-def post(title: str = "Untitled"):
-    try:
-        d = S.store.create_dialog(title)
-    except StoreError as e:
-        return PlainTextResponse(str(e), status_code=e.status)
-    S.store.add_message(d["id"], "code", "")  # a new notebook opens on an empty cell, as in Jupyter
-    return RedirectResponse(f"/d/{d['id']}", status_code=303)
-
-
-# What an import had to change, shown once when the new dialog opens.
-FLASH: dict[int, list[str]] = {}
-
-
-@rt("/d/{id}")
-def get(id: str):
-    try:
-        d = S.store.get_dialog(id)
-    except StoreError as e:
-        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{escape(str(e))}</p><p><a href='/'>All dialogs</a></p>",
-                            status_code=e.status)
-    notices = FLASH.pop(d["id"], [])
-    return (Title(f"{d['title']} · Loopbook"), REFERRER,
-            DialogHeader(d),
-            Main(Cells(d["id"], S.store.messages(d["id"])), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"])),
-            KeyHelp(),
-            Div(*[Div(n, cls="toast-msg") for n in notices], id="toast", cls="toast", role="status", aria_live="polite"))
-
-
-@rt("/dialogs/import")
-async def post(req: Request):
-    form = await req.form()
-    upload = form.get("file")
-    if upload is None or not hasattr(upload, "read"):
-        return full_page(Home(error="Choose a .ipynb file to import."), status_code=400)
-    try:
-        d = import_ipynb(S.store, await upload.read(), upload.filename or None, check_settings=check_settings)
-    except StoreError as e:
-        return full_page(Home(error=f"Nothing was imported. {e}"), status_code=e.status)
-    if d.get("notices"):
-        FLASH[d["id"]] = d["notices"]
-    return RedirectResponse(f"/d/{d['id']}", status_code=303)
+@route("GET", "/")
+def home(state, q: str = ""):
+    return Home(state.ws, q)
 
 
 def full_page(parts: tuple, status_code: int = 200) -> HTMLResponse:
@@ -1625,164 +1314,140 @@ def full_page(parts: tuple, status_code: int = 200) -> HTMLResponse:
                                                          lang="en")), status_code=status_code)
 
 
-@rt("/d/{id}")
+def error_page(e: StoreError, back: str = "") -> HTMLResponse:
+    return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{escape(str(e))}</p>{back}", status_code=e.status)
+
+
+@route("POST", "/dialogs")
+def create_dialog(state, title: str = "Untitled"):
+    try:
+        d = state.ws.new_dialog(title, empty_cell=True)
+    except StoreError as e:
+        return PlainTextResponse(str(e), status_code=e.status)
+    return RedirectResponse(f"/d/{d['id']}", status_code=303)
+
+
+@route("GET", "/d/{id}")
+def dialog_page(state, id: str):
+    ws = state.ws
+    try:
+        d = ws.store.get_dialog(id)
+    except StoreError as e:
+        return error_page(e, "<p><a href='/'>All dialogs</a></p>")
+    notices = state.flash.pop(d["id"], [])
+    return (Title(f"{d['title']} · Loopbook"), REFERRER,
+            DialogHeader(ws, d),
+            Main(Cells(ws, d["id"], ws.store.messages(d["id"])), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"])),
+            KeyHelp(),
+            Div(*[Div(n, cls="toast-msg") for n in notices], id="toast", cls="toast", role="status", aria_live="polite"))
+
+
+@route("POST", "/dialogs/import")
+async def import_notebook(state, req: Request):
+    form = await req.form()
+    upload = form.get("file")
+    if upload is None or not hasattr(upload, "read"):
+        return full_page(Home(state.ws, error="Choose a .ipynb file to import."), status_code=400)
+    try:
+        d = state.ws.import_notebook(await upload.read(), upload.filename or None)
+    except StoreError as e:
+        return full_page(Home(state.ws, error=f"Nothing was imported. {e}"), status_code=e.status)
+    if d.get("notices"):
+        state.flash[d["id"]] = d["notices"]
+    return RedirectResponse(f"/d/{d['id']}", status_code=303)
+
+
+@route("DELETE", "/d/{id}")
 @page
-async def delete(id: str):
-    await delete_dialog(id)
+async def delete_dialog(state, id: str):
+    await state.ws.delete_dialog(id)
     return ""
 
 
-@rt("/d/{id}/duplicate")
+@route("POST", "/d/{id}/duplicate")
 @page
-def post(id: str):
-    d = S.store.duplicate_dialog(id)
+def duplicate_dialog(state, id: str):
+    d = state.ws.store.duplicate_dialog(id)
     return Response("", headers={"HX-Redirect": f"/d/{d['id']}"})
 
 
-@rt("/d/{id}/export.{fmt}")
-def get(id: str, fmt: str):
+@route("GET", "/d/{id}/export.{fmt}")
+def export_dialog_file(state, id: str, fmt: str):
     try:
-        text, media, name = export_dialog(S.store, id, fmt)
+        return dialog_file(state.ws, id, fmt)
     except StoreError as e:
         return PlainTextResponse(str(e), status_code=e.status)
-    return Response(text, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
 
 
-@rt("/d/{id}/rename")
+@route("POST", "/d/{id}/rename")
 @page
-def post(id: str, title: str = ""):
-    S.store.rename_dialog(id, title)
+def rename_dialog(state, id: str, title: str = ""):
+    state.ws.change_dialog(id, title=title)
     return ""
 
 
-@rt("/d/{id}/settings")
+@route("POST", "/d/{id}/settings")
 @page
-async def post(id: str, req: Request):
+async def save_settings(state, id: str, req: Request):
     """Save the Settings panel: the same check as the API, then a toast, the panel and the header note."""
-    d = S.store.get_dialog(id)
-    patch = settings_from_form(await req.form())
-    check_settings({**d["settings"], **patch}, patch)
-    d = S.store.update_dialog_settings(d["id"], **patch)
-    return Div("Settings saved", cls="toast-msg"), SettingsPanel(d, open=True, oob=True), AutorunNote(d, oob=True)
+    ws = state.ws
+    patch = from_form(await req.form())
+    check_unicode(patch)
+    d = ws.change_dialog(id, settings=patch)
+    return Div("Settings saved", cls="toast-msg"), SettingsPanel(ws, d, open=True, oob=True), AutorunNote(ws, d, oob=True)
 
 
-@rt("/d/{id}/cells")
+@route("POST", "/d/{id}/cells")
 @page
-def post(id: str, type: str = "code", after: str = "", before: str = ""):
-    m = S.store.add_message(id, type, "", after=after or None, before=before or None)
-    return Cell(m)
+def add_cell(state, id: str, type: str = "code", after: str = "", before: str = ""):
+    return Cell(state.ws, state.ws.store.add_message(id, type, "", after=after or None, before=before or None))
 
 
-# The text each cell got from the page's last save, and from which tab (this process only).
-PAGE_WRITES: dict[int, tuple[str, str]] = {}
-TAB_HEADER = "x-loopbook-tab"
-
-
-def save_source(id: str, source: str | None, base: str | None, tab: str | None = None, *, then: str = "") -> dict:
-    """The page's save, and the save before a run, an ask or a solve. `base` is the text this tab last had
-    from the server: if the cell's text changed since (another tab, the API, the kernel helper, a Fix),
-    refuse rather than overwrite, so the last writer wins only when it saw what it replaces. A tab's own
-    earlier save (still on its way back to it when it sent this one) is no conflict. `then`: what the
-    request would have done next ("run"), for the message."""
-    if source is None:
-        raise InvalidInput("Nothing to save: send the cell's text as 'source'.")
-    if base is None:
-        # Without it there is no telling a stale tab from a fresh one: refuse rather than risk a newer edit.
-        raise InvalidInput("This save does not say which text it replaces ('base'), so nothing was saved. Reload "
-                           "the page and try again.")
-    with S.store.transaction():
-        m = S.store.get_message(id)
-        own = tab is not None and PAGE_WRITES.get(m["id"]) == (tab, m["source"])
-        if not own and not same_text(base, m["source"]) and not same_text(source, m["source"]):
-            raise Conflict(f"Cell {m['id']} was changed elsewhere (another tab, the API, or code in the kernel) "
-                           f"since this page loaded it, so this page's text was not saved"
-                           + (f" and the cell was not {then}" if then else "")
-                           + ". Reload the page to see the newer text; if you changed the cell here, copy your "
-                             "text first and apply it again.")
-        note_edit(S.store, S.traces, m, source)
-        m = S.store.update_message(m["id"], source=source)
-        if tab:
-            PAGE_WRITES[m["id"]] = (tab, m["source"])
-        return m
-
-
-def same_text(a: str, b: str) -> bool:
-    # A browser's textarea turns CR LF into LF and drops one leading newline.
-    def norm(t: str) -> str:
-        t = t.replace("\r\n", "\n").replace("\r", "\n")
-        return t[1:] if t.startswith("\n") else t
-    return norm(a) == norm(b)
-
-
-@rt("/cells/{id}")
+@route("PUT", "/cells/{id}")
 @page
-def put(id: str, req: Request, source: str | None = None, base: str | None = None):
-    save_source(id, source, base, req.headers.get(TAB_HEADER))
+def save_cell(state, id: str, req: Request, source: str | None = None, base: str | None = None):
+    state.ws.cells.save(id, source, base, req.headers.get(TAB_HEADER))
     return ""
 
 
-@rt("/cells/{id}/save")
+@route("POST", "/cells/{id}/save")
 @page
-def post(id: str, req: Request, source: str | None = None, base: str | None = None):
+def save_and_render_cell(state, id: str, req: Request, source: str | None = None, base: str | None = None):
     """Save and re-render: a note or prompt leaving edit mode shows its markdown rendered."""
-    return Cell(save_source(id, source, base, req.headers.get(TAB_HEADER)))
+    return Cell(state.ws, state.ws.cells.save(id, source, base, req.headers.get(TAB_HEADER)))
 
 
-# Deleted cells, newest last, so `z` can bring one back with its outputs and reply (this process only).
-TRASH: dict[int, dict] = {}
-TRASH_KEEP = 200
-COPIED_FIELDS = ("source", "outputs", "output_meta", "execution_count", "reply", "reply_meta", "pinned", "skipped",
-                 "is_test", "author")
-
-
-@rt("/cells/{id}")
+@route("DELETE", "/cells/{id}")
 @page
-def delete(id: str):
-    m = S.store.delete_message(id)
-    TRASH[m["id"]] = m
-    while len(TRASH) > TRASH_KEEP:
-        TRASH.pop(next(iter(TRASH)))
+def delete_cell(state, id: str):
+    state.ws.cells.delete(id)
     return ""
 
 
-def _copy_into(m: dict, dialog: str, after: str, before: str) -> dict:
-    fields = {k: m[k] for k in COPIED_FIELDS if k in m}
-    return S.store.add_message(dialog or m["dialog_id"], m["type"], after=after or None, before=before or None, **fields)
-
-
-@rt("/cells/{id}/restore")
+@route("POST", "/cells/{id}/restore")
 @page
-def post(id: str, after: str = "", before: str = ""):
+def restore_cell(state, id: str, after: str = "", before: str = ""):
     """Undo a delete: the cell comes back where it was (after `after` or before `before`), outputs included."""
-    m = TRASH.get(int(id)) if id.isdigit() else None
-    if m is None:
-        raise InvalidInput("That cell can no longer be restored (only deletes since the server started can be undone).")
-    restored = _copy_into(m, "", after, before)
-    TRASH.pop(m["id"], None)
-    return Cell(restored)
+    return Cell(state.ws, state.ws.cells.restore(id, after, before))
 
 
-@rt("/cells/{id}/paste")
+@route("POST", "/cells/{id}/paste")
 @page
-def post(id: str, dialog: str = "", after: str = "", before: str = ""):
+def paste_cell(state, id: str, dialog: str = "", after: str = "", before: str = ""):
     """A copy of cell `id` (still there, or cut) in `dialog`, after or before a cell; outputs included."""
-    m = TRASH.get(int(id)) if id.isdigit() and int(id) in TRASH else S.store.get_message(id)
-    return Cell(_copy_into(m, dialog, after, before))
+    return Cell(state.ws, state.ws.cells.paste(id, dialog, after, before))
 
 
-@rt("/cells/{id}/type")
+@route("POST", "/cells/{id}/type")
 @page
-def post(id: str, type: str):
-    return Cell(S.store.update_message(id, type=type))
+def set_cell_type(state, id: str, type: str):
+    return Cell(state.ws, state.ws.cells.edit(id, {"type": type}))
 
 
-@rt("/cells/{id}/toggle")
+@route("POST", "/cells/{id}/toggle")
 @page
-def post(id: str, field: str):
-    if field not in ("pinned", "skipped", "is_test"):
-        raise InvalidInput("Only 'pinned', 'skipped' and 'is_test' can be toggled.")
-    m = S.store.get_message(id)
-    return Cell(S.store.update_message(id, **{field: not m[field]}))
+def toggle_cell_flag(state, id: str, field: str):
+    return Cell(state.ws, state.ws.cells.toggle(id, field))
 
 
 def whole_number(name: str, text: str) -> int:
@@ -1793,87 +1458,78 @@ def whole_number(name: str, text: str) -> int:
     return int(text)
 
 
-@rt("/cells/{id}/move")
+@route("POST", "/cells/{id}/move")
 @page
-def post(id: str, offset: str = "0"):
+def move_cell(state, id: str, offset: str = "0"):
     """Move by `offset` places; the page moves the element itself, so nothing is re-rendered."""
-    m = S.store.move_message(id, offset=whole_number("offset", offset))
+    m = state.ws.store.move_message(id, offset=whole_number("offset", offset))
     return Response("", headers={"X-Position": str(m["position"])})
 
 
-@rt("/cells/{id}/run")
+@route("POST", "/cells/{id}/run")
 @page
-async def post(id: str, req: Request, source: str | None = None, base: str | None = None):
+async def run_cell(state, id: str, req: Request, source: str | None = None, base: str | None = None):
     if source is not None:
-        save_source(id, source, base, req.headers.get(TAB_HEADER), then="run")
-    await run_message(id)
-    return Cell(S.store.get_message(id))
+        state.ws.cells.save(id, source, base, req.headers.get(TAB_HEADER), then="run")
+    await state.ws.run(id)
+    return Cell(state.ws, state.ws.store.get_message(id))
 
 
-@rt("/cells/{id}/output/{n}")
+@route("GET", "/cells/{id}/output/{n}")
 @page
-def get(id: str, n: str):
+def full_output(state, id: str, n: str):
     """One output in full: what "show all" fetches for a collapsed output."""
     n = whole_number("n", n)
-    m = S.store.get_message(id)
+    m = state.ws.store.get_message(id)
     outputs = m.get("outputs") or []
     if not 0 <= n < len(outputs):
         raise InvalidInput(f"Cell {m['id']} has no output {n}; run it again.")
-    return Safe(OutputView(outputs[n], m["id"], n, full=True))
+    return OutputView(outputs[n], m["id"], n, full=True)
 
 
-@rt("/d/{id}/interrupt")
+@route("POST", "/d/{id}/interrupt")
 @page
-async def post(id: str):
-    did = S.store.get_dialog(id)["id"]
-    await kernel_action(did, "interrupt")
-    return KernelBadge(did)
+async def interrupt_dialog(state, id: str):
+    """Stop the model wherever it works in this dialog and interrupt the kernel (the header's Interrupt, i i)."""
+    return KernelBadge(state.ws, await state.ws.interrupt(id))
 
 
-@rt("/d/{id}/restart")
+@route("POST", "/d/{id}/restart")
 @page
-async def post(id: str):
-    did = S.store.get_dialog(id)["id"]
-    await kernel_action(did, "restart")
-    return KernelBadge(did)
+async def restart_kernel(state, id: str):
+    return KernelBadge(state.ws, await state.ws.restart(id))
 
 
-@rt("/d/{id}/kernel")
+@route("GET", "/d/{id}/kernel")
 @page
-def get(id: str):
-    return KernelBadge(S.store.get_dialog(id)["id"])
+def kernel_badge(state, id: str):
+    return KernelBadge(state.ws, state.ws.store.get_dialog(id)["id"])
 
 
-@rt("/cells/{id}/ask")
+@route("POST", "/cells/{id}/ask")
 @page
-async def post(id: str, req: Request, source: str | None = None, base: str | None = None):
+async def ask_prompt(state, id: str, req: Request, source: str | None = None, base: str | None = None):
     if source is not None:
-        save_source(id, source, base, req.headers.get(TAB_HEADER), then="asked")
+        state.ws.cells.save(id, source, base, req.headers.get(TAB_HEADER), then="asked")
     try:
-        m, _, _ = await start_ask(id, {})
+        m, _, _ = await state.ws.ask(id, {})
     except ModelError as e:
         raise InvalidInput(f"No model to answer with: {e}") from None
-    return Cell(m, reply_streaming=True)
+    return Cell(state.ws, m, reply_streaming=True)
 
 
-@rt("/cells/{id}/stop")
+@route("POST", "/cells/{id}/stop")
 @page
-async def post(id: str):
-    await stop_message(id)
+async def stop_cell(state, id: str):
+    await state.ws.stop(id)
     return ""
 
 
-def last_event_id(req: Request) -> int:
-    """Where a reconnecting EventSource left off, so it is not sent the same tokens twice."""
-    value = req.headers.get("last-event-id") or "0"
-    # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
-    return int(value) if re.fullmatch(r"[0-9]{1,11}", value) else 0
-
-
-@rt("/cells/{id}/stream")
-async def get(id: str, req: Request):
-    live = S.hub.get(f"reply-{id}")
-    start = last_event_id(req)
+@route("GET", "/cells/{id}/stream")
+async def reply_stream(state, id: str, req: Request):
+    """A reply as it is written: tokens, then the finished reply to swap in."""
+    ws, start = state.ws, last_event_id(req)
+    live = ws.reply_live(id)
 
     async def events():
         n = start
@@ -1882,87 +1538,64 @@ async def get(id: str, req: Request):
                 text = "".join(ev["text"] for ev in batch if ev["type"] == "token")
                 n += len(batch)
                 if text:
-                    yield sse_event("token", escape(text), n)
+                    yield "token", escape(text), n
         try:
-            final = to_xml(Reply(S.store.get_message(id)))
+            final = Reply(ws.store.get_message(id))
         except StoreError as e:
             final = to_xml(Div(str(e), id=f"reply-{id}", cls="reply"))
-        yield sse_event("done", final, n + 1)
+        yield "done", final, n + 1
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return event_stream(events())
 
 
-@rt("/cells/{id}/reply")
+@route("GET", "/cells/{id}/reply")
 @page
-def get(id: str, edit: str = ""):
-    m = S.store.get_message(id)
+def show_reply(state, id: str, edit: str = ""):
+    m = state.ws.store.get_message(id)
     return ReplyEditor(m) if edit else Reply(m)
 
 
-@rt("/cells/{id}/reply")
+@route("POST", "/cells/{id}/reply")
 @page
-def post(id: str, reply: str | None = None, base: str | None = None):
+def save_reply(state, id: str, reply: str | None = None, base: str | None = None):
     """A reply edited by hand. `base`: the reply as the editor opened with it, as with a cell's `base`."""
-    if reply is None or base is None:
-        raise InvalidInput("Send the edited reply as 'reply' and the reply you started from as 'base'; nothing was "
-                           "saved.")
-    with S.store.transaction():
-        m = S.store.get_message(id)
-        if m["type"] != "prompt":
-            raise InvalidInput("Only a prompt has a reply to edit.")
-        if not same_text(base, m["reply"]) and not same_text(reply, m["reply"]):
-            raise Conflict(f"The reply of cell {m['id']} changed since you opened it for editing (the model answered "
-                           "again, or another tab); yours was not saved. Copy your text, press Cancel to see the "
-                           "newer reply, and edit that.")
-        meta = {**(m.get("reply_meta") or {}), "status": "done", "edited_by_hand": True}
-        m = S.store.update_message(m["id"], reply=reply, reply_meta=meta)
-    return Reply(m)
+    return Reply(state.ws.cells.edit_reply(id, reply, base))
 
 
-@rt("/cells/{id}/extract")
+@route("POST", "/cells/{id}/extract")
 @page
-def post(id: str):
-    from execfeedback.workspace.ask import code_blocks
-
-    m = S.store.get_message(id)
-    blocks = code_blocks(m.get("reply") or "")
-    if not blocks:
-        raise InvalidInput("The reply has no code blocks.")
-    cells, after = [], m["id"]
-    with S.store.transaction():  # all the reply's cells, or none
-        for code in blocks:
-            c = S.store.add_message(m["dialog_id"], "code", code.rstrip("\n"), after=after, author="model")
-            cells.append(c)
-            after = c["id"]
-    return tuple(Cell(c) for c in cells)
+def extract_code(state, id: str):
+    """The reply's code blocks as new code cells under the prompt."""
+    return Safe("".join(Cell(state.ws, c) for c in state.ws.cells.extract(id)))
 
 
-@rt("/cells/{id}/solve")
+@route("POST", "/cells/{id}/solve")
 @page
-async def post(id: str, req: Request, source: str | None = None, base: str | None = None):
+async def solve_prompt(state, id: str, req: Request, source: str | None = None, base: str | None = None):
     if source is not None:
-        save_source(id, source, base, req.headers.get(TAB_HEADER), then="solved")
+        state.ws.cells.save(id, source, base, req.headers.get(TAB_HEADER), then="solved")
     try:
-        m, _, _ = await start_loop(id, {}, "solve")
+        m, _, _ = await state.ws.solve(id, {}, "solve")
     except ModelError as e:
         raise InvalidInput(f"No model to solve with: {e}") from None
-    return Cell(S.store.get_message(m["id"]), loop_streaming=True)
+    return Cell(state.ws, state.ws.store.get_message(m["id"]), loop_streaming=True)
 
 
-@rt("/cells/{id}/fix")
+@route("POST", "/cells/{id}/fix")
 @page
-async def post(id: str):
+async def fix_cell(state, id: str):
     try:
-        m, _, _ = await start_loop(id, {}, "fix")
+        m, _, _ = await state.ws.solve(id, {}, "fix")
     except ModelError as e:
         raise InvalidInput(f"No model to fix with: {e}") from None
-    return Cell(S.store.get_message(m["id"]), loop_streaming=True)
+    return Cell(state.ws, state.ws.store.get_message(m["id"]), loop_streaming=True)
 
 
-@rt("/cells/{id}/loop-stream")
-async def get(id: str, req: Request):
-    live = S.hub.get(f"loop-{id}")
-    start = last_event_id(req)
+@route("GET", "/cells/{id}/loop-stream")
+async def loop_stream(state, id: str, req: Request):
+    """A Solve or Fix as it runs: tokens, attempts, then the finished cell (and the code cell it landed)."""
+    ws, start = state.ws, last_event_id(req)
+    live = ws.loop_live(id)
 
     async def events():
         n = start
@@ -1975,34 +1608,34 @@ async def get(id: str, req: Request):
                     elif ev["type"] == "attempt_start" and ev["round"] + ev["candidate"] > 0:
                         text.append(f"\n--- round {ev['round']}, candidate {ev['candidate']} ---\n")
                     elif ev["type"] == "attempt":
-                        lines.append(to_xml(AttemptLine(ev["attempt"])))
+                        lines.append(AttemptLine(ev["attempt"]))
                 n += len(batch)
                 if text:
-                    yield sse_event("token", escape("".join(text)), n)
+                    yield "token", escape("".join(text)), n
                 if lines:
-                    yield sse_event("attempt", "".join(lines), n)
+                    yield "attempt", "".join(lines), n
         try:
-            m = S.store.get_message(id)
-            final = to_xml(Cell(m))
+            m = ws.store.get_message(id)
+            final = Cell(ws, m)
             code_id = (m.get("reply_meta") or {}).get("code_message_id") if m["type"] == "prompt" else None
-            if code_id and S.hub.get(f"loop-{id}") is live:
+            if code_id and ws.loop_live(id) is live:
                 try:
-                    final += to_xml(Cell(S.store.get_message(code_id)))
+                    final += Cell(ws, ws.store.get_message(code_id))
                 except StoreError:
                     pass
         except StoreError as e:
             final = to_xml(Div(str(e), id=f"cell-{id}"))
-        yield sse_event("done", final, n + 1)
+        yield "done", final, n + 1
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return event_stream(events())
 
 
-@rt("/traces/{id}")
-def get(id: str):
+@route("GET", "/traces/{id}")
+def trace_page(state, id: str):
     try:
-        t = S.traces.get_trace(id)
+        t = state.ws.traces.get_trace(id)
     except StoreError as e:
-        return HTMLResponse(f"<!doctype html><title>Loopbook</title><p>{escape(str(e))}</p>", status_code=e.status)
+        return error_page(e)
     back = f"/d/{t['dialog_id']}" if t.get("dialog_id") else "/"
 
     def Round(a: dict):
@@ -2033,13 +1666,13 @@ def get(id: str):
                  *[Round(a) for a in t["attempts"]], cls="trace-page"))
 
 
-@rt("/model-badge")
-def get():
-    return ModelBadge()
+@route("GET", "/model-badge")
+def model_badge(state):
+    return ModelBadge(state.ws)
 
 
-@rt("/ansi.css")
-def get():
+@route("GET", "/ansi.css")
+def ansi_stylesheet():
     return Response(ansi_css(), media_type="text/css")
 
 
@@ -2049,7 +1682,6 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     cfg = parse_config(argv)
-    S.cfg = cfg
     if not (math.isfinite(cfg.session_hours) and 0 < cfg.session_hours <= 24 * 3660):
         sys.exit(f"--session-hours must be more than 0 and at most ten years; got {cfg.session_hours}.")
     data_dir = default_data_dir(cfg.data_dir)
@@ -2061,12 +1693,11 @@ def main(argv: list[str] | None = None) -> None:
                      "(e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`).")
         if len(cfg.token) < 16:
             sys.exit(f"Refusing to bind {cfg.host} with a token of {len(cfg.token)} characters: use at least 16.")
-    token = resolve_token(cfg, data_dir)
-    cfg.token = token
+    cfg.token = resolve_token(cfg, data_dir)
     shown = "[::1]" if cfg.host == "::1" else cfg.host
     print(f"Loopbook: data in {data_dir}", flush=True)
-    print(f"Loopbook is running at http://{shown}:{cfg.port}/?token={token}", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    print(f"Loopbook is running at http://{shown}:{cfg.port}/?token={cfg.token}", flush=True)
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
 
 
 if __name__ == "__main__":

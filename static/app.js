@@ -2,8 +2,9 @@
 // queue, autosave, and the glue between the cell toolbar, the server's cell fragments and the editors.
 //
 // Command mode: one cell is selected (class "selected") and has the focus. Edit mode: the focus is in
-// the selected cell's editor (class "editing"; a note or prompt shows its editor only then). The
-// editor (static/editor.js) reports Shift/Ctrl/Alt+Enter and Esc as loopbook:* events on the cell.
+// the selected cell's editor (class "editing"; a note or prompt shows its editor only then). The keys of
+// both are declared in static/keys.js; the editor (static/editor.js) reports the edit-mode ones as
+// loopbook:<action> events on the cell.
 //
 // Every change goes to the server as one small request, and only the cells it touched are swapped
 // (the server answers with those cells' HTML). Runs queue here, in order; a failed run clears the
@@ -139,9 +140,10 @@
 
   // Insert new cells (add, paste, undo, code to cells) next to `ref`, or at the end.
   function insertCells(html, ref, where) {
-    const ids = [...html.matchAll(/<article class="[^"]*" id="cell-(\d+)"/g)].map((m) => m[1]);
-    if (ref && ref.isConnected) htmx.swap(ref, html, SWAP(where === "above" ? "beforebegin" : "afterend"));
-    else htmx.swap("#cells", html, SWAP("beforeend"));
+    const frag = fragmentOf(html);
+    const ids = [...frag.querySelectorAll(CELL)].map((cell) => cell.dataset.id);
+    if (ref && ref.isConnected) htmx.swap(ref, frag, SWAP(where === "above" ? "beforebegin" : "afterend"));
+    else htmx.swap("#cells", frag, SWAP("beforeend"));
     return ids.map(byId).filter(Boolean);
   }
 
@@ -535,11 +537,9 @@
     } catch (err) { /* the next poll tries again */ }
   }
 
+  // The server stops the model wherever it works in the dialog, then interrupts the kernel.
   async function interrupt() {
     clearQueue();
-    for (const live of document.querySelectorAll(CELL + " .streaming")) {
-      call("POST", `/cells/${cellOf(live).dataset.id}/stop`).catch(() => {});
-    }
     const html = await call("POST", `/d/${dialogId()}/interrupt`);
     htmx.swap("#kernel-state", html, SWAP("outerHTML"));
     toast("Interrupted.");
@@ -676,6 +676,7 @@
 
   // -- help -----------------------------------------------------------------------------------------
 
+  const KEYS = window.loopbook.keys; // static/keys.js
   const help = () => document.getElementById("keys-help");
   const helpOpen = () => { const h = help(); return Boolean(h && !h.hidden); };
   function toggleHelp(show = !helpOpen()) {
@@ -684,6 +685,26 @@
     h.hidden = !show;
     if (show) h.querySelector(".close").focus();
     else if (selected()) select(selected());
+  }
+
+  // A key as the help shows it: "Mod+Shift+ArrowUp" is "Ctrl/Cmd+Shift+↑", "P" is "Shift+P".
+  const SHOWN = { Mod: "Ctrl/Cmd", ArrowUp: "↑", ArrowDown: "↓", Escape: "Esc" };
+  const shown = (key) => key.split("+").map((k) => SHOWN[k] || (/^[A-Z]$/.test(k) ? "Shift+" + k : k)).join("+");
+
+  function fillHelp() {
+    const box = help() && help().querySelector(".help-box");
+    if (!box) return;
+    const el = (tag, cls, text) => Object.assign(document.createElement(tag), { className: cls, textContent: text });
+    for (const [title, rows] of Object.values(KEYS)) {
+      const section = el("div", "key-section");
+      section.append(el("h2", "", title));
+      for (const [keys, what] of rows) {
+        const row = el("div", "key-row");
+        row.append(el("span", "keys", keys.map(([key]) => shown(key)).join("  ·  ")), el("span", "what", what));
+        section.append(row);
+      }
+      box.append(section);
+    }
   }
 
   // -- keys -----------------------------------------------------------------------------------------
@@ -697,61 +718,69 @@
     return twice;
   }
 
+  // A key event named as static/keys.js names keys: "Mod+Shift+Enter", "Alt+Enter", "P", "?", "Mod+s".
+  function keyName(e) {
+    const mod = e.ctrlKey || e.metaKey, char = e.key.length === 1;
+    return [mod && "Mod", e.altKey && "Alt", e.shiftKey && !char && "Shift", mod && char ? e.key.toLowerCase() : e.key]
+      .filter(Boolean).join("+");
+  }
+  const bound = (mode) => new Map(KEYS[mode][1].flatMap(([keys]) => keys).filter(([, act]) => act));
+  const COMMAND_KEYS = bound("command");
+
+  // What each action of static/keys.js does, on the selected cell (and its id).
+  const COMMANDS = {
+    edit: (cell) => startEdit(cell),
+    run: (cell) => runCell(cell),
+    "run-next": (cell) => runCell(cell, { then: "next" }),
+    "run-insert": (cell) => runCell(cell, { then: "insert" }),
+    "solve-or-fix": (cell) => solveOrFix(cell),
+    solve: (cell) => {
+      if (cell && cell.dataset.type === "prompt") solveOrFix(cell);
+      else toast("s solves a prompt cell (p makes this cell a prompt).");
+    },
+    fix: (cell) => {
+      if (cell && cell.dataset.type === "code") solveOrFix(cell);
+      else toast("f fixes a code cell whose run failed.");
+    },
+    "select-up": (cell) => cell && select(prevCell(cell) || cell),
+    "select-down": (cell) => cell && select(nextCell(cell) || cell),
+    "select-first": () => select(allCells()[0]),
+    "select-last": () => select(allCells().at(-1)),
+    "move-up": (cell, id) => id && move(id, -1),
+    "move-down": (cell, id) => id && move(id, 1),
+    "add-above": (cell, id) => addCell(id, "above"),
+    "add-below": (cell, id) => addCell(id, "below"),
+    delete: (cell, id) => id && deleteCell(id),
+    "undo-delete": () => undoDelete(),
+    cut: (cell, id) => id && deleteCell(id, { cut: true }),
+    copy: (cell, id) => id && copyCell(id),
+    "paste-below": (cell, id) => paste(id, "below"),
+    "paste-above": (cell, id) => paste(id, "above"),
+    "to-code": (cell, id) => id && setType(id, "code"),
+    "to-note": (cell, id) => id && setType(id, "note"),
+    "to-prompt": (cell, id) => id && setType(id, "prompt"),
+    pin: (cell, id) => id && toggle(id, "pinned"),
+    skip: (cell, id) => id && toggle(id, "skipped"),
+    "run-above": (cell) => cell && runAll(cell),
+    interrupt: () => interrupt(),
+    restart: () => restart(),
+    save: (cell) => cell && flush(cell).then(() => toast("Saved.")),
+    help: () => toggleHelp(true),
+    escape: (cell) => leaveEdit(cell),
+  };
+
   // Command-mode keys. Each key becomes an action that runs in order after the edits before it, on
   // the cell selected by then: "b p Enter" adds a cell, makes *it* a prompt and edits it, however fast
-  // it is typed.
+  // it is typed. Keys the map does not bind are the browser's (copy, find, ...).
   function commandKey(e) {
-    const k = e.key;
-    const mod = e.ctrlKey || e.metaKey;
-    if (k === "Enter") {
-      if (mod && e.shiftKey) return (cell) => solveOrFix(cell);
-      if (e.shiftKey) return (cell) => runCell(cell, { then: "next" });
-      if (mod) return (cell) => runCell(cell);
-      if (e.altKey) return (cell) => runCell(cell, { then: "insert" });
-      expectEdit();
-      return (cell) => startEdit(cell);
-    }
-    if (mod && e.shiftKey && (k === "ArrowUp" || k === "ArrowDown")) {
-      return (cell, id) => id && move(id, k === "ArrowUp" ? -1 : 1);
-    }
-    if (mod && (k === "s" || k === "S")) return (cell) => cell && flush(cell).then(() => toast("Saved."));
-    if (mod || e.altKey) return null; // the browser's own shortcuts (copy, find, ...)
-    if (k !== "d" && k !== "i" && k !== "0") lastKey = null;
-    switch (k) {
-      case "ArrowUp": case "k": return (cell) => cell && select(prevCell(cell) || cell);
-      case "ArrowDown": case "j": return (cell) => cell && select(nextCell(cell) || cell);
-      case "Home": return () => select(allCells()[0]);
-      case "End": return () => select(allCells().at(-1));
-      case "a": return (cell, id) => addCell(id, "above");
-      case "b": return (cell, id) => addCell(id, "below");
-      case "d": return pressedTwice("d") ? (cell, id) => id && deleteCell(id) : () => {};
-      case "z": return () => undoDelete();
-      case "x": return (cell, id) => id && deleteCell(id, { cut: true });
-      case "c": return (cell, id) => id && copyCell(id);
-      case "v": return (cell, id) => paste(id, "below");
-      case "V": return (cell, id) => paste(id, "above");
-      case "y": return (cell, id) => id && setType(id, "code");
-      case "m": return (cell, id) => id && setType(id, "note");
-      case "p": return (cell, id) => id && setType(id, "prompt");
-      case "P": return (cell, id) => id && toggle(id, "pinned");
-      case "S": return (cell, id) => id && toggle(id, "skipped");
-      case "r": return (cell) => cell && runAll(cell);
-      case "s":
-        return (cell) => {
-          if (cell && cell.dataset.type === "prompt") solveOrFix(cell);
-          else toast("s solves a prompt cell (p makes this cell a prompt).");
-        };
-      case "f":
-        return (cell) => {
-          if (cell && cell.dataset.type === "code") solveOrFix(cell);
-          else toast("f fixes a code cell whose run failed.");
-        };
-      case "i": return pressedTwice("i") ? () => interrupt() : () => {};
-      case "0": return pressedTwice("0") ? () => restart() : () => {};
-      case "?": case "h": return () => toggleHelp(true);
-      case "Escape": return () => {};
-      default: return null;
-    }
+    const name = keyName(e);
+    const twice = COMMAND_KEYS.get(`${name} ${name}`);
+    if (twice) return pressedTwice(name) ? COMMANDS[twice] : () => {};
+    lastKey = null;
+    if (name === "Escape") return () => {};
+    const act = COMMAND_KEYS.get(name);
+    if (act === "edit") expectEdit();
+    return act ? COMMANDS[act] : null;
   }
 
   document.addEventListener("keydown", (e) => {
@@ -783,27 +812,13 @@
     });
   });
 
-  // Edit-mode keys the editor does not report, taken before CodeMirror sees them.
-  document.addEventListener("keydown", (e) => {
-    if (!dialogPage()) return;
-    const cell = e.target.closest && e.target.closest(".cm-editor") ? cellOf(e.target) : null;
-    if (!cell) return;
-    const mod = e.ctrlKey || e.metaKey;
-    if (e.key === "Enter" && mod && e.shiftKey) {
-      e.preventDefault(); e.stopPropagation();
-      solveOrFix(cell);
-    } else if (mod && !e.shiftKey && !e.altKey && (e.key === "s" || e.key === "S")) {
-      e.preventDefault(); e.stopPropagation();
-      flush(cell).then(() => toast("Saved.")).catch(() => {});
-    }
-  }, true);
-
-  // The editor's keys (edit mode), in order with the command keys.
-  const fromEditor = (fn) => (e) => { const cell = cellOf(e.target); if (cell) serial(() => fn(cell)); };
-  document.addEventListener("loopbook:run", fromEditor((cell) => runCell(cell)));
-  document.addEventListener("loopbook:run-next", fromEditor((cell) => runCell(cell, { then: "next" })));
-  document.addEventListener("loopbook:run-insert", fromEditor((cell) => runCell(cell, { then: "insert" })));
-  document.addEventListener("loopbook:escape", fromEditor((cell) => leaveEdit(cell)));
+  // The editor's keys (edit mode), reported as loopbook:<action> events, in order with the command keys.
+  for (const act of new Set(bound("edit").values())) {
+    document.addEventListener("loopbook:" + act, (e) => {
+      const cell = cellOf(e.target);
+      if (cell) serial(() => COMMANDS[act](cell, cell.dataset.id));
+    });
+  }
 
   // -- mouse and focus ------------------------------------------------------------------------------
 
@@ -954,6 +969,7 @@
   function start() {
     for (const msg of document.querySelectorAll("#toast .toast-msg")) setTimeout(() => msg.remove(), 9000);
     if (!dialogPage()) return;
+    fillHelp();
     watchLazy();
     const wanted = /^#cell-(\d+)$/.exec(location.hash);
     const cells = allCells();

@@ -3,12 +3,12 @@
 //
 // The textarea stays in the DOM, hidden, and mirrors the editor on every change (followed by an
 // `input` event), so htmx forms and `hx-trigger="input ..."` keep working as if no editor existed.
-// Run and escape keys are not handled here: they are reported as bubbling CustomEvents on the
-// cell <article>, and the page decides what they mean.
+// The page's edit-mode keys (static/keys.js: run, escape, ...) are not handled here: each is reported
+// as a bubbling CustomEvent, loopbook:<action>, on the cell <article>, and the page decides what it means.
 //
-// API: window.loopbook.editors.{get, focus, blur, value, setValue, setLanguage, setReadOnly,
-// upgrade}. Each takes a cell: the <article class="cell">, any element inside it, its textarea,
-// the article's element id ("cell-7") or its data-id ("7").
+// API: window.loopbook.editors.{get, focus, blur, value, setValue, setLanguage, upgrade}. Each takes
+// a cell: the <article class="cell">, any element inside it, its textarea, the article's element id
+// ("cell-7") or its data-id ("7").
 (function () {
   "use strict";
 
@@ -25,7 +25,6 @@
   // A Map, not a WeakMap, so views whose textarea left the page can be found and destroyed.
   const views = new Map(); // textarea -> EditorView
   const languageSlot = new CM.Compartment();
-  const readOnlySlot = new CM.Compartment();
   // Marks programmatic edits that should update the textarea without an `input` event.
   const quiet = CM.Annotation.define();
 
@@ -63,11 +62,6 @@
     return cell && cell.dataset.type === "code" ? "python" : "markdown";
   }
 
-  function readOnlyExtension(readOnly) {
-    // Still focusable and selectable, so a read-only cell can be copied from and run.
-    return CM.EditorState.readOnly.of(readOnly);
-  }
-
   function report(textarea, view, name) {
     const cell = textarea.closest(CELL) || view.dom;
     cell.dispatchEvent(new CustomEvent(name, {
@@ -83,23 +77,22 @@
     return true;
   }
 
-  // Highest precedence, so Shift+Enter never inserts a newline and Mod-Enter never runs
-  // CodeMirror's insertBlankLine.
+  // The edit-mode keys of static/keys.js that name an action, at the highest precedence, so Shift+Enter
+  // never inserts a newline and Mod-Enter never runs CodeMirror's insertBlankLine.
   function pageKeys(textarea) {
-    const send = (name) => (view) => report(textarea, view, name);
-    return [
-      { key: "Shift-Enter", run: send("loopbook:run-next") },
-      { key: "Mod-Enter", run: send("loopbook:run") },
-      { key: "Ctrl-Enter", run: send("loopbook:run") }, // on a Mac, Mod is Cmd: take Ctrl too
-      { key: "Alt-Enter", run: send("loopbook:run-insert") },
-      {
-        key: "Escape",
-        // An open completion list closes first; the next Escape goes to the page.
-        run: (view) => CM.completionStatus(view.state) === "active"
-          ? CM.closeCompletion(view)
-          : report(textarea, view, "loopbook:escape"),
-      },
-    ];
+    const keys = [];
+    for (const [row] of (window.loopbook.keys ? window.loopbook.keys.edit[1] : [])) {
+      for (const [key, act] of row.filter(([, a]) => a)) {
+        const run = act !== "escape" ? (view) => report(textarea, view, "loopbook:" + act)
+          // An open completion list closes first; the next Escape goes to the page.
+          : (view) => CM.completionStatus(view.state) === "active" ? CM.closeCompletion(view)
+            : report(textarea, view, "loopbook:escape");
+        const name = key.replaceAll("+", "-");
+        keys.push({ key: name, run });
+        if (name.startsWith("Mod-")) keys.push({ key: "Ctrl-" + name.slice(4), run }); // on a Mac, Mod is Cmd
+      }
+    }
+    return keys;
   }
 
   function mirror(textarea) {
@@ -137,7 +130,8 @@
         CM.indentWithTab,
       ]),
       languageSlot.of(languageExtension(languageOf(textarea))),
-      readOnlySlot.of(readOnlyExtension(textarea.hasAttribute("data-readonly"))),
+      // Still focusable and selectable, so a read-only cell can be copied from and run.
+      CM.EditorState.readOnly.of(textarea.hasAttribute("data-readonly")),
       textarea.placeholder ? CM.placeholder(textarea.placeholder) : [],
       CM.EditorView.contentAttributes.of({
         "aria-label": textarea.getAttribute("aria-label") || "cell source",
@@ -270,15 +264,7 @@
     return true;
   }
 
-  function setReadOnly(cell, readOnly = true) {
-    const view = get(cell);
-    if (!view) return false;
-    textareaOf(cell).toggleAttribute("data-readonly", Boolean(readOnly));
-    view.dispatch({ effects: readOnlySlot.reconfigure(readOnlyExtension(Boolean(readOnly))) });
-    return true;
-  }
-
-  const api = { get, focus, blur, value, setValue, setLanguage, setReadOnly, upgrade };
+  const api = { get, focus, blur, value, setValue, setLanguage, upgrade };
   window.loopbook = Object.assign(window.loopbook || {}, { editors: api });
 
   // htmx calls this before it removes an element (and for each of its descendants). The view is

@@ -82,6 +82,23 @@ def c(server):
         yield client
 
 
+@pytest.fixture(scope="session")
+def app_client(tmp_path_factory):
+    """The app in this process (create_app under Starlette's TestClient, which runs its lifespan: real store, real
+    kernels, no model), for the tests that need no server of their own; its state is `app_client.app.state`."""
+    from starlette.testclient import TestClient
+
+    from apphelpers import TOKEN
+    from securityhelpers import app_module
+
+    app = app_module()
+    cfg = app.Config(data_dir=str(tmp_path_factory.mktemp("inproc")), token=TOKEN, exec_timeout=4, output_cap=20000,
+                     model="/no/model/for/these/tests.gguf")
+    with TestClient(app.create_app(cfg), base_url="http://127.0.0.1",
+                    headers={"Authorization": f"token {TOKEN}"}) as client:
+        yield client
+
+
 @pytest.fixture(scope="module")
 def browser():
     """A real headless Chromium (Debian's, through Playwright), one per test module."""

@@ -23,7 +23,8 @@ FORBIDDEN_TAGS = {"object", "embed", "base", "applet", "frame", "frameset", "isi
 
 @functools.lru_cache(maxsize=1)
 def app_module():
-    """app.py imported as a module (its routes; nothing is started: the lifespan runs only under a server)."""
+    """app.py imported as a module (nothing is started: create_app builds an app, its lifespan runs only under a
+    server)."""
     spec = importlib.util.spec_from_file_location("loopbook_app_under_test", ROOT / "app.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -33,8 +34,9 @@ def app_module():
 
 def routes() -> list[tuple[str, str]]:
     """Every (method, path template) the app answers, HEAD and the static mount included."""
+    app = app_module()
     out = []
-    for r in app_module().app.routes:
+    for r in app.create_app(app.Config()).routes:
         methods = getattr(r, "methods", None)
         if methods is None:  # a Mount: static files
             out += [("GET", r.path + "/app.css"), ("GET", r.path + "/vendor/htmx.min.js"),

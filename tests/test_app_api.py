@@ -1,4 +1,5 @@
-"""The JSON API against a real server process with real kernels."""
+"""The JSON API with real kernels: in process (create_app), and on a real server process where a test needs one
+(the network door, a kernel calling back, a restart)."""
 
 import re
 
@@ -6,6 +7,18 @@ import pytest
 
 from apphelpers import TOKEN, Server
 from dialog.render import strip_ansi
+
+
+@pytest.fixture
+def c(app_client):
+    return app_client
+
+
+@pytest.fixture
+def served(server):
+    """A client of the real server process, for the tests that need one."""
+    with server.client() as client:
+        yield client
 
 
 def new_dialog(c, title="t"):
@@ -180,7 +193,8 @@ def test_auth_required_everywhere(server):
         assert browser.get("/api/dialogs").status_code == 200
 
 
-def test_host_and_origin_checks(server, c):
+def test_host_and_origin_checks(server, served):
+    c = served
     r = c.get("/api/dialogs", headers={"Host": "evil.example"})
     assert r.status_code == 403
     r = c.post("/api/dialogs", json={"title": "x"}, headers={"Origin": "http://evil.example"})
@@ -232,10 +246,12 @@ def test_restart_keeps_everything(tmp_path):
         s2.stop()
 
 
-def test_kernel_helper_scripts_its_own_dialog(c, server):
+def test_kernel_helper_scripts_its_own_dialog(server, served):
     import time
 
     import httpx
+
+    c = served  # the kernel's helper calls the server back over HTTP
 
     did = new_dialog(c, "scripted")
     other = new_dialog(c, "someone else's")

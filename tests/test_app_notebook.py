@@ -1,8 +1,14 @@
-"""ipynb, .py and .md export and import through the real server."""
+"""ipynb, .py and .md export and import through the app (in process)."""
 
 import json
 
 import nbformat
+import pytest
+
+
+@pytest.fixture
+def c(app_client):
+    return app_client
 
 
 def make_dialog(c):

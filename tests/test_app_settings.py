@@ -1,10 +1,12 @@
-"""The dialog page's Settings panel through the real server: saving, refusing, clearing, adapters, escaping."""
+"""The dialog page's Settings panel through the app (in process; the model test on a real server): saving,
+refusing, clearing, adapters, escaping."""
 
 from __future__ import annotations
 
 import itertools
 from html import unescape
 
+import pytest
 from bs4 import BeautifulSoup
 
 from dialog import Store
@@ -12,6 +14,15 @@ from execfeedback.adapters import registry as adapters
 
 HX = {"HX-Request": "true"}
 _names = itertools.count()
+
+
+@pytest.fixture
+def c(app_client):
+    return app_client
+
+
+def data_dir_of(c):
+    return c.app.state.cfg.data_dir
 
 
 def new_dialog(c, settings: dict | None = None) -> int:
@@ -71,7 +82,7 @@ def test_valid_values_are_saved_and_shown(c):
     assert p.select_one("form")["hx-post"] == f"/d/{did}/settings"
 
 
-def test_bad_values_give_a_toast_and_change_nothing(c, server):
+def test_bad_values_give_a_toast_and_change_nothing(c):
     did = new_dialog(c, {"rounds": 1, "retry": "refine"})
     before = settings_of(c, did)
     cases = [(form(rounds="-1"), "rounds must be"), (form(candidates="abc"), "candidates must be a whole number"),
@@ -103,8 +114,8 @@ def test_empty_fields_remove_keys_and_absent_ones_stay(c):
     assert p.select_one("textarea[name=system_prompt]").text.strip() == ""
 
 
-def test_a_registered_adapter_is_listed_chosen_and_named_in_the_header(c, server):
-    name = register(server.data_dir, "b1" * 32)
+def test_a_registered_adapter_is_listed_chosen_and_named_in_the_header(c):
+    name = register(data_dir_of(c), "b1" * 32)
     did = new_dialog(c)
     option = panel(c, did).select_one(f"select[name=adapter] option[value='{name}']")
     # No model is loaded in this server, so nothing is refused up front: the base is checked when it is used.
@@ -136,9 +147,9 @@ def test_adapters_of_another_base_are_listed_but_disabled(model_server):
         assert manifest["file_name"] in theirs["title"]
 
 
-def test_hostile_text_is_escaped(c, server):
+def test_hostile_text_is_escaped(c):
     hostile_base = '<img src=x onerror="alert(1)">'
-    name = register(server.data_dir, "c3" * 32, base_model=hostile_base)
+    name = register(data_dir_of(c), "c3" * 32, base_model=hostile_base)
     prompt = '</textarea><script>alert("x")</script><b title="a">'
     did = new_dialog(c)
     r = c.post(f"/d/{did}/settings", data=form(adapter=name, system_prompt=prompt), headers=HX)

@@ -86,10 +86,9 @@ def test_body_routes_are_the_ones_that_read_bodies():
 
     src = inspect.getsource(app_module())
     reads = set()
-    for block in src.split("\n@rt(")[1:]:
-        path = block.split('"', 2)[1]
+    for block in src.split("\n@route(")[1:]:
+        _, method, _, path, _ = block.split('"', 4)
         func = block.split("\n\n\n")[0]
-        method = func.split("def ", 1)[1].split("(", 1)[0].upper()
         if path.startswith("/api/") and ("json_body(" in func or "loop_response(" in func):
             reads.add((method, path))
     assert reads == BODY_ROUTES

@@ -33,6 +33,7 @@ PAGE = f"""<!doctype html>
 <script src="/static/vendor/htmx.min.js"></script>
 <script src="/static/vendor/htmx-ext-sse.js"></script>
 <script src="/static/vendor/codemirror.js"></script>
+<script src="/static/keys.js"></script>
 <script src="/static/editor.js"></script>
 </head><body hx-ext="sse">
 <main id="dialog">

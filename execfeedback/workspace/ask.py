@@ -11,7 +11,6 @@ from dialog import InvalidInput, Store
 from dialog.context import ContextOptions, build_context
 from local_model import Engine, ModelError, Sampling
 
-from ..loop.extract import code_blocks  # noqa: F401 - the page turns a reply's code blocks into cells
 from .live import Live
 from .settings import ASK, check, keys
 

@@ -11,7 +11,7 @@ from dialog.render import stream_text
 from local_model import Engine
 
 from .ask import context_for, dialog_key
-from ..loop.loop import RETRY_MODES, Loop, LoopConfig, LoopResult, Task  # noqa: F401 - Loop, RETRY_MODES: for app.py
+from ..loop.loop import LoopConfig, LoopResult, Task
 from ..traces import TraceStore
 from .settings import LOOP, check, keys
 
