@@ -1,16 +1,14 @@
 """Adapter GGUF files: write one, read one back, rewrite its metadata (the card and record travel inside).
 
-Needs the `gguf` package (the train extra) only to write or read tensors; numpy comes with it.
+Needs the `gguf` package (the train extra) to write or read one.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import numpy as np
+import numpy as np
 
 # Keys of the GGUF metadata that make an adapter file self-describing (llama.cpp ignores them).
 META_RECORD = "loopbook.adapter"
@@ -47,7 +45,6 @@ def write_gguf(path: str | Path, *, arch: str, alpha: float, tensors: list[tuple
 def read_gguf(path: str | Path) -> tuple[str, float, str | None, list[tuple[str, np.ndarray]], dict[str, str]]:
     """(architecture, alpha, name, tensors, string metadata) of an adapter file."""
     import gguf
-    import numpy as np
 
     r = gguf.GGUFReader(str(path))
 

@@ -81,13 +81,8 @@ def _failed(message: str) -> tuple[int, None]:
 
 
 def _settings(args: argparse.Namespace) -> EvalSettings:
-    return EvalSettings(problems=Path(args.problems).name, model=str(args.model), adapter=args.adapter,
-                        backend=args.backend,
-                        base_url=args.base_url, rounds=args.rounds, candidates=args.candidates, retry=args.retry,
-                        repeat_resamples=args.repeat_resamples,
-                        temperature=args.temperature, seed=args.seed, max_tokens=args.max_tokens,
-                        timeout=args.timeout, n_ctx=args.n_ctx, concurrency=args.concurrency, limit=args.limit,
-                        memory_mb=args.memory_mb, cpu_seconds=args.cpu_seconds)
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings)}
+    return EvalSettings(**{**given, "problems": Path(args.problems).name, "model": str(args.model)})
 
 
 def _check_numbers(args: argparse.Namespace) -> str | None:
