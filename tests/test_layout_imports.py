@@ -1,9 +1,6 @@
-"""The layout, read from the source: imports point down, nothing imports a command line module, no cycles.
-
-Every import counts, also one inside a function; one under `if TYPE_CHECKING:` counts for the direction,
-not for cycles (it never runs). The units are app.py, dialog, kernels, local_model, and each subpackage
-and top module of execfeedback.
-"""
+"""The layout, read from the source: imports point down, nothing imports a cli module, no import cycles. Every
+import counts, also inside a function; one under `if TYPE_CHECKING:` counts for the direction, not for cycles (it
+never runs). Units: app.py, dialog, kernels, local_model, and each subpackage and top module of execfeedback."""
 
 import ast
 from graphlib import CycleError, TopologicalSorter
@@ -32,16 +29,9 @@ MAY_IMPORT = {
 }
 
 
-def _modules() -> dict[str, Path]:
-    found = {"app": ROOT / "app.py"}
-    for top in ("execfeedback", *LEAVES):
-        for path in (ROOT / top).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    return found
-
-
-MODULES = _modules()
+MODULES = {"app": ROOT / "app.py"} | {
+    ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+    for top in ("execfeedback", *LEAVES) for p in (ROOT / top).rglob("*.py")}
 
 
 def _ours(name: str) -> str | None:
@@ -72,10 +62,9 @@ def _imports(name: str, path: Path) -> tuple[set[str], set[str]]:
     return runs, typing
 
 
-RUNS, TYPING = {}, {}
-for _name, _path in MODULES.items():
-    RUNS[_name], TYPING[_name] = _imports(_name, _path)
-EDGES = {name: RUNS[name] | TYPING[name] for name in MODULES}
+IMPORTS = {name: _imports(name, path) for name, path in MODULES.items()}
+RUNS = {name: runs for name, (runs, _) in IMPORTS.items()}
+EDGES = {name: runs | typing for name, (runs, typing) in IMPORTS.items()}
 
 
 def _unit(module: str) -> str:

@@ -1,6 +1,3 @@
-"""Dataset export: the traces as SFT, preference, KTO, trajectory and correction files, with a dataset card.
-
-exporter runs an export into an ExportReport (report), which card renders; hygiene, rows, schema, options,
-source, split, writers and parallel are its parts; cli is `python -m execfeedback export`. May import
-`traces` and `dialog`.
-"""
+"""Dataset export: exporter runs one into an ExportReport (report), which card renders as the dataset card; hygiene,
+rows, schema, options, source, split, writers and parallel are its parts; cli is `python -m execfeedback export`.
+May import traces and dialog."""

@@ -1,10 +1,6 @@
-"""`python -m execfeedback finetune`: a LoRA adapter for the local GGUF model, trained on the store's traces.
-
-    python -m execfeedback finetune --data-dir D --base qwen2.5-coder-1.5b --out coder-fix-v1
-
-This process is the training process: run() binds Hugging Face's `kernels` before anything imports
-transformers (see training_process), then runs the pipeline.
-"""
+"""`python -m execfeedback finetune --base qwen2.5-coder-1.5b --out coder-fix-v1`: this process is the training
+process: run() binds Hugging Face's `kernels` before anything imports transformers (training_process), then runs
+the pipeline."""
 
 from __future__ import annotations
 
