@@ -1,7 +1,5 @@
-"""The trace store: solves, their attempts and human corrections, in the dialog store's SQLite file.
-
-The base of execfeedback: any of its packages may import it; it imports only `dialog`.
-"""
+"""The trace store: solves, their attempts and human corrections, in the dialog store's SQLite file; open_store.
+Any part of execfeedback may import it; it imports only dialog."""
 
 from __future__ import annotations
 

@@ -1,4 +1,2 @@
-"""Headless eval: problem files, standard benchmarks as problem files, the runner and its command.
-
-May import `loop`, `traces`, `adapters` and the leaves (`dialog`, `kernels`, `local_model`).
-"""
+"""Headless eval: problems (the file format), benchmarks (HumanEval as problems), problem_sets/, runner, and the
+commands (cli: eval; benchmarks_cli: problems). May import loop, traces, adapters and the leaves."""
