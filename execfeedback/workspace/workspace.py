@@ -166,7 +166,7 @@ class Workspace:
 
     def sampling(self, settings: dict, body: dict):
         """Sampling: the app's defaults, then the dialog's settings, then the request's."""
-        defaults = {k: self.defaults[k] for k in ("max_tokens", "temperature")}
+        defaults = {k: self.defaults[k] for k in table.keys(table.ASK)}
         return sampling_from({**defaults, **settings}, {k: body.get(k) for k in table.keys(table.ASK)})
 
     async def engine_for(self, body: dict, settings: dict):
@@ -222,7 +222,7 @@ class Workspace:
             raise InvalidInput("A loop is already running on this cell; stop it first.")
         settings = self.store.get_dialog(m["dialog_id"])["settings"]
         sampling = self.sampling(settings, body)
-        base = LoopConfig(**{k: self.defaults[k] for k in table.keys(table.LOOP) if k != "retry"}, sampling=sampling)
+        base = LoopConfig(**{k: self.defaults[k] for k in table.keys(table.LOOP)}, sampling=sampling)
         cfg = loop_config(settings, {k: body.get(k) for k in table.keys(table.LOOP)}, base)
         engine = await self.engine_for(body, settings)
         await self.prepare_kernel(m["dialog_id"])
