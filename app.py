@@ -39,7 +39,7 @@ from dialog.render import IMAGE_MIMES, ansi_css, ansi_html, markdown_html, text_
 from execfeedback.export.exporter import ExportError, options_from_mapping, stream_export_zip
 from execfeedback.workspace.workspace import Workspace
 from execfeedback.workspace.settings import ASK, FORM_KEYS, LOOP, SETTINGS, Setting, from_form, keys
-from kernels import KernelInitError, KernelPool, KernelStartError
+from kernels import KernelInitError, KernelPool, KernelStartError, apply_events
 from kernels.helper_setup import dialog_of_kernel_token
 from local_model import ModelError
 from local_model.registry import ALIASES, MODELS, canonical_name
@@ -947,7 +947,9 @@ def _output(o: dict, mid: int, n: int, full: bool) -> str:
             f'data-url="/cells/{mid}/output/{n}">Show all {lines:,} lines ({_size(len(text))})</button></div>')
 
 
-def Outputs(m: dict) -> Safe:
+def Outputs(m: dict, running: bool = False) -> Safe:
+    """A code cell's outputs; `running`: its run goes on now, and the page follows its live outputs."""
+    live = ' data-live="run"' if running else ""
     meta = m.get("output_meta") if isinstance(m.get("output_meta"), dict) else {}
     status = _text_or(meta.get("status"))
     parts = []
@@ -959,7 +961,14 @@ def Outputs(m: dict) -> Safe:
         parts.append('<div class="out-banner out-truncated">Output capped: '
                      + (f"{int(produced):,} characters produced, " if produced is not None else "")
                      + 'head and tail kept.</div>')
-    return Safe(f'<div id="out-{m["id"]}" class="outputs status-{_e(status or "none")}">{"".join(parts)}</div>')
+    return Safe(f'<div id="out-{m["id"]}" class="outputs status-{_e(status or "none")}"{live}>{"".join(parts)}</div>')
+
+
+def live_outputs(mid: int, cleared: bool, changed: list[int], outputs: list[dict]) -> str:
+    """One live-output event for the page: the outputs that changed, rendered as a finished run's are (Outputs),
+    by index; static/app.js puts each at its place and drops those past `n` (the view after clear_output)."""
+    return json.dumps({"clear": cleared, "n": len(outputs),
+                       "set": [[i, _output(outputs[i], mid, i, False)] for i in changed]})
 
 
 def ExecCount(m: dict) -> Safe:
@@ -1039,6 +1048,7 @@ def LoopView(ws: Workspace, m: dict, streaming: bool = False, trace: dict | None
                 Button("Stop", type="button", data_act="stop", cls="stop"), cls="reply-bar"),
             Ul(cls="attempts live", sse_swap="attempt", hx_swap="beforeend"),
             Pre(cls="reply-live", sse_swap="token", hx_swap="beforeend"),
+            Div(cls="outputs loop-outputs", sse_swap="outputs", hx_swap="innerHTML"),
             Div(sse_swap="done", hx_target=f"#cell-{mid}", hx_swap="outerHTML"),
             id=f"loop-{mid}", cls="loop streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/loop-stream",
             sse_close="done"), indent=False))
@@ -1074,7 +1084,7 @@ def Cell(ws: Workspace, m: dict, *, reply_streaming: bool = False, loop_streamin
         view = _md(src) if src.strip() else f'<p class="placeholder">Empty {t}: press Enter to write</p>'
         body.append(f'<div class="md-view md">{view}</div>')
     if t == "code":
-        body.append(Outputs(m))
+        body.append(Outputs(m, running=ws.run_outputs(mid) is not None))
     elif t == "prompt":
         body.append(Reply(m, streaming=reply_streaming))
     if t != "note":
@@ -1487,6 +1497,36 @@ def full_output(state, id: str, n: str):
     return OutputView(outputs[n], m["id"], n, full=True)
 
 
+@route("GET", "/cells/{id}/run-stream")
+async def run_stream(state, id: str, req: Request, wait: str = ""):
+    """A code cell's outputs as its run makes them ("outputs" events, see live_outputs), then "done" with the
+    finished cell. The page opens it as it sends Run (`wait=1`: the stream may arrive first, so it waits up to 5 s
+    for the run to start); a page loaded mid-run gets the whole view first."""
+    ws = state.ws
+
+    async def events():
+        n = 0
+        try:
+            view = await ws.follow_run(id, 5.0 if wait else 0.0)
+            mid = ws.store.get_message(id)["id"]
+        except StoreError as e:
+            yield "done", to_xml(Div(str(e), id=f"cell-{id}")), 1
+            return
+        if view is not None:
+            n += 1
+            yield "outputs", json.dumps({"clear": True, "n": 0, "set": []}), n
+            async for cleared, changed, outputs in view.follow():
+                n += 1
+                yield "outputs", live_outputs(mid, cleared, changed, outputs), n
+        try:
+            final = Cell(ws, ws.store.get_message(mid))
+        except StoreError as e:
+            final = to_xml(Div(str(e), id=f"cell-{id}"))
+        yield "done", final, n + 1
+
+    return event_stream(events())
+
+
 @route("POST", "/d/{id}/interrupt")
 @page
 async def interrupt_dialog(state, id: str):
@@ -1600,18 +1640,26 @@ async def loop_stream(state, id: str, req: Request):
     async def events():
         n = start
         if live is not None:
+            outputs: list[dict] = []  # the running candidate's, live (kernels.apply_events)
             async for batch in live.follow(start):
-                text, lines = [], []
+                text, lines, changed = [], [], False
                 for ev in batch:
                     if ev["type"] == "token":
                         text.append(ev["text"])
-                    elif ev["type"] == "attempt_start" and ev["round"] + ev["candidate"] > 0:
-                        text.append(f"\n--- round {ev['round']}, candidate {ev['candidate']} ---\n")
+                    elif ev["type"] == "attempt_start":
+                        outputs, changed = [], True
+                        if ev["round"] + ev["candidate"] > 0:
+                            text.append(f"\n--- round {ev['round']}, candidate {ev['candidate']} ---\n")
+                    elif ev["type"] == "outputs":
+                        apply_events(outputs, ev["events"])
+                        changed = True
                     elif ev["type"] == "attempt":
                         lines.append(AttemptLine(ev["attempt"]))
                 n += len(batch)
                 if text:
                     yield "token", escape("".join(text)), n
+                if changed:
+                    yield "outputs", "".join(_output(o, int(id), i, False) for i, o in enumerate(outputs)), n
                 if lines:
                     yield "attempt", "".join(lines), n
         try:

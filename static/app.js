@@ -433,10 +433,48 @@
   // tab that missed a newer edit is refused instead of putting its older text back.
   const sent = (job) => ({ source: job.source, base: savedSource(byId(job.id)) });
 
+  // -- live output of a running cell --------------------------------------------------------------
+  // The server applies the kernel's batches (kernels.apply_events) and sends each changed output rendered as
+  // a finished run's are: {clear, n, set: [[index, html], ...]}. Output i becomes set's html (appended at the
+  // end); outputs past n go (after clear_output). At most one event per 40 ms, so a flood stays cheap here.
+
+  function applyLive(id, ev) {
+    const cell = byId(id);
+    const box = cell && cell.querySelector(".outputs");
+    if (!box) return;
+    if (!box.classList.contains("live")) box.className = "outputs live status-running";
+    for (const [i, html] of ev.set) {
+      const frag = fragmentOf(html);
+      if (i < box.children.length) box.children[i].replaceWith(frag);
+      else box.append(frag);
+    }
+    while (box.children.length > ev.n) box.lastElementChild.remove();
+  }
+
+  // Follow a cell's run. `wait`: opened as this tab sends Run (the stream waits for the run to start, and
+  // the Run's answer swaps the cell); otherwise a run found going on when the page loaded, whose "done"
+  // brings the finished cell.
+  function followRun(id, { wait = false } = {}) {
+    const src = new EventSource(`/cells/${id}/run-stream${wait ? "?wait=1" : ""}`);
+    src.addEventListener("outputs", (e) => applyLive(id, JSON.parse(e.data)));
+    src.addEventListener("done", (e) => {
+      src.close();
+      if (!wait) swapCell(id, e.data, { keepSource: true });
+    });
+    src.onerror = () => src.close(); // no reconnecting: the Run's answer (or a reload) has the outputs
+    return src;
+  }
+
   const JOBS = {
     async run(job) {
       setKernel("busy");
-      const html = await call("POST", `/cells/${job.id}/run`, sent(job));
+      const follow = followRun(job.id, { wait: true });
+      let html;
+      try {
+        html = await call("POST", `/cells/${job.id}/run`, sent(job));
+      } finally {
+        follow.close();
+      }
       const el = swapCell(job.id, html, { keepSource: true });
       savedText.set(job.id, job.source);
       if (el && sourceOf(el) !== job.source) scheduleSave(job.id); // typed while it ran
@@ -971,6 +1009,10 @@
     if (!dialogPage()) return;
     fillHelp();
     watchLazy();
+    for (const box of document.querySelectorAll('.outputs[data-live="run"]')) {
+      const cell = cellOf(box);
+      if (cell) followRun(cell.dataset.id);
+    }
     const wanted = /^#cell-(\d+)$/.exec(location.hash);
     const cells = allCells();
     const first = (wanted && byId(wanted[1])) || cells[0];

@@ -150,6 +150,7 @@ class Loop:
         self._stopped = False
         self._request_id: str | None = None
         self._running_key: str | None = None
+        self.on_batch = None  # kernels' on_batch: each candidate's outputs, live, as its code runs (the page's)
 
     async def stop(self) -> None:
         """The user's Stop: cancel the generation in flight and interrupt the code in flight."""
@@ -313,7 +314,8 @@ class Loop:
         try:
             if cfg.fresh_namespace:
                 await self.pool.execute(task.kernel_key, RESET_NAMESPACE, silent=True, store_history=False)
-            res = await self.pool.execute(task.kernel_key, instrument_candidate(code), timeout=cfg.exec_timeout)
+            res = await self.pool.execute(task.kernel_key, instrument_candidate(code), timeout=cfg.exec_timeout,
+                                          on_batch=self.on_batch)
             stdout = res.stdout
             local_info, stderr = parse_locals_output(res.stderr)
             outputs = _clean_outputs(res.outputs)

@@ -17,7 +17,7 @@ from ..adapters.registry import get as get_adapter, list_adapters, resolve_adapt
 from ..loop.loop import Loop, LoopConfig
 from ..traces import TraceStore
 from .ask import ask, dialog_key, sampling_from
-from .live import Live, LiveHub
+from .live import Live, LiveHub, OutputsLive
 from .solve import fix_task, land, loop_config, solve_task, summary
 from . import settings as table
 from .cells import Cells
@@ -129,11 +129,18 @@ class Workspace:
         if not m["source"].strip():
             m = self.store.update_message(m["id"], outputs=[], output_meta={"status": "ok", "empty": True})
             return {"status": "ok", "outputs": [], "execution_count": m["execution_count"], "message": "Empty cell."}
-        key = await self.prepare_kernel(m["dialog_id"])
-        res = await self.pool.execute(key, m["source"])
-        meta = {"status": res.status, "duration_s": round(res.duration_s, 4), "truncated": res.truncated,
-                "original_chars": res.original_chars, "message": res.message}
-        self.store.update_message(m["id"], outputs=res.outputs, output_meta=meta, execution_count=res.execution_count)
+        # The outputs, live, as the kernel sends them (run_outputs); closed once the result is stored, so a
+        # follower's last look and the stored cell agree.
+        view = await self.hub.open_outputs(f"run-{m['id']}")
+        try:
+            key = await self.prepare_kernel(m["dialog_id"])
+            res = await self.pool.execute(key, m["source"], on_batch=view.on_batch)
+            meta = {"status": res.status, "duration_s": round(res.duration_s, 4), "truncated": res.truncated,
+                    "original_chars": res.original_chars, "message": res.message}
+            self.store.update_message(m["id"], outputs=res.outputs, output_meta=meta,
+                                      execution_count=res.execution_count)
+        finally:
+            self.hub.close_outputs(view)
         return {"status": res.status, "outputs": res.outputs, "execution_count": res.execution_count,
                 "message": res.message, "truncated": res.truncated, "duration_s": meta["duration_s"]}
 
@@ -199,6 +206,14 @@ class Workspace:
     def loop_live(self, message_id: Any) -> Live | None:
         return self.hub.get(f"loop-{message_id}")
 
+    def run_outputs(self, message_id: int) -> OutputsLive | None:
+        """The live outputs of a code cell's run going on now (None when it is not running)."""
+        return self.hub.outputs(f"run-{message_id}")
+
+    async def follow_run(self, message_id: Any, wait_s: float = 5.0) -> OutputsLive | None:
+        """The cell's run going on now, or the next to start within `wait_s`."""
+        return await self.hub.wait_outputs(f"run-{self.store.get_message(message_id)['id']}", wait_s)
+
     async def ask(self, message_id: Any, body: dict) -> tuple[dict, Live, asyncio.Task]:
         """Validate, pick the engine, and start answering a prompt in the background: (message, live log, task)."""
         m = self.store.get_message(message_id)
@@ -230,6 +245,9 @@ class Workspace:
             fix_task(self.store, engine, m["id"])
         loop = Loop(engine, self.pool, self.traces, cfg)
         live = self.hub.open(f"loop-{m['id']}")
+        # Each candidate's outputs as its code runs: kernels' batches, in the loop's log (an attempt_start
+        # begins a new list).
+        loop.on_batch = lambda events: live.publish({"type": "outputs", "events": events})
         self.loops[m["id"]] = loop
 
         async def run():

@@ -1,0 +1,133 @@
+"""Issue 16 in a real Chromium: live output (a tqdm bar moving, clear_output, a flood that leaves the page
+responsive), completion and help from the kernel, and the token meter. The real app, kernels and SmolLM2."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from apphelpers import TOKEN, Server, wait_for_model
+from browserhelpers import VIEWPORT, Watched, shot, until
+from parts import require, require_module
+
+pytestmark = pytest.mark.browser
+
+require("chromium")
+sync_api = require_module("playwright.sync_api")
+expect = sync_api.expect
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("browser-live"), "--model", "smollm2-135m", "--max-tokens", "48",
+               "--exec-timeout", "60", "--rounds", "0").start()
+    with s.client() as c:
+        wait_for_model(c)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def watched(browser, server):
+    context = browser.new_context(viewport=VIEWPORT)
+    w = Watched(context)
+    w.page.set_default_timeout(20_000)
+    w.page.goto(f"{server.base}/?token={TOKEN}")
+    yield w
+    context.close()
+    w.check()
+
+
+@pytest.fixture
+def api(server):
+    with server.client() as c:
+        yield c
+
+
+def open_dialog(watched, server, api, title, cells):
+    did = api.post("/api/dialogs", json={"title": title}).json()["id"]
+    ids = [api.post(f"/api/dialogs/{did}/messages", json=c).json()["id"] for c in cells]
+    watched.page.goto(f"{server.base}/d/{did}")
+    until(watched.page, f"document.querySelectorAll('.cm-editor').length >= {len(cells)} "
+                        "&& !!document.querySelector('article.cell.selected')")
+    return did, ids
+
+
+def run_selected(page):
+    page.keyboard.press("Control+Enter")
+
+
+def out_text(page, mid) -> str:
+    return page.evaluate(f"document.querySelector('#out-{mid}')?.textContent ?? ''")
+
+
+def running(page, mid) -> bool:
+    return page.evaluate(f"document.querySelector('#cell-{mid}').classList.contains('running')")
+
+
+def test_a_tqdm_bar_moves_while_the_cell_runs(watched, server, api):
+    page = watched.page
+    code = ("from tqdm import tqdm\nimport time\n"
+            "for _ in tqdm(range(30), ascii=True, mininterval=0):\n    time.sleep(0.1)\n")
+    _, (mid,) = open_dialog(watched, server, api, "tqdm", [{"type": "code", "source": code}])
+    run_selected(page)
+    until(page, f"document.querySelector('#cell-{mid}').classList.contains('running')", timeout=10)
+    seen = []
+    while running(page, mid):
+        text = out_text(page, mid)
+        m = re.search(r"(\d+)%\|", text)
+        if m and (not seen or seen[-1] != m.group(1)):
+            seen.append(m.group(1))
+            assert text.count("%|") == 1, text  # one bar, rewritten in place (\r)
+        page.wait_for_timeout(50)
+    assert len(seen) >= 5 and seen[0] != "100", seen  # it moved while the cell ran
+    expect(page.locator(f"#out-{mid}")).to_contain_text("100%")
+    assert out_text(page, mid).count("%|") == 1
+    shot(page, "16-live-tqdm")
+
+
+def test_clear_output_replaces_the_shown_outputs(watched, server, api):
+    page = watched.page
+    code = ("from IPython.display import clear_output\nimport time\n"
+            "for i in range(6):\n    clear_output(wait=True)\n    print(f'step {i}', flush=True)\n"
+            "    time.sleep(0.3)\n")
+    _, (mid,) = open_dialog(watched, server, api, "clear", [{"type": "code", "source": code}])
+    run_selected(page)
+    until(page, f"document.querySelector('#cell-{mid}').classList.contains('running')", timeout=10)
+    seen = set()
+    while running(page, mid):
+        text = out_text(page, mid)
+        assert text.count("step") <= 1, text
+        seen.update(re.findall(r"step (\d)", text))
+        page.wait_for_timeout(50)
+    assert len(seen) >= 3, seen
+    expect(page.locator(f"#out-{mid}")).to_have_text("step 5")
+
+
+def test_a_10mb_print_keeps_the_page_responsive(watched, server, api):
+    page = watched.page
+    code = "import sys\nfor i in range(1_000_000):\n    print(f'line {i:07d}')\n"  # 13 MB
+    _, (mid, other) = open_dialog(watched, server, api, "flood", [{"type": "code", "source": code},
+                                                                 {"type": "note", "source": "still here"}])
+    # The page's main thread: the longest gap between 20 ms ticks while the flood runs.
+    page.evaluate("window.__gaps = []; window.__last = performance.now(); window.__tick = setInterval(() => {"
+                  " const now = performance.now(); window.__gaps.push(now - window.__last); window.__last = now; }, 20)")
+    run_selected(page)
+    until(page, f"document.querySelector('#cell-{mid}').classList.contains('running')", timeout=10)
+    t0 = time.monotonic()
+    shown_live = False
+    while running(page, mid):
+        shown_live = shown_live or "line 0000000" in out_text(page, mid)
+        # The page still answers: select another cell and back while the output pours in.
+        page.keyboard.press("ArrowDown")
+        page.keyboard.press("ArrowUp")
+        page.wait_for_timeout(100)
+        assert time.monotonic() - t0 < 60
+    worst = page.evaluate("clearInterval(window.__tick); Math.max(...window.__gaps)")
+    assert shown_live
+    assert worst < 400, f"the page froze for {worst:.0f} ms"
+    # Stored capped, shown collapsed (head and a "show all").
+    expect(page.locator(f"#cell-{mid} .out-banner.out-truncated")).to_contain_text("Output capped")
+    expect(page.locator(f"#cell-{mid} button.show-all")).to_be_visible()
