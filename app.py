@@ -38,7 +38,7 @@ from dialog.notebook import export_dialog
 from dialog.render import IMAGE_MIMES, ansi_css, ansi_html, markdown_html, text_of
 from execfeedback.export.exporter import ExportError, options_from_mapping, stream_export_zip
 from execfeedback.workspace.workspace import Workspace
-from execfeedback.workspace.settings import ASK, FORM_KEYS, LOOP, SETTINGS, Setting, from_form, keys
+from execfeedback.settings import ASK, FORM_KEYS, LOOP, SETTINGS, Setting, from_form, keys
 from kernels import KernelInitError, KernelPool, KernelStartError, apply_events
 from kernels.helper_setup import dialog_of_kernel_token
 from local_model import ModelError

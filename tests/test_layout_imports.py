@@ -9,9 +9,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 LEAVES = {"dialog", "kernels", "local_model"}
 EF = "execfeedback."
-# The one settings table (issue 14) lives in workspace/ but is a unit of its own, a leaf of execfeedback: the page,
-# LoopConfig and the eval command line all read it, and it imports only the leaves.
-SETTINGS = EF + "workspace.settings"
+# The one settings table: the page, LoopConfig and the eval command line all read it; it imports only the leaves.
+SETTINGS = EF + "settings"
 # What each unit may import besides itself; every arrow points down this list.
 MAY_IMPORT = {
     "app": {EF + "workspace", SETTINGS, EF + "export", EF + "adapters", *LEAVES},

@@ -27,8 +27,8 @@ from local_model import Engine, ModelError, load_backend
 
 from ..adapters.registry import get, record_eval, resolve_adapter
 from ..traces import TraceStore
-from ..workspace.settings import add_arguments as add_setting_arguments
-from ..workspace.settings import check
+from ..settings import add_arguments as add_setting_arguments
+from ..settings import check
 from .problems import SHIPPED, Problem, load_problems
 from .runner import (RESULT_KEYS, EvalRunner, EvalSettings, file_sha256, finished_traces, format_comparison,
                      format_table, problem_result, summarize)

@@ -26,7 +26,7 @@ from local_model import Engine, Sampling
 
 from ..loop.loop import Loop, LoopConfig, Task
 from ..traces import TraceStore
-from ..workspace.settings import SETTINGS
+from ..settings import SETTINGS
 from .problems import Problem, task_message
 
 OVERHEAD_TARGET_S = 0.020

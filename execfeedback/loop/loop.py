@@ -19,7 +19,7 @@ from .checks import instrument, instrument_candidate, parse_check_output, parse_
 from .extract import extract_code
 from .feedback import FeedbackConfig, error_signature, feedback_message, syntax_error_obs
 from ..traces import TraceStore
-from ..workspace.settings import LOOP, SETTINGS, keys
+from ..settings import LOOP, SETTINGS, keys
 
 RETRY_MODES = SETTINGS["retry"].choices
 RESET_NAMESPACE = "get_ipython().run_line_magic('reset', '-f')"
@@ -27,7 +27,7 @@ RESET_NAMESPACE = "get_ipython().run_line_magic('reset', '-f')"
 
 @dataclass
 class LoopConfig:
-    """The loop's settings; those of the settings table (workspace/settings.py) take their defaults and ranges
+    """The loop's settings; those of the settings table (execfeedback/settings.py) take their defaults and ranges
     from it. retry: refine (the conversation grows: code, feedback, code...), repair (one fresh user turn with the
     task, the failed code and the feedback: small models copy their last answer less this way) or resample (the
     round-0 prompt again, sampled warmer). repeat_resamples: greedy small models often copy their failed answer,

@@ -12,7 +12,7 @@ from dialog.context import ContextOptions, build_context
 from local_model import Engine, ModelError, Sampling
 
 from .live import Live
-from .settings import ASK, check, keys
+from ..settings import ASK, check, keys
 
 SAVE_EVERY_S = 1.0          # a crash mid-reply loses at most this much of it
 CONTEXT_MARGIN_TOKENS = 64  # chat-template tokens the count may miss

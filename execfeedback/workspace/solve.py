@@ -13,7 +13,7 @@ from local_model import Engine
 from .ask import context_for, dialog_key
 from ..loop.loop import LoopConfig, LoopResult, Task
 from ..traces import TraceStore
-from .settings import LOOP, check, keys
+from ..settings import LOOP, check, keys
 
 
 def visible_checks(cells: list[dict]) -> str | None:

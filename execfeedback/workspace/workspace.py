@@ -19,7 +19,7 @@ from ..traces import TraceStore
 from .ask import ask, dialog_key, sampling_from
 from .live import Live, LiveHub, OutputsLive
 from .solve import fix_task, land, loop_config, solve_task, summary
-from . import settings as table
+from .. import settings as table
 from .cells import Cells
 
 ATTEMPT_FIELDS = ("id", "round", "candidate", "exec_status", "passed", "ename", "evalue", "author")
