@@ -819,6 +819,20 @@ async def api_restart_kernel(state, id: str):
     return {"kernel": state.ws.kernel_state(await state.ws.restart(id))}
 
 
+@route("POST", "/api/dialogs/{id}/complete")
+@api
+async def api_complete(state, id: str, req: Request):
+    """Completion from the dialog's kernel (the page's Tab): {"code", "cursor_pos"} in code points."""
+    return await state.ws.complete(id, await json_body(req))
+
+
+@route("POST", "/api/dialogs/{id}/inspect")
+@api
+async def api_inspect(state, id: str, req: Request):
+    """Help from the dialog's kernel (the page's Shift+Tab): {"code", "cursor_pos"} in code points."""
+    return await state.ws.inspect(id, await json_body(req))
+
+
 @route("GET", "/api/dialogs/{id}/kernel")
 @api
 def api_kernel_state(state, id: str):

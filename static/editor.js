@@ -62,6 +62,131 @@
     return cell && cell.dataset.type === "code" ? "python" : "markdown";
   }
 
+  // -- completion and help from the dialog's kernel -------------------------------------------------
+  // Tab (after a name, ".", "[", or a quote; elsewhere it indents) and Ctrl+Space ask the kernel for
+  // completions; Shift+Tab (after a name or "(") asks it for help. The kernel counts code points, the
+  // editor UTF-16 units: astral characters (emoji) differ, so offsets are converted both ways.
+  // Ghost text (the model's completion) will take Tab first when it is shown; then the kernel; then indent.
+
+  const codePoints = (text, utf16) => [...text.slice(0, utf16)].length;
+  function utf16Of(text, cp) {
+    let i = 0;
+    for (let n = 0; n < cp && i < text.length; n++) {
+      const c = text.charCodeAt(i);
+      i += c >= 0xd800 && c <= 0xdbff && i + 1 < text.length ? 2 : 1;
+    }
+    return i;
+  }
+
+  const dialogOf = (view) => {
+    const main = document.querySelector("main.dialog");
+    const cell = view.dom.closest(CELL);
+    return main && cell && cell.dataset.type === "code" ? main.dataset.dialog : null;
+  };
+
+  async function askKernel(view, what, pos) {
+    const did = dialogOf(view);
+    if (!did) return null;
+    const code = view.state.doc.toString();
+    try {
+      const res = await fetch(`/api/dialogs/${did}/${what}`, {
+        method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ code, cursor_pos: codePoints(code, pos) }),
+      });
+      const data = await res.json();
+      return res.ok ? { code, ...data } : { code, status: "error", message: data.error || `${what} failed` };
+    } catch (err) {
+      return { code, status: "error", message: "The Loopbook server did not answer." };
+    }
+  }
+
+  // One note or help panel under the editor of a cell: plain text (textContent), gone on the next edit or Escape.
+  function showPanel(view, kind, parts) {
+    closePanel(view);
+    const box = document.createElement("div");
+    box.className = `kernel-panel kernel-${kind}`;
+    box.setAttribute("role", kind === "help" ? "tooltip" : "status");
+    for (const [cls, text] of parts) {
+      if (!text) continue;
+      const el = document.createElement(cls === "kernel-sig" ? "pre" : "div");
+      el.className = cls;
+      el.textContent = text;
+      box.append(el);
+    }
+    view.dom.after(box);
+    return box;
+  }
+  function closePanel(view) {
+    const next = view.dom.nextElementSibling;
+    if (next && next.classList.contains("kernel-panel")) { next.remove(); return true; }
+    return false;
+  }
+
+  const KIND = { module: "namespace", instance: "variable", statement: "variable", param: "variable",
+    path: "text", "dict key": "property", magic: "keyword" };
+
+  // CodeMirror's completion source: the kernel's matches, in its order (not filtered again).
+  async function kernelCompletions(context) {
+    const view = context.view;
+    if (!view || !dialogOf(view)) return null;
+    const res = await askKernel(view, "complete", context.pos);
+    if (!res || context.aborted) return null;
+    if (res.status !== "ok") {
+      showPanel(view, "note", [["kernel-msg", res.message || `No completions (${res.status}).`]]);
+      return null;
+    }
+    if (!res.items.length) {
+      showPanel(view, "note", [["kernel-msg", "No completions here."]]);
+      return null;
+    }
+    const from = utf16Of(res.code, res.cursor_start), to = utf16Of(res.code, res.cursor_end);
+    return {
+      from, to, filter: false,
+      options: res.items.map((it) => ({ label: it.text, type: KIND[it.type] || it.type || undefined,
+        detail: it.signature || undefined })),
+    };
+  }
+
+  const keyRun = (keymap, key) => (keymap.find((b) => b.key === key) || {}).run;
+  const startCompletion = keyRun(CM.completionKeymap, "Ctrl-Space");
+  const acceptCompletion = keyRun(CM.completionKeymap, "Enter");
+
+  function complete(view, { fromTab = false } = {}) {
+    if (!dialogOf(view)) return false;
+    if (CM.completionStatus(view.state) === "active") { acceptCompletion(view); return true; }
+    const sel = view.state.selection.main;
+    if (fromTab) {
+      if (!sel.empty) return false; // Tab indents a selection
+      const before = view.state.sliceDoc(Math.max(0, sel.head - 1), sel.head);
+      if (!/[\w.\['"]/.test(before)) return false; // at the start of a line or after a space: indent
+    }
+    return startCompletion(view);
+  }
+
+  function help(view) {
+    if (!dialogOf(view)) return false;
+    const sel = view.state.selection.main;
+    const before = view.state.sliceDoc(Math.max(0, sel.head - 1), sel.head);
+    if (!sel.empty || !/[\w.(]/.test(before)) return false; // Shift+Tab dedents instead
+    askKernel(view, "inspect", sel.head).then((res) => {
+      if (!res) return;
+      if (res.status !== "ok" || !res.found) {
+        showPanel(view, "note", [["kernel-msg", res.message || `No help (${res.status}).`]]);
+      } else if (res.signature || res.docstring) {
+        showPanel(view, "help", [["kernel-sig", res.signature], ["kernel-doc", res.docstring]]);
+      } else {
+        showPanel(view, "help", [["kernel-doc", res.text]]);
+      }
+    });
+    return true;
+  }
+
+  // Keys of static/keys.js whose action the editor itself carries out.
+  const EDITOR_ACTIONS = {
+    complete: (view, key) => complete(view, { fromTab: key === "Tab" }),
+    inspect: (view) => help(view),
+  };
+
   function report(textarea, view, name) {
     const cell = textarea.closest(CELL) || view.dom;
     cell.dispatchEvent(new CustomEvent(name, {
@@ -83,10 +208,11 @@
     const keys = [];
     for (const [row] of (window.loopbook.keys ? window.loopbook.keys.edit[1] : [])) {
       for (const [key, act] of row.filter(([, a]) => a)) {
-        const run = act !== "escape" ? (view) => report(textarea, view, "loopbook:" + act)
-          // An open completion list closes first; the next Escape goes to the page.
+        const run = EDITOR_ACTIONS[act] ? (view) => EDITOR_ACTIONS[act](view, key)
+          : act !== "escape" ? (view) => report(textarea, view, "loopbook:" + act)
+          // An open completion list, then a help panel, close first; the next Escape goes to the page.
           : (view) => CM.completionStatus(view.state) === "active" ? CM.closeCompletion(view)
-            : report(textarea, view, "loopbook:escape");
+            : closePanel(view) || report(textarea, view, "loopbook:escape");
         const name = key.replaceAll("+", "-");
         keys.push({ key: name, run });
         if (name.startsWith("Mod-")) keys.push({ key: "Ctrl-" + name.slice(4), run }); // on a Mac, Mod is Cmd
@@ -98,6 +224,7 @@
   function mirror(textarea) {
     return CM.EditorView.updateListener.of((update) => {
       if (!update.docChanged) return;
+      closePanel(update.view);
       textarea.value = update.state.doc.toString();
       if (update.transactions.some((tr) => tr.annotation(quiet))) return;
       textarea.dispatchEvent(new Event("input", { bubbles: true }));
@@ -116,8 +243,9 @@
       CM.syntaxHighlighting(CM.defaultHighlightStyle, { fallback: true }),
       CM.bracketMatching(),
       CM.closeBrackets(),
-      // Completion only on request (Ctrl+Space): a popup that opens while typing would take Enter.
-      CM.autocompletion({ activateOnTyping: false }),
+      // Completion only on request (Tab, Ctrl+Space), from the dialog's kernel: a popup that opens while
+      // typing would take Enter.
+      CM.autocompletion({ activateOnTyping: false, override: [kernelCompletions], interactionDelay: 0 }),
       CM.rectangularSelection(),
       CM.crosshairCursor(),
       CM.indentUnit.of("    "),

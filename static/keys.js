@@ -35,8 +35,11 @@
       [[["Escape", "escape"]], "back to command mode (a note or prompt shows rendered)"],
       [[["Shift+Enter", "run-next"], ["Mod+Enter", "run"], ["Alt+Enter", "run-insert"]], "as in command mode"],
       [[["Mod+Shift+Enter", "solve-or-fix"]], "Solve a prompt / Fix a code cell"],
-      [[["Tab", null], ["Shift+Tab", null]], "indent / dedent"],
-      [[["Ctrl+Space", null]], "complete"],
+      [[["Tab", "complete"], ["Ctrl+Space", "complete"]],
+        "complete from the dialog's kernel (Tab: after a name, . [ or a quote; elsewhere it indents; "
+        + "in the list, Tab or Enter takes the choice). The model's ghost text, when shown, takes Tab first"],
+      [[["Shift+Tab", "inspect"]], "help from the kernel: signature and docstring (after a name or "
+        + "\"(\"; elsewhere it dedents); Esc closes it"],
       [[["Mod+s", "save"]], "save now (cells also save as you type)"],
     ]],
   } });

@@ -131,3 +131,83 @@ def test_a_10mb_print_keeps_the_page_responsive(watched, server, api):
     # Stored capped, shown collapsed (head and a "show all").
     expect(page.locator(f"#cell-{mid} .out-banner.out-truncated")).to_contain_text("Output capped")
     expect(page.locator(f"#cell-{mid} button.show-all")).to_be_visible()
+
+
+def editor_text(page, mid) -> str:
+    return page.evaluate(f"loopbook.editors.value('{mid}')")
+
+
+def edit_cell(page, mid):
+    page.evaluate(f"loopbook.page.select(document.querySelector('#cell-{mid}'))")
+    page.keyboard.press("Enter")
+    until(page, f"document.querySelector('#cell-{mid}').classList.contains('editing')")
+
+
+SETUP = ("d = {'alpha': 1}\nimport collections\n"
+         "def area(width: float, height: float = 2.0) -> float:\n    '''The area of a rectangle.'''\n"
+         "    return width * height\n")
+
+
+def test_tab_completes_from_the_kernel_and_shift_tab_shows_help(watched, server, api):
+    page, kb = watched.page, watched.page.keyboard
+    did, (setup, mid) = open_dialog(watched, server, api, "complete", [{"type": "code", "source": SETUP},
+                                                                       {"type": "code", "source": ""}])
+    assert api.post(f"/api/messages/{setup}/run").json()["status"] == "ok"
+    edit_cell(page, mid)
+    # Tab at the start of a line indents, as before.
+    kb.press("Tab")
+    assert editor_text(page, mid) == "    "
+    kb.press("Backspace")
+    kb.type("d[")
+    kb.press("Tab")
+    popup = page.locator(".cm-tooltip-autocomplete")
+    expect(popup).to_contain_text("alpha")
+    shot(page, "16-complete-dict-key")
+    kb.press("Enter")
+    expect(popup).to_have_count(0)
+    assert editor_text(page, mid).startswith("d['alpha'")
+    page.evaluate(f"loopbook.editors.setValue('{mid}', '')")
+    kb.type("collections.Ord")
+    kb.press("Tab")
+    expect(popup).to_contain_text("OrderedDict")
+    kb.press("Tab")  # Tab in the list takes the choice too
+    assert editor_text(page, mid) == "collections.OrderedDict"
+    # Ctrl+Space works anywhere, also where Tab would indent.
+    page.evaluate(f"loopbook.editors.setValue('{mid}', 'import collections; collections.Coun')")
+    page.evaluate(f"loopbook.editors.get('{mid}').dispatch({{selection: {{anchor: 36}}}})")
+    kb.press("Control+Space")
+    expect(popup).to_contain_text("Counter")
+    kb.press("Escape")
+    expect(popup).to_have_count(0)
+    assert page.evaluate(f"document.querySelector('#cell-{mid}').classList.contains('editing')")
+    # Shift+Tab: the signature and the docstring, under the editor; Esc closes it, staying in the editor.
+    page.evaluate(f"loopbook.editors.setValue('{mid}', 'area(')")
+    page.evaluate(f"loopbook.editors.get('{mid}').dispatch({{selection: {{anchor: 5}}}})")
+    kb.press("Shift+Tab")
+    helpbox = page.locator(f"#cell-{mid} .kernel-help")
+    expect(helpbox.locator(".kernel-sig")).to_contain_text("width: float, height: float = 2.0")
+    expect(helpbox.locator(".kernel-doc")).to_contain_text("The area of a rectangle.")
+    shot(page, "16-shift-tab-help")
+    kb.press("Escape")
+    expect(helpbox).to_have_count(0)
+    assert page.evaluate(f"document.querySelector('#cell-{mid}').classList.contains('editing')")
+    # The help overlay lists the new keys.
+    kb.press("Escape")
+    kb.press("?")
+    expect(page.locator("#keys-help")).to_contain_text("complete from the dialog's kernel")
+    expect(page.locator("#keys-help")).to_contain_text("help from the kernel")
+
+
+def test_completion_while_a_cell_runs_says_the_kernel_is_busy(watched, server, api):
+    page, kb = watched.page, watched.page.keyboard
+    did, (slow, mid) = open_dialog(watched, server, api, "busy", [
+        {"type": "code", "source": "import time\ntime.sleep(5)"}, {"type": "code", "source": ""}])
+    page.keyboard.press("Control+Enter")
+    until(page, f"document.querySelector('#cell-{slow}').classList.contains('running')", timeout=10)
+    until(page, "document.querySelector('#kernel-state').textContent.includes('busy')", timeout=10)
+    edit_cell(page, mid)
+    kb.type("tim")
+    kb.press("Tab")
+    expect(page.locator(f"#cell-{mid} .kernel-note")).to_contain_text("running a cell")
+    kb.type("e")  # typing closes the note
+    expect(page.locator(f"#cell-{mid} .kernel-note")).to_have_count(0)

@@ -97,6 +97,36 @@ class Workspace:
         await self.pool.ensure(key, cwd=self.kernel_cwd, env=env, init_code=kernel_init_code())
         return key
 
+    async def _introspect_args(self, dialog_id: Any, body: dict) -> tuple[str, str, int]:
+        """(kernel key, code, cursor_pos) of a complete/inspect request; a dialog without a kernel gets one (the
+        warm spare: at once), so Tab works before the first run."""
+        did = self.store.get_dialog(dialog_id)["id"]
+        code, pos = body.get("code"), body.get("cursor_pos")
+        if not isinstance(code, str):
+            raise InvalidInput("'code' must be a string: the cell's text.")
+        if pos is None:
+            pos = len(code)
+        if isinstance(pos, bool) or not isinstance(pos, int) or not 0 <= pos <= len(code):
+            raise InvalidInput(f"'cursor_pos' must be a whole number from 0 to the code's length in code points "
+                               f"({len(code)}); got {str(pos)[:40]!r}.")
+        key = dialog_key(did)
+        if self.pool.state(key) == "none":
+            await self.prepare_kernel(did)
+        return key, code, pos
+
+    async def complete(self, dialog_id: Any, body: dict) -> dict:
+        """Completions from the dialog's kernel at `cursor_pos` (code points) of `code`: kernels.Completion as a
+        dict; status "busy" at once while a cell runs (with a message to show)."""
+        key, code, pos = await self._introspect_args(dialog_id, body)
+        return (await self.pool.complete(key, code, pos)).to_dict()
+
+    async def inspect(self, dialog_id: Any, body: dict) -> dict:
+        """Help (signature, docstring) for the name at `cursor_pos`: kernels.Inspection as a dict."""
+        key, code, pos = await self._introspect_args(dialog_id, body)
+        out = (await self.pool.inspect(key, code, pos)).to_dict()
+        out.pop("sections", None)
+        return out
+
     async def interrupt(self, dialog_id: Any) -> int:
         """Stop the model wherever it works in the dialog (replies, Solve and Fix), then interrupt its kernel."""
         did = self.store.get_dialog(dialog_id)["id"]
