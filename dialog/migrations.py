@@ -248,7 +248,16 @@ def _m4_ids_never_reused(db: sqlite_utils.Database) -> None:
 # (which only works outside a transaction), rebuild, check the references, commit, foreign keys back on.
 _m4_ids_never_reused.rebuilds_tables = True
 
-MIGRATIONS = [_m1_initial, _m2_traces, _m3_adapters, _m4_ids_never_reused]
+
+
+def _m5_attempt_selection(db: sqlite_utils.Database) -> None:
+    # Issue 15: an attempt says whether static analysis failed it before running, and, when several candidates
+    # were sampled in one round, how selection grouped them and why the winner won (JSON). Added columns only.
+    db.execute("ALTER TABLE attempts ADD COLUMN static INTEGER")
+    db.execute("ALTER TABLE attempts ADD COLUMN selection TEXT")
+
+
+MIGRATIONS = [_m1_initial, _m2_traces, _m3_adapters, _m4_ids_never_reused, _m5_attempt_selection]
 
 
 def _fk_problems(db: sqlite_utils.Database) -> int:

@@ -22,9 +22,9 @@ ATTEMPT_FIELDS = (
     "code", "extracted", "extract_reason", "exec_status", "passed", "ename", "evalue", "traceback", "stdout",
     "stderr", "stdout_chars", "stderr_chars", "truncated", "checks", "locals", "feedback", "hidden_passed",
     "ttft_s", "prompt_eval_s", "decode_s", "tokens_per_s", "exec_s", "prompt_tokens", "cached_prompt_tokens",
-    "completion_tokens", "manifest", "sampling", "author",
+    "completion_tokens", "manifest", "sampling", "author", "static", "selection",
 )
-_JSON = {"traceback", "checks", "locals", "manifest", "sampling", "config", "summary"}
+_JSON = {"traceback", "checks", "locals", "manifest", "sampling", "config", "summary", "selection"}
 
 
 def open_store(data_dir: str | None) -> Store:
@@ -58,7 +58,7 @@ def _decode(row: dict) -> dict:
     for k in _JSON & row.keys():
         if isinstance(row[k], str):
             row[k] = json.loads(row[k])
-    for k in ("extracted", "passed", "truncated"):
+    for k in ("extracted", "passed", "truncated", "static"):
         if k in row and row[k] is not None:
             row[k] = bool(row[k])
     return row
@@ -101,6 +101,11 @@ class TraceStore:
             db.execute("UPDATE traces SET n_attempts = n_attempts + 1, rounds = max(rounds, ?) WHERE id = ?",
                        (record.get("round", 0), trace_id))
             return attempt_id
+
+    def set_selection(self, attempt_id: int, selection: dict) -> None:
+        """Record, after the round's candidates all ran, the attempt's group and why the winner won."""
+        with self.store.transaction() as db:
+            db["attempts"].update(attempt_id, {"selection": json.dumps(selection, ensure_ascii=False)})
 
     def finish_trace(self, trace_id: int, *, status: str, stop_reason: str, final_attempt_id: int | None = None,
                      code_message_id: int | None = None, hidden_passed: bool | None = None) -> None:

@@ -29,6 +29,7 @@ class Sampling:
     seed: int = 0
     max_tokens: int = 512
     stop: list[str] | None = None
+    grammar: str | None = None  # GBNF (root rule "root"): the local llama backend samples only what it allows
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,6 +6,8 @@ tool loop it is a small async generator with a round budget (`rounds`) and a sto
 
 from __future__ import annotations
 
+import ast
+import json
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -18,6 +20,8 @@ from local_model import Engine, ModelError, Sampling
 from .checks import instrument, instrument_candidate, parse_check_output, parse_locals_output
 from .extract import extract_code
 from .feedback import FeedbackConfig, error_signature, feedback_message, syntax_error_obs
+from .select import MARGIN, Candidate, choose, parse_probe, probe_source, shared_inputs
+from .static import certain_failures, observation
 from ..traces import TraceStore
 from ..settings import LOOP, SETTINGS, keys
 
@@ -40,6 +44,8 @@ class LoopConfig:
     repeat_resamples: int = SETTINGS["repeat_resamples"].default
     exec_timeout: float = SETTINGS["exec_timeout"].default
     fresh_namespace: bool = False      # eval: each attempt runs in a clean namespace
+    static_check: bool = True          # certain failures (pyflakes) are fed back without running
+    select_margin: int = MARGIN        # candidates > 1: outnumber greedy's group by this many to replace it
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1024))
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
@@ -52,7 +58,8 @@ class LoopConfig:
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "candidates": self.candidates, "candidate_temperature": self.candidate_temperature,
                 "retry": self.retry, "repeat_resamples": self.repeat_resamples, "exec_timeout": self.exec_timeout,
-                "fresh_namespace": self.fresh_namespace,
+                "fresh_namespace": self.fresh_namespace, "static_check": self.static_check,
+                "select_margin": self.select_margin,
                 "feedback": self.feedback.to_dict()}
 
 
@@ -188,11 +195,34 @@ class Loop:
         for rnd in range(first_round, first_round + cfg.rounds + 1):
             best: Attempt | None = None
             k, resamples = 0, 0
+            if cfg.candidates > 1 and not stopped():
+                batch: list[Attempt] = []
+                async for ev in self._batch_round(task, trace_id, messages, rnd, manifest):
+                    if ev["type"] == "attempt":
+                        batch.append(ev["attempt"])
+                        attempts.append(ev["attempt"])
+                        yield {"type": "attempt", "attempt": ev["attempt"].record}
+                    elif ev["type"] == "selected":
+                        best = ev["attempt"]
+                        yield {"type": "selected", "round": rnd, "selection": ev["selection"]}
+                    else:
+                        yield ev
+                for a in batch:
+                    if best is None or not best.passed:
+                        best = _better(best, a) if not a.passed else a
+                k = cfg.candidates
+                if (rnd > 0 and cfg.repeat_resamples and batch and not (best and best.passed)
+                        and all(any(same_code(b.code, a.code) for a in attempts if a.round < rnd) for b in batch)):
+                    resamples = 1
+                if not batch:
+                    k = cfg.candidates + resamples  # stopped or no candidates: nothing more this round
             while k < cfg.candidates + resamples:
                 if stopped():
                     break
                 yield {"type": "attempt_start", "round": rnd, "candidate": k}
                 attempt = None
+                if best is not None and best.passed:
+                    break
                 async for ev in self._attempt(task, trace_id, messages, rnd, k, manifest, warm=k >= cfg.candidates):
                     if ev["type"] == "token":
                         yield ev
@@ -258,11 +288,7 @@ class Loop:
 
     async def _attempt(self, task: Task, trace_id: int, messages: list[dict], rnd: int, k: int,
                        manifest: dict, warm: bool = False) -> AsyncIterator[dict]:
-        cfg = self.config
-        sampling = cfg.sampling
-        if warm or cfg.candidates > 1 or (cfg.retry == "resample" and rnd > 0):
-            sampling = replace(sampling, temperature=max(sampling.temperature, cfg.candidate_temperature),
-                               seed=sampling.seed + 1000 * rnd + k)
+        sampling = self.sampling_for(rnd, k, warm)
         self._request_id = rid = uuid.uuid4().hex
         text, figures, finish = "", {}, None
         try:
@@ -278,6 +304,109 @@ class Loop:
             self._request_id = None
         if finish == "cancelled" or (self._stopped and finish != "stop"):
             return
+        attempt = await self._evaluate(task, trace_id, messages, rnd, k, text, figures, finish, manifest, sampling)
+        yield {"type": "attempt", "attempt": attempt}
+
+    def sampling_for(self, rnd: int, k: int, warm: bool = False) -> Sampling:
+        """Candidate k's sampling: candidate 0 greedy (the configured sampling; warm in a resample round or as an
+        extra resample), the others warm, each with its own seed."""
+        cfg = self.config
+        s = cfg.sampling
+        if warm or k > 0 or (cfg.retry == "resample" and rnd > 0):
+            s = replace(s, temperature=max(s.temperature, cfg.candidate_temperature), seed=s.seed + 1000 * rnd + k)
+        return s
+
+    async def _batch_round(self, task: Task, trace_id: int, messages: list[dict], rnd: int,
+                           manifest: dict) -> AsyncIterator[dict]:
+        """k candidates from one batched request, streamed (candidate 0's tokens go to the page), then each run
+        and checked, then selection by execution. Events: token, note, attempt_start, attempt, selected."""
+        samplings = [self.sampling_for(rnd, k) for k in range(self.config.candidates)]
+        self._request_id = rid = uuid.uuid4().hex
+        done: dict[int, tuple[str, dict, str | None]] = {}
+        note = None
+        try:
+            async for ev in self.engine.stream(messages, samplings=samplings, cache_key=task.cache_key,
+                                               request_id=rid):
+                seq = ev.get("seq", 0)
+                if ev["type"] == "token" and seq == 0:
+                    yield {**ev, "candidate": 0}
+                elif ev["type"] == "note":
+                    note = ev.get("text")
+                    yield {"type": "note", "round": rnd, "text": note}
+                elif ev["type"] == "done":
+                    done[seq] = (ev.get("text") or "", ev.get("figures") or {}, ev.get("finish_reason"))
+        except ModelError as e:
+            done = {k: ("", {"error": str(e)}, "error") for k in range(len(samplings))}
+        finally:
+            self._request_id = None
+        if self._stopped or any(f == "cancelled" for _, _, f in done.values()):
+            return
+        batch: list[Attempt] = []
+        for k in sorted(done):
+            text, figures, finish = done[k]
+            if note and finish == "error" and not text and k > 0:
+                continue  # dropped to fit the context: the note says so
+            if self._stopped:
+                return
+            yield {"type": "attempt_start", "round": rnd, "candidate": k}
+            attempt = await self._evaluate(task, trace_id, messages, rnd, k, text, figures, finish, manifest,
+                                           samplings[k])
+            if note:
+                attempt.record["note"] = note
+            batch.append(attempt)
+            yield {"type": "attempt", "attempt": attempt}
+        if not batch or self._stopped:
+            return
+        winner, selection = await self._select(task, batch, note)
+        yield {"type": "selected", "attempt": winner, "selection": selection}
+
+    async def _select(self, task: Task, batch: list[Attempt], note: str | None) -> tuple[Attempt | None, dict]:
+        """Selection by execution over a round's candidates; every candidate's record gets its group and the
+        reason the winner won. The kernel is left holding the winner's definitions."""
+        cfg = self.config
+        inputs = shared_inputs(task.checks)
+        cands = []
+        for a in batch:
+            why = "" if a.passed else (f"static {a.obs.get('ename')}" if a.obs.get("static")
+                                       else a.obs.get("status", ""))
+            cands.append(Candidate(a.candidate, a.passed, None, why))
+        for c, a in zip(cands, batch):
+            if not c.survived:
+                continue
+            if not inputs:  # no shared inputs: agreement on what each printed and showed
+                c.signature = json.dumps([(o.get("text") or (o.get("data") or {}).get("text/plain"))
+                                          for o in a.outputs], sort_keys=True)
+                continue
+            self._running_key = task.kernel_key
+            try:
+                res = await self.pool.execute(task.kernel_key, probe_source(a.code, inputs),
+                                              timeout=cfg.exec_timeout, store_history=False)
+            finally:
+                self._running_key = None
+            found = parse_probe(res.stdout) if res.status == "ok" else None
+            if found is None or isinstance(found, dict):
+                c.signature, c.why = None, f"probe {res.status}" + (f" {found['error']}" if found else "")
+            else:
+                c.signature = json.dumps(found)
+        sel = choose(cands, cfg.select_margin)
+        winner = next((a for a in batch if a.candidate == sel.winner), None)
+        for c, a in zip(cands, batch):
+            record = sel.record_for(c, inputs)
+            if note:
+                record["note"] = note
+            a.record["selection"] = record
+            if a.id is not None:
+                self.traces.set_selection(a.id, record)
+        if winner is not None and winner is not batch[-1] and not cfg.fresh_namespace:
+            # the last candidate run defined its names in the kernel: the winner's must be the ones left there
+            await self.pool.execute(task.kernel_key, instrument_candidate(winner.code), timeout=cfg.exec_timeout,
+                                    store_history=False)
+        return winner, {"winner": sel.winner, "groups": sel.groups, "reason": sel.reason, "inputs": inputs,
+                        "note": note}
+
+    async def _evaluate(self, task: Task, trace_id: int, messages: list[dict], rnd: int, k: int, text: str,
+                        figures: dict, finish: str | None, manifest: dict, sampling: Sampling) -> Attempt:
+        """Extract, check statically, run and check one candidate; store it as an attempt."""
         t0 = time.perf_counter()
         extraction = extract_code(text)
         if not extraction.ok or not extraction.code:
@@ -301,7 +430,20 @@ class Loop:
         attempt.id = self.traces.add_attempt(trace_id, messages, **record)
         record["id"] = attempt.id
         record["loop_overhead_s"] = round(time.perf_counter() - t0 - exec_s - hidden_s, 5)
-        yield {"type": "attempt", "attempt": attempt}
+        return attempt
+
+    async def _namespace_names(self, key: str) -> list[str] | None:
+        """The names the kernel's namespace holds now (one silent execute); None when it cannot say."""
+        expr = "__import__('json').dumps(sorted(k for k in get_ipython().user_ns if isinstance(k, str)))"
+        try:
+            res = await self.pool.execute(key, "", silent=True, store_history=False, timeout=self.config.exec_timeout,
+                                          user_expressions={"names": expr})
+            out = (res.user_expressions or {}).get("names") or {}
+            if out.get("status") != "ok":
+                return None
+            return json.loads(ast.literal_eval((out.get("data") or {}).get("text/plain", "")))
+        except Exception:  # noqa: BLE001 - without the names, the code runs unchecked as before
+            return None
 
     async def _execute(self, task: Task, code: str) -> tuple[dict, list[dict], float]:
         """Compile, run, then run the visible checks; the observation the feedback is built from."""
@@ -309,11 +451,16 @@ class Loop:
         bad = syntax_error_obs(code)
         if bad is not None:
             return bad, [], 0.0
+        if cfg.fresh_namespace:
+            await self.pool.execute(task.kernel_key, RESET_NAMESPACE, silent=True, store_history=False)
+        if cfg.static_check:
+            names = await self._namespace_names(task.kernel_key)
+            findings = certain_failures(code, defined=names) if names is not None else []
+            if findings:
+                return observation(findings), [], 0.0
         self._running_key = task.kernel_key
         t0 = time.perf_counter()
         try:
-            if cfg.fresh_namespace:
-                await self.pool.execute(task.kernel_key, RESET_NAMESPACE, silent=True, store_history=False)
             res = await self.pool.execute(task.kernel_key, instrument_candidate(code), timeout=cfg.exec_timeout,
                                           on_batch=self.on_batch)
             stdout = res.stdout
@@ -381,7 +528,7 @@ class Loop:
             "exec_s": round(exec_s, 5), "prompt_tokens": figures.get("prompt_tokens"),
             "cached_prompt_tokens": figures.get("cached_prompt_tokens"),
             "completion_tokens": figures.get("completion_tokens"), "manifest": manifest,
-            "sampling": sampling.as_dict(), "author": "model",
+            "sampling": sampling.as_dict(), "author": "model", "static": bool(obs.get("static")),
         }
 
     # -- fix: the human's failing cell is round 0 ----------------------------------------------------

@@ -75,6 +75,8 @@ class SharedPromptBatch:
         lib = self._lib
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda smp: lib.llama_sampler_chain_add(chain, smp)  # noqa: E731
+        if s.grammar:
+            add(lib.llama_sampler_init_grammar(self.llm._model.vocab, s.grammar.encode(), b"root"))
         if s.repeat_penalty != 1.0:
             add(lib.llama_sampler_init_penalties(64, s.repeat_penalty, 0.0, 0.0))
         if s.temperature <= 0:

@@ -368,8 +368,12 @@ class LlamaBackend:
             t_dec = time.perf_counter()
             if finish != "cancelled" and not stopped():
                 llm.set_seed(s.seed)
+                grammar = None
+                if s.grammar:
+                    from llama_cpp import LlamaGrammar
+                    grammar = LlamaGrammar.from_string(s.grammar, verbose=False)
                 gen = llm.generate(tokens, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p, typical_p=1.0,
-                                   temp=s.temperature, repeat_penalty=s.repeat_penalty, reset=True)
+                                   temp=s.temperature, repeat_penalty=s.repeat_penalty, reset=True, grammar=grammar)
                 max_new = self.n_ctx - n_prompt if s.max_tokens <= 0 else min(s.max_tokens, self.n_ctx - n_prompt)
                 stops = [x for x in (s.stop or []) if x]
                 decoder = codecs.getincrementaldecoder("utf-8")("replace")

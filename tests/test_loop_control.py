@@ -1,0 +1,191 @@
+"""The loop's control logic, deterministic: the real SmolLM2 engine and real kernels, with each candidate's reply
+forced by a llama.cpp grammar (Sampling.grammar, a GBNF literal), so each test fails when the logic it pins breaks.
+The scripted replies are keyed (round, candidate)."""
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import pytest
+
+from execfeedback.loop.loop import Loop, LoopConfig, Task
+from execfeedback.traces import TraceStore
+from kernels import KernelPool
+from local_model import Engine, Sampling, load_backend
+
+
+class LoopSession:
+    def __init__(self):
+        self.runner = asyncio.Runner()
+
+    def run(self, coro, timeout=180):
+        return self.runner.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    s = LoopSession()
+    s.engine = Engine(load_backend("smollm2-135m", data_dir=tmp_path_factory.mktemp("model")))
+    s.pool = KernelPool(interrupt_grace_s=2.0)
+    s.run(s.pool.start())
+    yield s
+    s.run(s.pool.shutdown_all())
+    s.runner.close()
+    s.engine.close()
+
+
+def block(code: str) -> str:
+    return f"```python\n{code}\n```"
+
+
+class ScriptedLoop(Loop):
+    """The real loop; only each candidate's sampling gains a grammar that allows exactly its scripted reply."""
+
+    script: dict[tuple[int, int], str] = {}
+
+    def sampling_for(self, rnd, k, warm=False):
+        s = super().sampling_for(rnd, k, warm)
+        reply = self.script[(rnd, k)]
+        return replace(s, grammar="root ::= " + json.dumps(reply))
+
+
+def make(env, store, script, checks=None, key="k", **cfg):
+    cfg.setdefault("sampling", Sampling(max_tokens=96))
+    cfg.setdefault("repeat_resamples", 0)
+    loop = ScriptedLoop(env.engine, env.pool, TraceStore(store), LoopConfig(**cfg))
+    loop.script = {k: block(v) if not v.startswith("```") else v for k, v in script.items()}
+    task = Task(kind="eval", messages=[{"role": "user", "content": "Write f."}], kernel_key=key, checks=checks,
+                task_id="t")
+    return loop, task
+
+
+def run(env, loop, task, on_event=None):
+    result = env.run(loop.run_to_end(task, on_event))
+    trace = loop.traces.get_trace(result.trace_id)
+    return result, trace
+
+
+CHECK = "assert f(2) == 4"
+
+
+def test_candidates_come_from_one_batched_request_and_the_largest_group_wins(env, store, monkeypatch):
+    script = {(0, 0): "def f(x):\n    return x * 3",      # greedy fails the visible check
+              (0, 1): "def f(x):\n    return x + 2",      # passes, but behaves differently from 2 and 3
+              (0, 2): "def f(x):\n    return x * 2",
+              (0, 3): "def f(x):\n    return x + x"}
+    loop, task = make(env, store, script, CHECK, key="sel1", candidates=4, rounds=0)
+    calls = []
+    orig = env.engine.stream
+
+    def counting(*a, **kw):
+        calls.append(len(kw.get("samplings") or [None]))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(env.engine, "stream", counting)
+    result, trace = run(env, loop, task)
+    assert calls == [4]  # one request, four sequences
+    assert result.status == "passed" and result.final.candidate == 2
+    sel = {a["candidate"]: a["selection"] for a in trace["attempts"]}
+    assert sel[2]["chosen"] and sel[2]["groups"] == [[2, 3], [1]]
+    assert sel[0]["survived"] is False and "greedy dropped out" in sel[0]["reason"]
+    assert trace["attempts"][0]["sampling"]["temperature"] == 0.0
+    assert all(trace["attempts"][k]["sampling"]["temperature"] > 0 for k in (1, 2, 3))
+    # the kernel holds the winner's definition, not the last candidate run
+    res = env.run(env.pool.execute("sel1", "print(f(5))"))
+    assert res.stdout.strip() == "10"
+
+
+def test_greedy_stays_when_the_evidence_against_it_is_weak(env, store):
+    script = {(0, 0): "def f(x):\n    return x * 2",
+              (0, 1): "def f(x):\n    return x + 2",
+              (0, 2): "def f(x):\n    return 2 + x"}
+    loop, task = make(env, store, script, CHECK, key="sel2", candidates=3, rounds=0)
+    result, trace = run(env, loop, task)
+    assert result.final.candidate == 0
+    sel = trace["attempts"][0]["selection"]
+    assert sel["chosen"] and sel["groups"] == [[1, 2], [0]] and "greedy kept" in sel["reason"]
+
+
+def test_no_visible_checks_agreement_on_output_still_selects(env, store):
+    script = {(0, 0): "print(1)", (0, 1): "print(2)", (0, 2): "print(2)", (0, 3): "print(2)"}
+    loop, task = make(env, store, script, None, key="sel3", candidates=4, rounds=0)
+    result, trace = run(env, loop, task)
+    assert result.final.candidate == 1  # 3 agree against greedy's 1: margin 2 reached
+    assert trace["attempts"][1]["selection"]["groups"] == [[1, 2, 3], [0]]
+
+
+def test_a_hanging_candidate_drops_out_without_taking_the_others_down(env, store):
+    script = {(0, 0): "def f(x):\n    while x == 3: pass\n    return 4",  # passes f(2)==4, hangs on f(3)
+              (0, 1): "def f(x):\n    return x * 2", (0, 2): "def f(x):\n    return x * 2"}
+    loop, task = make(env, store, script, CHECK, key="sel4", candidates=3, rounds=0, exec_timeout=3.0)
+    result, trace = run(env, loop, task)
+    assert result.final.candidate == 1
+    sel = {a["candidate"]: a["selection"] for a in trace["attempts"]}
+    assert sel[0]["group"] is None and "probe" in sel[0]["why"]
+    assert sel[1]["groups"] == [[1, 2]]
+
+
+def test_repair_regenerates_from_the_task_the_failed_code_and_the_feedback(env, store):
+    script = {(0, 0): "def f(x):\n    return x * 3", (1, 0): "def f(x):\n    return x * 2"}
+    loop, task = make(env, store, script, CHECK, key="rep", rounds=2, retry="repair")
+    result, trace = run(env, loop, task)
+    assert result.status == "passed" and result.rounds == 1
+    inp = trace["attempts"][1]["input_messages"]
+    assert len(inp) == 1 and inp[0]["role"] == "user"
+    assert "return x * 3" in inp[0]["content"] and "Write f." in inp[0]["content"]
+
+
+def test_resample_asks_the_round_0_prompt_again_warmer(env, store):
+    script = {(0, 0): "def f(x):\n    return x * 3", (1, 0): "def f(x):\n    return x * 2"}
+    loop, task = make(env, store, script, CHECK, key="res", rounds=2, retry="resample")
+    result, trace = run(env, loop, task)
+    assert result.status == "passed"
+    assert trace["attempts"][1]["input_messages"] == task.messages
+    assert trace["attempts"][1]["sampling"]["temperature"] > 0
+
+
+def test_the_same_error_twice_stops_for_no_progress(env, store):
+    script = {(0, 0): "def f(x):\n    return x * 3", (1, 0): "def f(x):\n    return 3 * x",
+              (2, 0): "def f(x):\n    return x * 2"}
+    loop, task = make(env, store, script, CHECK, key="np", rounds=2, retry="refine")
+    result, _ = run(env, loop, task)
+    assert result.stop_reason == "no_progress" and result.rounds == 1
+
+
+def test_stop_during_solve_ends_the_trace_stopped(env, store):
+    long = "x = 1\n" + "\n".join(f"y{i} = {i}" for i in range(60))
+    loop, task = make(env, store, {(0, 0): long}, None, key="stop", rounds=2, sampling=Sampling(max_tokens=600))
+
+    def on_event(ev):
+        if ev["type"] == "token":
+            asyncio.get_running_loop().create_task(loop.stop())
+
+    result, trace = run(env, loop, task, on_event)
+    assert result.status == "stopped" and result.stop_reason == "stopped" and trace["n_attempts"] == 0
+
+
+def test_a_reply_cut_off_at_the_token_limit_is_flagged(env, store):
+    loop, task = make(env, store, {(0, 0): "def f(x):\n    return x * 2 + 0 + 0 + 0"}, CHECK, key="cut",
+                      rounds=0, sampling=Sampling(max_tokens=6))
+    result, trace = run(env, loop, task)
+    a = trace["attempts"][0]
+    assert a["finish_reason"] == "length" and not a["passed"]
+    assert "cut off" in a["feedback"]
+
+
+def test_a_name_error_is_fed_back_without_running(env, store, tmp_path):
+    marker = tmp_path / "ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\nprint(undefined_thing)"
+    loop, task = make(env, store, {(0, 0): code}, None, key="static", rounds=0)
+    result, trace = run(env, loop, task)
+    a = trace["attempts"][0]
+    assert a["exec_status"] == "error" and a["static"] is True and a["ename"] == "NameError"
+    assert "undefined_thing" in a["feedback"] and not marker.exists()
+
+
+def test_names_defined_by_earlier_cells_are_not_flagged(env, store):
+    env.run(env.pool.execute("static2", "helper_value = 41"))
+    loop, task = make(env, store, {(0, 0): "print(helper_value + 1)"}, None, key="static2", rounds=0)
+    result, trace = run(env, loop, task)
+    assert result.status == "passed" and trace["attempts"][0]["static"] is False
