@@ -833,6 +833,14 @@ async def api_inspect(state, id: str, req: Request):
     return await state.ws.inspect(id, await json_body(req))
 
 
+@route("GET", "/api/dialogs/{id}/tokens")
+@api
+def api_token_meter(state, id: str):
+    """The token meter: {"n_ctx", "budget", "used", "estimated", "cells": {id: tokens}, "prompts": {id: {"tokens",
+    "dropped": [ids]}}, ...}."""
+    return state.ws.tokens(id)
+
+
 @route("GET", "/api/dialogs/{id}/kernel")
 @api
 def api_kernel_state(state, id: str):
@@ -1081,15 +1089,77 @@ def LoopView(ws: Workspace, m: dict, streaming: bool = False, trace: dict | None
                 f'</ul></details></div>')
 
 
+def TokenCount(n: int, estimated: bool) -> str:
+    """The tokens a cell adds to the model's context (a skipped cell: what it would add); ≈ when estimated.
+    No title per cell: 1,000 of them weigh; the header meter's title says what the numbers are."""
+    return f'<span class="tokens">{"≈" if estimated else ""}{n:,} tok</span>'
+
+
+def cell_label(n: int, m: dict) -> str:
+    first = (m.get("source") or "").lstrip()[:200].partition("\n")[0].strip()
+    return f"#{n} {m['type']}" + (f" “{first[:40]}{'…' if len(first) > 40 else ''}”" if first else "")
+
+
+BUDGET_NAMES = 8  # cells a budget note names; the rest are counted
+
+
+def BudgetNote(mid: int, plan: dict | None, meter: dict | None, messages: list[dict] | None, *,
+               oob: bool = False) -> str:
+    """Under a prompt: when its context is over the budget, the cells that will be left out (before it is sent)."""
+    attrs = f'id="budget-{mid}" class="budget"' + (' hx-swap-oob="true"' if oob else "")
+    if not plan or not plan["dropped"] or not meter:
+        return f'<div {attrs}></div>'
+    dropped = plan["dropped"]
+    shown = set(dropped[:BUDGET_NAMES])
+    names = []
+    for n, m in enumerate(messages or [], 1):  # the oldest go first: they are near the top
+        if len(names) == len(shown):
+            break
+        if m["id"] in shown:
+            names.append(cell_label(n, m))
+    more = f"; and {len(dropped) - len(names):,} more" if len(dropped) > len(names) else ""
+    return (f'<div {attrs} role="note"><strong>Over the context budget</strong>: {plan["tokens"]:,} of '
+            f'{meter["budget"]:,} tokens ({meter["n_ctx"]:,} less {meter["max_tokens"]:,} for the reply). '
+            f'{len(dropped):,} cell{"s" if len(dropped) != 1 else ""} will be left out, oldest first (pin a cell to '
+            f'keep it): <span class="dropped">{_e("; ".join(names) + more)}</span></div>')
+
+
+def ContextMeter(meter: dict, *, oob: bool = False) -> str:
+    """The header's meter: the dialog's context (system prompt and every cell not skipped) against n_ctx."""
+    approx = "≈" if meter["estimated"] else ""
+    over = meter["used"] > meter["budget"]
+    title = (f"Tokens the model would read for a prompt at the end: {meter['used']:,} of a {meter['n_ctx']:,}-token "
+             f"context ({meter['budget']:,} after {meter['max_tokens']:,} for the reply). Each cell's gutter shows "
+             "the tokens it adds (a skipped cell: what it would add)"
+             + ("; estimated, about 4 characters a token: no model is loaded" if meter["estimated"] else ""))
+    oob_attr = ' hx-swap-oob="true"' if oob else ""
+    return (f'<span id="context-meter" class="context-meter{" over" if over else ""}" title="{_e(title)}"'
+            f'{oob_attr}>context {approx}{meter["used"]:,} / {meter["n_ctx"]:,}</span>')
+
+
 def Cell(ws: Workspace, m: dict, *, reply_streaming: bool = False, loop_streaming: bool = False,
-         trace: dict | None | bool = False, lazy: bool = False) -> Safe:
+         trace: dict | None | bool = False, lazy: bool = False, meter: dict | None = None,
+         messages: list[dict] | None = None) -> Safe:
     """One cell as the page shows it. `trace`: its latest Solve/Fix trace, when the caller batched the lookup.
-    `lazy`: its editor is made when it nears the screen (static/app.js), not when the page loads."""
+    `lazy`: its editor is made when it nears the screen (static/app.js), not when the page loads. `meter`,
+    `messages`: the dialog's token meter and cells, when the caller has them (a whole page)."""
     mid, t, src = m["id"], m["type"], m["source"]
     lang = "python" if t == "code" else "markdown"
     flags = [f for f in ("pinned", "skipped") if m.get(f)] + (["test"] if m.get("is_test") else [])
+    if meter is None and t == "prompt":  # one cell on its own: its budget needs the dialog's cells
+        try:
+            messages = ws.store.messages(m["dialog_id"])
+            meter = ws.meter.dialog(ws.store.get_dialog(m["dialog_id"]), messages)
+        except StoreError:
+            meter = None
+    if meter is not None and mid in meter["cells"]:
+        tokens, estimated = meter["cells"][mid], meter["estimated"]
+    else:
+        counter = ws.meter.counter()
+        tokens, estimated = ws.meter.cell_tokens(m, counter), counter[2]
     gutter = ExecCount(m) if t == "code" else f'<span class="kind">{t}</span>'
     gutter += "".join(f'<span class="flag flag-{f}">{f}</span>' for f in flags)
+    gutter += TokenCount(tokens, estimated)
     placeholder = {"code": "code", "note": "a note (markdown)", "prompt": "ask the model (markdown)"}[t]
     # No toolbar here: static/app.js puts one shared toolbar in the selected cell (half of each cell's bytes).
     body = [f'<textarea class="cell-source{"-lazy" if lazy else ""}" name="source" data-lang="{lang}" rows="{src.count(chr(10)) + 1}" '
@@ -1100,6 +1170,7 @@ def Cell(ws: Workspace, m: dict, *, reply_streaming: bool = False, loop_streamin
     if t == "code":
         body.append(Outputs(m, running=ws.run_outputs(mid) is not None))
     elif t == "prompt":
+        body.append(BudgetNote(mid, meter["prompts"].get(mid) if meter else None, meter, messages))
         body.append(Reply(m, streaming=reply_streaming))
     if t != "note":
         body.append(LoopView(ws, m, streaming=loop_streaming, trace=trace))
@@ -1112,11 +1183,14 @@ def Cell(ws: Workspace, m: dict, *, reply_streaming: bool = False, loop_streamin
 EAGER_EDITORS = 40  # cells whose editor is made at page load; the rest wait until they near the screen
 
 
-def Cells(ws: Workspace, dialog_id: int, messages: list[dict]) -> Safe:
+def Cells(ws: Workspace, dialog_id: int, messages: list[dict], meter: dict | None = None) -> Safe:
     # A CodeMirror editor costs the browser ~4 ms to make: 1,000 at load kept a long dialog blank for 4 s.
     traces = ws.latest_traces(dialog_id)
+    if meter is None:
+        meter = ws.meter.dialog(ws.store.get_dialog(dialog_id), messages)
     return Safe(f'<div id="cells" data-dialog="{dialog_id}">'
-                + "".join(Cell(ws, m, trace=traces.get(m["id"]), lazy=n >= EAGER_EDITORS)
+                + "".join(Cell(ws, m, trace=traces.get(m["id"]), lazy=n >= EAGER_EDITORS, meter=meter,
+                               messages=messages)
                           for n, m in enumerate(messages)) + "</div>")
 
 
@@ -1210,7 +1284,7 @@ def SettingsPanel(ws: Workspace, d: dict, *, open: bool = False, oob: bool = Fal
         id="settings", cls="settings", open=open, **({"hx_swap_oob": "true"} if oob else {})), indent=False))
 
 
-def DialogHeader(ws: Workspace, d: dict):
+def DialogHeader(ws: Workspace, d: dict, meter: dict | None = None):
     did = d["id"]
     return Header(
         A("Loopbook", href="/", cls="brand"),
@@ -1218,6 +1292,7 @@ def DialogHeader(ws: Workspace, d: dict):
              hx_post=f"/d/{did}/rename", hx_trigger="change, submit", hx_swap="none", cls="rename"),
         KernelBadge(ws, did),
         ModelBadge(ws),
+        Safe(ContextMeter(meter or ws.tokens(did))),
         AutorunNote(ws, d),
         Div(Button("Run all", type="button", data_act="run-all", cls="run-all", title="Run every code cell in order"),
             Button("Interrupt", type="button", data_act="interrupt", cls="interrupt", title="Interrupt (i i)"),
@@ -1359,9 +1434,11 @@ def dialog_page(state, id: str):
     except StoreError as e:
         return error_page(e, "<p><a href='/'>All dialogs</a></p>")
     notices = state.flash.pop(d["id"], [])
+    messages = ws.store.messages(d["id"])
+    meter = ws.meter.dialog(d, messages)
     return (Title(f"{d['title']} · Loopbook"), REFERRER,
-            DialogHeader(ws, d),
-            Main(Cells(ws, d["id"], ws.store.messages(d["id"])), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"])),
+            DialogHeader(ws, d, meter),
+            Main(Cells(ws, d["id"], messages, meter), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"])),
             KeyHelp(),
             Div(*[Div(n, cls="toast-msg") for n in notices], id="toast", cls="toast", role="status", aria_live="polite"))
 
@@ -1552,6 +1629,19 @@ async def interrupt_dialog(state, id: str):
 @page
 async def restart_kernel(state, id: str):
     return KernelBadge(state.ws, await state.ws.restart(id))
+
+
+@route("GET", "/d/{id}/meter")
+@page
+def token_meter(state, id: str):
+    """The header's token meter and every prompt's budget note (out of band), fresh after a change."""
+    ws = state.ws
+    d = ws.store.get_dialog(id)
+    messages = ws.store.messages(d["id"])
+    meter = ws.meter.dialog(d, messages)
+    return Safe(ContextMeter(meter, oob=True) + "".join(
+        BudgetNote(m["id"], meter["prompts"].get(m["id"]), meter, messages, oob=True)
+        for m in messages if m["type"] == "prompt"))
 
 
 @route("GET", "/d/{id}/kernel")

@@ -148,3 +148,31 @@ def build_context(cells: list[dict], prompt: dict | None = None, *, options: Con
         omitted += 1
         msgs = _messages(system, kept, final, omitted)
     return msgs
+
+
+def cell_context_text(m: dict, opts: ContextOptions | None = None) -> str:
+    """What one cell adds to a model's context, as text ("" when nothing): a note's text, code with its outputs
+    (render_cell), a prompt with its reply (they stay or go together). Skipped or not: the caller decides."""
+    if m["type"] == "prompt":
+        return "\n\n".join(t for t in (m["source"].strip(), (m.get("reply") or "").strip()) if t)
+    return render_cell(m, opts or ContextOptions())[0]
+
+
+def dropped_by_budget(cells: list[dict], tokens: Callable[[dict], int], fixed: int,
+                      budget: int | None) -> list[int]:
+    """The ids of the cells build_context leaves out to fit `budget` tokens, by its rules, from per-cell counts
+    (`tokens(cell)`, what cell_context_text counts) plus `fixed` (the system prompt and the prompt): skipped cells
+    never count, the oldest unpinned go first, pinned cells stay. Counts add up; the builder counts the whole
+    chat-templated input, a few tokens per message more, so at the edge it may drop one cell more."""
+    if budget is None:
+        return []
+    counted = [m for m in cells if not m.get("skipped") and tokens(m)]
+    total = fixed + sum(tokens(m) for m in counted)
+    dropped: list[int] = []
+    for m in counted:
+        if total <= budget:
+            break
+        if not m.get("pinned"):
+            total -= tokens(m)
+            dropped.append(m["id"])
+    return dropped

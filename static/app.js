@@ -147,6 +147,22 @@
     return ids.map(byId).filter(Boolean);
   }
 
+  // The token meter (the header's context count and each prompt's budget note) after a change: one request
+  // a little after the last change, its fragments put in place by id.
+  let meterTimer = null;
+  function refreshMeter() {
+    if (!dialogPage()) return;
+    clearTimeout(meterTimer);
+    meterTimer = setTimeout(async () => {
+      let html;
+      try { html = await call("GET", `/d/${dialogId()}/meter`, null, { quiet: true }); } catch (err) { return; }
+      for (const fresh of [...fragmentOf(html).children]) {
+        const old = fresh.id && document.getElementById(fresh.id);
+        if (old) { fresh.removeAttribute("hx-swap-oob"); old.replaceWith(fresh); }
+      }
+    }, 250);
+  }
+
   // Structural edits (add, delete, move, paste, type) run one after another, each against the page
   // as the previous one left it.
   let ops = Promise.resolve();
@@ -156,6 +172,7 @@
     ops = ops.then(fn, fn).catch((err) => { if (!(err instanceof Refused)) console.error(err); })
       .finally(() => {
         pendingOps -= 1;
+        refreshMeter();
         if (pendingOps === 0) typeahead = null; // the edit it waited for never came (an error said why)
       });
     return ops;
@@ -337,7 +354,7 @@
     const previous = saveChains.get(id) || Promise.resolve();
     if (source === savedSource(cell)) return previous;
     const request = previous.catch(() => {}).then(() => call("PUT", `/cells/${id}`, { source, base: savedSource(cell) }))
-      .then(() => { savedText.set(id, source); });
+      .then(() => { savedText.set(id, source); refreshMeter(); });
     saveChains.set(id, request);
     return request;
   }
@@ -412,6 +429,7 @@
       }
       owned.delete(current.id);
       current = null;
+      refreshMeter();
       if (!ok) clearQueue();
       markQueue();
     }

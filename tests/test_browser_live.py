@@ -211,3 +211,34 @@ def test_completion_while_a_cell_runs_says_the_kernel_is_busy(watched, server, a
     expect(page.locator(f"#cell-{mid} .kernel-note")).to_contain_text("running a cell")
     kb.type("e")  # typing closes the note
     expect(page.locator(f"#cell-{mid} .kernel-note")).to_have_count(0)
+
+
+def test_the_token_meter_shows_counts_and_the_cells_an_over_budget_prompt_leaves_out(watched, server, api):
+    page, kb = watched.page, watched.page.keyboard
+    did, (small, big, prompt) = open_dialog(watched, server, api, "meter", [
+        {"type": "code", "source": "print('tokens')"},
+        {"type": "note", "source": "many words here " * 3000},
+        {"type": "prompt", "source": "what did I do?"}])
+    meter = api.get(f"/api/dialogs/{did}/tokens").json()
+    assert meter["estimated"] is False  # SmolLM2's own tokenizer
+    for mid in (small, big, prompt):
+        expect(page.locator(f"#cell-{mid} .gutter .tokens")).to_have_text(f"{meter['cells'][str(mid)]:,} tok")
+    expect(page.locator("#context-meter")).to_have_text(f"context {meter['used']:,} / {meter['n_ctx']:,}")
+    expect(page.locator("#context-meter")).to_have_class(re.compile(r"\bover\b"))
+    note = page.locator(f"#budget-{prompt}")
+    expect(note).to_contain_text("Over the context budget")
+    # Oldest unpinned first, as the context builder drops them: the small code cell goes before the long note.
+    expect(note).to_contain_text("#1 code “print('tokens')”; #2 note “many words here")
+    assert "#3" not in note.text_content()
+    shot(page, "16-token-meter")
+    # Skip the long note from the keyboard (S): the meter and the note follow without a reload.
+    page.evaluate(f"loopbook.page.select(document.querySelector('#cell-{big}'))")
+    kb.press("S")
+    expect(note).to_be_empty()
+    expect(page.locator("#context-meter")).not_to_have_class(re.compile(r"\bover\b"))
+    # A run changes its cell's count (the output joins the context), and the header's.
+    before = page.locator("#context-meter").text_content()
+    page.evaluate(f"loopbook.page.select(document.querySelector('#cell-{small}'))")
+    kb.press("Control+Enter")
+    expect(page.locator(f"#out-{small}")).to_have_text("tokens")
+    expect(page.locator("#context-meter")).not_to_have_text(before)

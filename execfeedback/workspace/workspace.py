@@ -18,6 +18,7 @@ from ..loop.loop import Loop, LoopConfig
 from ..traces import TraceStore
 from .ask import ask, dialog_key, sampling_from
 from .live import Live, LiveHub, OutputsLive
+from .meter import TokenMeter
 from .solve import fix_task, land, loop_config, solve_task, summary
 from .. import settings as table
 from .cells import Cells
@@ -37,6 +38,7 @@ class Workspace:
         self.traces = TraceStore(store)
         self.cells = Cells(store, self.traces)
         self.hub = LiveHub()
+        self.meter = TokenMeter(models, self.defaults)
         self.loops: dict[int, Loop] = {}
         self.background: set[asyncio.Task] = set()
 
@@ -173,6 +175,12 @@ class Workspace:
             self.hub.close_outputs(view)
         return {"status": res.status, "outputs": res.outputs, "execution_count": res.execution_count,
                 "message": res.message, "truncated": res.truncated, "duration_s": meta["duration_s"]}
+
+    def tokens(self, dialog_id: Any) -> dict:
+        """The token meter of a dialog (workspace/meter.py): per-cell tokens, context used against n_ctx, and the
+        cells each prompt over its budget would leave out."""
+        d = self.store.get_dialog(dialog_id)
+        return self.meter.dialog(d, self.store.messages(d["id"]))
 
     # -- the model -------------------------------------------------------------------------------------
 
