@@ -164,7 +164,8 @@ def _comment(text: str) -> str:
     return "\n".join(f"# {line}" if line else "#" for line in _LINE_BREAK.split(text))
 
 
-def _parses(code: str) -> bool:
+def parses(code: str) -> bool:
+    """Whether the text is Python that compiles to a syntax tree."""
     try:
         ast.parse(code)
     except (SyntaxError, ValueError):
@@ -175,10 +176,10 @@ def _parses(code: str) -> bool:
 def _py_code(source: str) -> str:
     """A code cell as Python: as it is, else with IPython magics and shell lines commented (as Jupytext
     does), else wholly commented, so the script always parses."""
-    if _parses(source):
+    if parses(source):
         return source
     escaped = "\n".join(f"# {line}" if _MAGIC_LINE.match(line) else line for line in _PY_LINE_BREAK.split(source))
-    if _parses(escaped):
+    if parses(escaped):
         return escaped
     return "# (this cell is not valid Python, so it is kept as comments)\n" + _comment(source)
 

@@ -3,28 +3,12 @@
 import asyncio
 import os
 import signal
-import time
 
 import pytest
 
 from kernels import KernelPool
 from kernels.introspect import parse_sections, strip_ansi
-
-
-class LoopSession:
-    """One event loop for the module, so the pool and its background tasks persist between tests."""
-
-    def __init__(self):
-        self.runner = asyncio.Runner()
-
-    def run(self, coro, timeout=120):
-        return self.runner.run(asyncio.wait_for(coro, timeout))
-
-    def wait_until(self, predicate, timeout=15.0):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and not predicate():
-            self.run(asyncio.sleep(0.05))
-        return predicate()
+from kernelhelpers import LoopSession
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """KernelPool lifecycles that need a pool of their own: limits, culling, shutdown and exit cleanup."""
 
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -11,21 +10,9 @@ from pathlib import Path
 
 from kernels import KernelPool
 from kernels.launch import make_runtime_dir
+from kernelhelpers import pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def pid_alive(pid):
-    """True while the process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def wait_gone(pids, timeout=10.0):

@@ -1,15 +1,14 @@
 """Live output: folding \\r and backspaces, batched index-addressed events, and real kernels streaming them."""
 
-import asyncio
 import random
 import re
 import time
 
 import pytest
 
-from kernels import KernelPool
 from kernels.capture import OutputCapture, fold
 from kernels.live import apply_events, common_prefix, diff_outputs
+from kernelhelpers import pool_session
 
 # -- folding ------------------------------------------------------------------------------------
 
@@ -149,24 +148,9 @@ def test_the_live_snapshot_is_bounded_while_the_stored_output_keeps_head_and_tai
 # -- real kernels ----------------------------------------------------------------------------------
 
 
-class LoopSession:
-    """One event loop for the module, so the pool and its background tasks persist between tests."""
-
-    def __init__(self):
-        self.runner = asyncio.Runner()
-
-    def run(self, coro, timeout=120):
-        return self.runner.run(asyncio.wait_for(coro, timeout))
-
-
 @pytest.fixture(scope="module")
 def lp():
-    session = LoopSession()
-    session.pool = KernelPool(spare=False, interrupt_grace_s=2.0)
-    session.run(session.pool.start())
-    yield session
-    session.run(session.pool.shutdown_all())
-    session.runner.close()
+    yield from pool_session()
 
 
 class Consumer:

@@ -1,12 +1,11 @@
 """Values and functions of a real kernel for prompts: `$`name`` summaries and `&`fn`` tools."""
 
-import asyncio
 import json
 
 import pytest
 
-from kernels import KernelPool
 from kernels.namespace import name_problem
+from kernelhelpers import pool_session
 
 SETUP = '''
 import time, signal
@@ -68,26 +67,9 @@ def deaf(seconds: float):
 '''
 
 
-class LoopSession:
-    """One event loop for the module, so the pool and its background tasks persist between tests."""
-
-    def __init__(self):
-        self.runner = asyncio.Runner()
-
-    def run(self, coro, timeout=120):
-        return self.runner.run(asyncio.wait_for(coro, timeout))
-
-
 @pytest.fixture(scope="module")
 def lp():
-    session = LoopSession()
-    session.pool = KernelPool(spare=False, interrupt_grace_s=2.0)
-    session.run(session.pool.start())
-    res = session.run(session.pool.execute("ns", SETUP))
-    assert res.status == "ok", res
-    yield session
-    session.run(session.pool.shutdown_all())
-    session.runner.close()
+    yield from pool_session(("ns", SETUP))
 
 
 def variables(lp, names, **kw):

@@ -6,42 +6,13 @@ import os
 import signal
 import stat
 import struct
-import time
 import zlib
 
 import nbformat
 import pytest
 
 from kernels import ExecResult, KernelInitError, KernelPool
-
-
-class LoopSession:
-    """Runs coroutines on one long-lived event loop, so the pool and its background tasks persist."""
-
-    def __init__(self):
-        self.runner = asyncio.Runner()
-
-    def run(self, coro, timeout=120):
-        return self.runner.run(asyncio.wait_for(coro, timeout))
-
-    def wait_until(self, predicate, timeout=15.0):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and not predicate():
-            self.run(asyncio.sleep(0.05))
-        return predicate()
-
-
-def pid_alive(pid):
-    """True while the process exists and is not a zombie."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from kernelhelpers import LoopSession, pid_alive
 
 
 def png_bytes():

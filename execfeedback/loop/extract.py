@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from markdown_it import MarkdownIt
 
+from dialog.notebook import parses
+
 PYTHON_LANGS = {"python", "py", "python3", "py3", "ipython", "ipython3", "pycon", "python-repl", "pyi"}
 
 _md = MarkdownIt("commonmark")
@@ -86,7 +88,7 @@ def _python_fences(reply: str, tokens) -> list[_Block]:
         if lang and lang not in PYTHON_LANGS:
             continue
         code = _strip_doctest(tok.content)
-        if not lang and not (_parses(code) and _looks_like_code(code)):
+        if not lang and not (parses(code) and _looks_like_code(code)):
             continue
         closed = True
         if tok.type == "fence":
@@ -145,7 +147,7 @@ def _imports_only(code: str) -> str:
 
 def _trim_cut_off(code: str) -> str:
     """Drop the cut-off last top-level statement of a truncated block unless it is a def/class."""
-    if _parses(code):
+    if parses(code):
         return code
     lines = code.splitlines(keepends=True)
     for i in range(len(lines) - 1, 0, -1):
@@ -153,7 +155,7 @@ def _trim_cut_off(code: str) -> str:
         if not line[:1].strip() or line[:1] in ")]}#":
             continue  # not the start of a top-level statement
         head = "".join(lines[:i])
-        if _parses(head) and head.strip():
+        if parses(head) and head.strip():
             tail = "".join(lines[i:]).lstrip()
             return code if _CODE_START.match(tail) and not tail.startswith(("import ", "from ")) else head
     return code
@@ -179,14 +181,6 @@ def _strip_doctest(code: str) -> str:
     return "\n".join(x for x in out if x is not None) + "\n"
 
 
-def _parses(code: str) -> bool:
-    try:
-        ast.parse(code)
-    except (SyntaxError, ValueError):
-        return False
-    return True
-
-
 def _looks_like_code(code: str) -> bool:
     """True unless the text is only bare names, literals or annotations (prose that happens to parse)."""
     try:
@@ -206,7 +200,7 @@ def _looks_like_code(code: str) -> bool:
 
 def _unfenced(reply: str) -> Extraction:
     text = _strip_doctest(reply)
-    if _parses(text) and _looks_like_code(text):
+    if parses(text) and _looks_like_code(text):
         return Extraction(text.strip("\n") + "\n", True, "no fence; the whole reply is code", 0)
     lines = text.splitlines(keepends=True)
     for start, line in enumerate(lines):
@@ -214,7 +208,7 @@ def _unfenced(reply: str) -> Extraction:
             continue
         for end in range(len(lines), start, -1):
             chunk = "".join(lines[start:end])
-            if _parses(chunk) and _looks_like_code(chunk):
+            if parses(chunk) and _looks_like_code(chunk):
                 return Extraction(chunk.strip("\n") + "\n", True, "no fence; code taken from the prose", 0)
         break
     return Extraction(None, False, "the reply had no code block", 0)
