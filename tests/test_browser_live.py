@@ -242,3 +242,28 @@ def test_the_token_meter_shows_counts_and_the_cells_an_over_budget_prompt_leaves
     kb.press("Control+Enter")
     expect(page.locator(f"#out-{small}")).to_have_text("tokens")
     expect(page.locator("#context-meter")).not_to_have_text(before)
+
+
+def test_a_page_opened_mid_run_follows_the_running_cell(watched, server, api):
+    import threading
+
+    page = watched.page
+    code = "import time\nfor i in range(12):\n    print(f'tick {i}', flush=True)\n    time.sleep(0.25)\n"
+    did = api.post("/api/dialogs", json={"title": "reload"}).json()["id"]
+    mid = api.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": code}).json()["id"]
+    t = threading.Thread(target=lambda: api.post(f"/api/messages/{mid}/run"))
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while api.get(f"/api/dialogs/{did}/kernel").json()["state"] != "busy":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        page.goto(f"{server.base}/d/{did}")
+        expect(page.locator(f"#out-{mid}")).to_contain_text("tick 1")
+        assert "tick 11" not in out_text(page, mid)  # live, before the run ended
+        expect(page.locator(f"#out-{mid}")).to_contain_text("tick 11", timeout=15_000)
+        # The stream's last event swaps in the finished cell: its count, and no longer live.
+        expect(page.locator(f"#cell-{mid} .exec-count")).to_have_text(re.compile(r"^\[\d+\]$"))
+        expect(page.locator(f"#out-{mid}[data-live]")).to_have_count(0)
+    finally:
+        t.join(30)
