@@ -51,6 +51,10 @@ def chosen_by_round(attempts: list[dict], final_attempt_id: int | None = None) -
         rounds.setdefault(a["round"], []).append(a)
     chosen = {}
     for rnd, group in rounds.items():
+        selected = [a for a in group if (a.get("selection") or {}).get("chosen")]
+        if selected:  # several candidates: selection by execution said which one won
+            chosen[rnd] = selected[0]
+            continue
         passing = [a for a in group if a.get("passed")]
         if passing:
             chosen[rnd] = passing[0]
@@ -111,6 +115,13 @@ def account(problems: list[dict]) -> dict:
         row["rate"] = round(row["fixed"] / row["failed"], 4)
     failed0 = sum(r["failed"] for r in by_error.values())
     fixed = sum(r["fixed"] for r in by_error.values())
+    # Cost: the mean tokens generated per problem up to and including each round, beside that round's pass@1.
+    tokens_by_round = []
+    for r in range(width):
+        spent = [(p.get("tokens_by_round") or [0])[min(r, len(p.get("tokens_by_round") or [0]) - 1)] for p in problems]
+        tokens_by_round.append(round(sum(spent) / n, 1) if n else 0.0)
+    r0_failed = sum(p.get("round0_failed_attempts", 0) for p in problems)
+    r0_static = sum(p.get("round0_static", 0) for p in problems)
     return {
         "n": n,
         "pass_by_round": [round(c / n, 4) if n else 0.0 for c in counts],
@@ -118,6 +129,10 @@ def account(problems: list[dict]) -> dict:
         "regressions": regressions,
         "fix_rate_by_error": dict(sorted(by_error.items(), key=lambda kv: (-kv[1]["failed"], kv[0]))),
         "fix_rate": round(fixed / failed0, 4) if failed0 else None,
+        "tokens_per_problem_by_round": tokens_by_round,
+        "tokens_per_problem": tokens_by_round[-1] if tokens_by_round else 0.0,
+        "round0_failed_attempts": r0_failed,
+        "round0_static_caught": r0_static,
     }
 
 
@@ -151,6 +166,15 @@ def problem_result(problem_id: str, trace: dict, attempts: list[dict], rounds: i
     chosen = chosen_by_round(attempts, trace.get("final_attempt_id")) if attempts else {}
     pbr = passed_by_round(attempts, rounds, trace.get("final_attempt_id"))
     final = chosen[max(chosen)] if chosen else None
+    model = [a for a in attempts if a.get("author", "model") == "model"]
+    per_round = Counter()
+    for a in model:
+        per_round[a["round"]] += a.get("completion_tokens") or 0
+    tokens_by_round, spent = [], 0
+    for r in range(len(pbr)):
+        spent += per_round.get(r, 0)
+        tokens_by_round.append(spent)
+    round0 = [a for a in model if a["round"] == 0 and not a.get("passed")]
     return {
         "id": problem_id,
         "passed_by_round": pbr,
@@ -159,11 +183,16 @@ def problem_result(problem_id: str, trace: dict, attempts: list[dict], rounds: i
         "stop_reason": trace.get("stop_reason"),
         "rounds_used": trace.get("rounds", 0),
         "n_attempts": len(attempts),
+        "tokens": spent,
+        "tokens_by_round": tokens_by_round,  # generated up to and including each round
+        "round0_failed_attempts": len(round0),
+        "round0_static": sum(1 for a in round0 if a.get("static")),  # failed before running, nothing run
         "round0_error": None if pbr[0] else error_type(chosen.get(0)),
         "final_exec_status": final.get("exec_status") if final else None,
         "trace_id": trace["id"],
         "attempts": [{k: a.get(k) for k in ("id", "round", "candidate", "exec_status", "ename", "passed",
-                                             "completion_tokens", "ttft_s", "tokens_per_s", "exec_s")}
+                                             "completion_tokens", "ttft_s", "tokens_per_s", "exec_s", "static",
+                                             "selection")}
                      | {"hidden_passed": None if a.get("hidden_passed") is None else bool(a["hidden_passed"])}
                      for a in attempts],
     }
@@ -418,9 +447,15 @@ def format_table(results: dict) -> str:
              f" rounds {cfg.get('rounds')}, candidates {cfg.get('candidates')}, retry {cfg.get('retry')}, repeat resamples {cfg.get('repeat_resamples', 0)}"]
     if not s.get("complete", True):
         lines.append(f"INTERRUPTED: {s.get('n_pending')} problem(s) not run yet; run the same command again to resume.")
-    lines.append("round  pass@1 (hidden tests)" if n else "no problem finished in this run")
+    lines.append("round  pass@1 (hidden tests)   tokens generated per problem, up to this round"
+                 if n else "no problem finished in this run")
+    costs = s.get("tokens_per_problem_by_round") or []
     for r, (frac, cnt) in enumerate(zip(s["pass_by_round"], s["pass_counts_by_round"])):
-        lines.append(f"{r:>5}  {cnt:>3}/{n:<3} {100 * frac:5.1f}%")
+        cost = f"   {costs[r]:>8.1f}" if r < len(costs) else ""
+        lines.append(f"{r:>5}  {cnt:>3}/{n:<3} {100 * frac:5.1f}%{cost}")
+    if s.get("round0_failed_attempts"):
+        lines.append(f"static analysis: {s.get('round0_static_caught', 0)} of {s['round0_failed_attempts']} failed "
+                     "round-0 attempt(s) caught before running")
     lines.append(f"regressions (pass -> fail between rounds): {s['regressions']}")
     if s["fix_rate_by_error"]:
         lines.append("fix rate by round-0 error (fixed / failed at round 0):")
