@@ -83,3 +83,16 @@ def test_bad_requests_are_4xx_with_a_message(c, body):
         r = c.post(f"/api/dialogs/{did}/{what}", json=body)
         assert r.status_code == 400 and r.json()["error"], (what, body, r.text)
     assert c.post("/api/dialogs/999999/complete", json={"code": ""}).status_code == 404
+
+
+def test_the_kernel_helpers_token_does_not_reach_completion_help_or_the_meter(c):
+    from apphelpers import TOKEN
+    from kernels.helper_setup import kernel_token
+
+    d = c.post("/api/dialogs", json={"title": "helper"}).json()
+    token = kernel_token(TOKEN, d["id"], c.get(f"/api/dialogs/{d['id']}").json()["created_at"])
+    own = {"Authorization": f"token {token}"}
+    assert c.get(f"/api/dialogs/{d['id']}", headers=own).status_code == 200  # its own dialog: yes
+    for method, path in (("POST", "complete"), ("POST", "inspect"), ("GET", "tokens")):
+        r = c.request(method, f"/api/dialogs/{d['id']}/{path}", json={"code": "x"}, headers=own)
+        assert r.status_code == 401, (path, r.status_code)
