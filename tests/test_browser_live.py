@@ -267,3 +267,16 @@ def test_a_page_opened_mid_run_follows_the_running_cell(watched, server, api):
         expect(page.locator(f"#out-{mid}[data-live]")).to_have_count(0)
     finally:
         t.join(30)
+
+
+def test_completion_offsets_survive_astral_characters(watched, server, api):
+    page, kb = watched.page, watched.page.keyboard
+    did, (setup, mid) = open_dialog(watched, server, api, "emoji", [{"type": "code", "source": "import collections"},
+                                                                    {"type": "code", "source": ""}])
+    assert api.post(f"/api/messages/{setup}/run").json()["status"] == "ok"
+    edit_cell(page, mid)
+    kb.type("s = '😀🐍'; collections.Ord")  # two characters the browser counts as two UTF-16 units each
+    kb.press("Tab")
+    expect(page.locator(".cm-tooltip-autocomplete")).to_contain_text("OrderedDict")
+    kb.press("Enter")
+    assert editor_text(page, mid) == "s = '😀🐍'; collections.OrderedDict"
