@@ -189,3 +189,16 @@ def test_names_defined_by_earlier_cells_are_not_flagged(env, store):
     loop, task = make(env, store, {(0, 0): "print(helper_value + 1)"}, None, key="static2", rounds=0)
     result, trace = run(env, loop, task)
     assert result.status == "passed" and trace["attempts"][0]["static"] is False
+
+
+def test_more_candidates_than_the_context_holds_gives_fewer_and_a_note_in_the_trace(env, store):
+    n_ctx = env.engine.backend.n_ctx
+    script = {(0, k): "x = 1" for k in range(4)}
+    loop, task = make(env, store, script, None, key="fit", candidates=4, rounds=0,
+                      sampling=Sampling(max_tokens=n_ctx * 2 // 5))  # two replies fit, not four
+    events = []
+    result, trace = run(env, loop, task, events.append)
+    notes = [e for e in events if e["type"] == "note"]
+    assert len(notes) == 1 and "2 of 4 candidates" in notes[0]["text"]
+    assert [a["candidate"] for a in trace["attempts"]] == [0, 1]
+    assert all("2 of 4 candidates" in a["selection"]["note"] for a in trace["attempts"])
