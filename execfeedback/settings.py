@@ -67,7 +67,9 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             label="Adapter"),
     Setting("rounds", int, 3, (LOOP, DIALOG), "feedback rounds after the first attempt",
             low=0, high=20, label="Feedback rounds"),
-    Setting("candidates", int, 1, (LOOP, DIALOG), "code samples per round; the first that passes the checks wins",
+    Setting("candidates", int, 1, (LOOP, DIALOG),
+            "code samples per round, from one batched request; selection by execution picks one (the greedy one "
+            "unless outnumbered by 2)",
             low=1, high=16, label="Candidates"),
     Setting("retry", str, "refine", (LOOP, DIALOG),
             "refine: answer the feedback in a growing conversation; repair: one fresh turn with the task, the "
