@@ -168,7 +168,8 @@ class Loop:
             await self.pool.interrupt(self._running_key)
 
     async def run(self, task: Task, should_stop: Callable[[], bool] | None = None) -> AsyncIterator[dict]:
-        """Events: attempt_start, token, attempt (with the stored record), done (with the LoopResult)."""
+        """Events: attempt_start, token, attempt (with the stored record), done (with the LoopResult); with
+        candidates > 1 also note (fewer candidates than asked fit the context) and selected (groups, winner, why)."""
         cfg = self.config
         manifest = dict(self.engine.manifest)
         trace_id = self.traces.start_trace(
