@@ -7,7 +7,8 @@ import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from parts import chromium_path
+from apphelpers import Server, wait_for_model
+from parts import chromium_path, require, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
 # `chromium` on PATH (Debian's, as ./loopbook installs it) or $LOOPBOOK_CHROMIUM; None when there is none, and
@@ -73,3 +74,18 @@ def until(page, expression: str, timeout: float = 30.0, interval: float = 0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"still false after {timeout} s: {expression}")
         page.wait_for_timeout(interval * 1000)
+
+
+def playwright_api():
+    """Playwright's sync API, once Chromium and Playwright are known to be here (else a skip; under CI a failure)."""
+    require("chromium")
+    return require_module("playwright.sync_api")
+
+
+def model_server(tmp_path_factory, name: str, *flags: str):
+    """A test module's app server on the real SmolLM2 model, waited for, stopped afterwards (a fixture's body)."""
+    s = Server(tmp_path_factory.mktemp(name), "--model", "smollm2-135m", *flags).start()
+    with s.client() as c:
+        wait_for_model(c)
+    yield s
+    s.stop()

@@ -8,25 +8,17 @@ import time
 
 import pytest
 
-from apphelpers import TOKEN, Server, wait_for_model
-from browserhelpers import VIEWPORT, Watched, shot, until
-from parts import require, require_module
+from apphelpers import TOKEN
+from browserhelpers import VIEWPORT, Watched, model_server, playwright_api, shot, until
 
 pytestmark = pytest.mark.browser
 
-require("chromium")
-sync_api = require_module("playwright.sync_api")
-expect = sync_api.expect
+expect = playwright_api().expect
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("browser-live"), "--model", "smollm2-135m", "--max-tokens", "48",
-               "--exec-timeout", "60", "--rounds", "0").start()
-    with s.client() as c:
-        wait_for_model(c)
-    yield s
-    s.stop()
+    yield from model_server(tmp_path_factory, "browser-live", "--max-tokens", "48", "--exec-timeout", "60", "--rounds", "0")
 
 
 @pytest.fixture

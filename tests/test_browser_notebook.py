@@ -7,25 +7,17 @@ import re
 
 import pytest
 
-from apphelpers import TOKEN, Server, wait_for_model
-from browserhelpers import VIEWPORT, Watched, shot, until
-from parts import require, require_module
+from apphelpers import TOKEN
+from browserhelpers import VIEWPORT, Watched, model_server, playwright_api, shot, until
 
 pytestmark = pytest.mark.browser
 
-require("chromium")
-sync_api = require_module("playwright.sync_api")
-expect = sync_api.expect
+expect = playwright_api().expect
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("browser"), "--model", "smollm2-135m", "--max-tokens", "48",
-               "--exec-timeout", "30", "--rounds", "1").start()
-    with s.client() as c:
-        wait_for_model(c)
-    yield s
-    s.stop()
+    yield from model_server(tmp_path_factory, "browser", "--max-tokens", "48", "--exec-timeout", "30", "--rounds", "1")
 
 
 @pytest.fixture

@@ -8,14 +8,11 @@ import json
 import pytest
 
 from apphelpers import TOKEN, Server
-from browserhelpers import VIEWPORT, Watched, until
-from parts import require, require_module
+from browserhelpers import VIEWPORT, Watched, playwright_api, until
 
 pytestmark = pytest.mark.browser
 
-require("chromium")
-sync_api = require_module("playwright.sync_api")
-expect = sync_api.expect
+expect = playwright_api().expect
 
 # Each payload would set window.__pwned (or the parent's) if it ever ran.
 PAYLOADS = [

@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 
 from apphelpers import TOKEN, Server
-from browserhelpers import VIEWPORT, Watched, launch, shot, until
-from parts import require, require_module
+from browserhelpers import VIEWPORT, Watched, launch, playwright_api, shot, until
 from dialog import Store
 from execfeedback.adapters import registry as adapters
 
 pytestmark = pytest.mark.browser
 
-require("chromium")
-sync_api = require_module("playwright.sync_api")
+sync_api = playwright_api()
 expect = sync_api.expect
 
 ADAPTER = "coder-fix-v1"

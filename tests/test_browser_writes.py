@@ -6,14 +6,11 @@ from __future__ import annotations
 import pytest
 
 from apphelpers import TOKEN, Server
-from browserhelpers import VIEWPORT, Watched, until
-from parts import require, require_module
+from browserhelpers import VIEWPORT, Watched, playwright_api, until
 
 pytestmark = pytest.mark.browser
 
-require("chromium")
-sync_api = require_module("playwright.sync_api")
-expect = sync_api.expect
+expect = playwright_api().expect
 
 # The log-in page a logged-out browser gets is a 401, which Chromium reports on the console.
 LOGGED_OUT = (r"status of 401",)

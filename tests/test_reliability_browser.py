@@ -3,13 +3,11 @@
 import pytest
 
 from apphelpers import TOKEN, Server
-from browserhelpers import VIEWPORT, Watched, launch, until
-from parts import require, require_module
+from browserhelpers import VIEWPORT, Watched, launch, playwright_api, until
 
 pytestmark = pytest.mark.browser
 
-require("chromium")
-sync_api = require_module("playwright.sync_api")
+sync_api = playwright_api()
 expect = sync_api.expect
 
 
