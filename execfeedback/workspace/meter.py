@@ -70,9 +70,13 @@ class TokenMeter:
         counter = self.counter()
         mkey, count, estimated, n_ctx = counter
         settings = d.get("settings") if isinstance(d.get("settings"), dict) else {}
-        system = settings.get("system_prompt") or DEFAULT_SYSTEM_PROMPT
+        # Stored settings may hold any type (an older store, a hand-edited file): only a str and an int count.
+        system = settings.get("system_prompt")
+        system = system if isinstance(system, str) and system else DEFAULT_SYSTEM_PROMPT
         system_tokens = self._cached((mkey, "system", system), lambda: system, count)
-        max_tokens = settings.get("max_tokens") or self.defaults.get("max_tokens") or 1024
+        max_tokens = settings.get("max_tokens")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
+            max_tokens = self.defaults.get("max_tokens") or 1024
         budget = max(0, n_ctx - int(max_tokens) - CONTEXT_MARGIN_TOKENS)
         cells = {m["id"]: self.cell_tokens(m, counter) for m in messages}
         prompts: dict[int, dict] = {}
