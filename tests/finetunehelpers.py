@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import json
 import shutil
 import signal
@@ -12,11 +11,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
 from dialog import Store
 from execfeedback.loop.feedback import feedback_message
 from execfeedback.traces import TraceStore
+from parts import require_module
 
 SYSTEM = "You write Python. Answer with one fenced code block."
 OPS = [("times", "*"), ("plus", "+"), ("minus", "-"), ("mod", "%")]
@@ -31,9 +29,8 @@ def require_train_extra(*more: str) -> None:
     find_spec, not import: transformers imported into the test process would find our `kernels` package
     instead of Hugging Face's. Training runs in its own process (execfeedback/finetune/training_process.py).
     """
-    missing = [m for m in (*TRAIN_EXTRA, *more) if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"fine-tuning needs the train extra; not installed: {', '.join(missing)}", allow_module_level=True)
+    for module in (*TRAIN_EXTRA, *more):
+        require_module(module, "train", import_it=False)
 
 
 _BASE_CACHE: list[str] = []

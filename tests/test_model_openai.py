@@ -25,19 +25,13 @@ def free_port() -> int:
 # llama_cpp.server, with the CPU buffer policy Loopbook's own backend follows (local_model.cpu_buffers):
 # on a VM that advertises AMX without granting it, the stock server dies at its first request.
 SERVE = """
-import runpy, sys
+import contextlib, runpy, sys
 sys.path.insert(0, {root!r})
-from llama_cpp import llama_cpp as lib
+from local_model.backends.llama import no_extra_buffers
 from local_model.cpu_buffers import extra_buffers
-if not extra_buffers()[0]:
-    default = lib.llama_model_default_params
-    def params():
-        p = default()
-        p.use_extra_bufts = False
-        return p
-    lib.llama_model_default_params = params
 sys.argv[0] = "llama_cpp.server"
-runpy.run_module("llama_cpp.server", run_name="__main__")
+with contextlib.nullcontext() if extra_buffers()[0] else no_extra_buffers():
+    runpy.run_module("llama_cpp.server", run_name="__main__")
 """.format(root=str(Path(__file__).resolve().parent.parent))
 
 

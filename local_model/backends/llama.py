@@ -6,6 +6,7 @@ import ctypes
 import hashlib
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,19 +33,14 @@ CHATML_TEMPLATE = (
 _DEFAULT_PARAMS_SWAP = threading.Lock()
 
 
-def new_llama(*, extra_buffers: bool | None = None, **kwargs):
-    """llama_cpp.Llama(**kwargs), with the CPU's extra buffer types only where they are safe (see cpu_buffers).
+@contextmanager
+def no_extra_buffers():
+    """While inside, every llama_cpp.Llama is built without the CPU's extra buffer types.
 
-    A LoRA adapter never gets them: over AMX-repacked weights it segfaults at the first evaluation
-    ("lora for 'blk.0.attn_k.weight' cannot use buft 'AMX'"). Llama() has no argument for
-    `use_extra_bufts`, so its default model params are swapped for the length of the constructor.
+    Llama() has no argument for `use_extra_bufts`, so its default model params are swapped meanwhile.
     """
-    import llama_cpp
     from llama_cpp import llama_cpp as lib
 
-    allowed, _ = extra_buffers_for(extra_buffers, kwargs.get("lora_path"))
-    if allowed:
-        return llama_cpp.Llama(**kwargs)
     default = lib.llama_model_default_params
 
     def without_extra_bufts():
@@ -55,9 +51,23 @@ def new_llama(*, extra_buffers: bool | None = None, **kwargs):
     with _DEFAULT_PARAMS_SWAP:
         lib.llama_model_default_params = without_extra_bufts
         try:
-            return llama_cpp.Llama(**kwargs)
+            yield
         finally:
             lib.llama_model_default_params = default
+
+
+def new_llama(*, extra_buffers: bool | None = None, **kwargs):
+    """llama_cpp.Llama(**kwargs), with the CPU's extra buffer types only where they are safe (see cpu_buffers).
+
+    A LoRA adapter never gets them: over AMX-repacked weights it segfaults at the first evaluation
+    ("lora for 'blk.0.attn_k.weight' cannot use buft 'AMX'").
+    """
+    import llama_cpp
+
+    if extra_buffers_for(extra_buffers, kwargs.get("lora_path"))[0]:
+        return llama_cpp.Llama(**kwargs)
+    with no_extra_buffers():
+        return llama_cpp.Llama(**kwargs)
 
 
 def extra_buffers_for(wanted: bool | None, lora_path) -> tuple[bool, str]:
