@@ -257,7 +257,37 @@ def _m5_attempt_selection(db: sqlite_utils.Database) -> None:
     db.execute("ALTER TABLE attempts ADD COLUMN selection TEXT")
 
 
-MIGRATIONS = [_m1_initial, _m2_traces, _m3_adapters, _m4_ids_never_reused, _m5_attempt_selection]
+def _m6_completions(db: sqlite_utils.Database) -> None:
+    # Issue 16: the model's ghost text at the cursor is data. Each suggestion keeps the context it was made from
+    # (prefix and suffix around the cursor), what was suggested, and what became of it: NULL until the page
+    # reports, then accepted, edited (accepted, then changed within seconds) or dropped.
+    _script(
+        db,
+        """
+        CREATE TABLE completions (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            dialog_id INTEGER REFERENCES dialogs(id) ON DELETE SET NULL,
+            message_id INTEGER REFERENCES messages(id) ON DELETE SET NULL,
+            cell_type TEXT,
+            model TEXT,
+            mode TEXT NOT NULL CHECK (mode IN ('fim', 'prefix')),
+            prefix TEXT NOT NULL,
+            suffix TEXT NOT NULL DEFAULT '',
+            suggestion TEXT NOT NULL,
+            outcome TEXT CHECK (outcome IN ('accepted', 'edited', 'dropped')),
+            final TEXT,
+            figures TEXT NOT NULL DEFAULT '{}',
+            created_at TEXT NOT NULL,
+            decided_at TEXT
+        );
+        CREATE INDEX idx_completions_dialog ON completions(dialog_id);
+        CREATE INDEX idx_completions_outcome ON completions(outcome)
+        """,
+    )
+
+
+MIGRATIONS = [_m1_initial, _m2_traces, _m3_adapters, _m4_ids_never_reused, _m5_attempt_selection,
+              _m6_completions]
 
 
 def _fk_problems(db: sqlite_utils.Database) -> int:
