@@ -39,6 +39,7 @@ from dialog.render import IMAGE_MIMES, ansi_css, ansi_html, markdown_html, text_
 from execfeedback.export.exporter import ExportError, options_from_mapping, stream_export_zip
 from execfeedback.workspace.workspace import Workspace
 from execfeedback.settings import ASK, FORM_KEYS, LOOP, SETTINGS, Setting, from_form, keys
+from execfeedback.traces import spent
 from kernels import KernelInitError, KernelPool, KernelStartError, apply_events
 from kernels.helper_setup import dialog_of_kernel_token
 from local_model import ModelError
@@ -1056,8 +1057,54 @@ def AttemptLine(a: dict) -> Safe:
     detail = f": {a.get('ename')}: {a.get('evalue')}" if a.get("ename") else ""
     who = " (your code)" if a.get("author") == "human" else ""
     head = f"round {a['round']}" + (f" · candidate {a['candidate']}" if a.get("candidate") else "") + who
+    sel = a.get("selection") if isinstance(a.get("selection"), dict) else None
+    mark = ""
+    if sel:
+        place = f"group {sel['group'] + 1}" if isinstance(sel.get("group"), int) else "dropped out"
+        mark = (f'<span class="attempt-group{" chosen" if sel.get("chosen") else ""}">'
+                f'{_e(place)}{" · chosen" if sel.get("chosen") else ""}</span>')
     return Safe(f'<li class="attempt"><span class="attempt-round">{_e(head)}</span><span class="attempt-status '
-                f'st-{_e(a.get("exec_status"))}">{_e(f"{what}{detail}")}</span></li>')
+                f'st-{_e(a.get("exec_status"))}">{_e(f"{what}{detail}")}</span>{mark}</li>')
+
+
+def SelectionLine(rnd: int, sel: dict) -> Safe:
+    """A round's selection by execution: the groups of candidates that behaved alike, the winner and why."""
+    groups = sel.get("groups") or []
+    shown = " ".join("{" + ", ".join(str(k) for k in g) + "}" for g in groups) or "none survived"
+    winner = sel.get("winner")
+    won = f"candidate {winner} chosen" if winner is not None else "no winner"
+    inputs = sel.get("inputs")
+    n_inputs = len(inputs) if isinstance(inputs, list) else sel.get("n_inputs")
+    on = f" on {n_inputs} shared input{'s' if n_inputs != 1 else ''}" if n_inputs else ""
+    return Safe(f'<li class="selection"><span class="attempt-round">round {_e(rnd)} · selection</span>'
+                f'<span>groups{_e(on)}: {_e(shown)} → {_e(won)}: {_e(sel.get("reason") or "")}</span></li>')
+
+
+def NoteLine(text: str) -> Safe:
+    return Safe(f'<li class="loop-note-line">{_e(text)}</li>')
+
+
+def attempt_lines(attempts: list[dict]) -> str:
+    """The attempts in order, each batched round followed by its selection line."""
+    out = []
+    for i, a in enumerate(attempts):
+        out.append(AttemptLine(a))
+        sel = a.get("selection") if isinstance(a.get("selection"), dict) else None
+        nxt = attempts[i + 1] if i + 1 < len(attempts) else None
+        if sel and (nxt is None or nxt["round"] != a["round"] or not nxt.get("selection")):
+            out.append(SelectionLine(a["round"], sel))
+    return "".join(out)
+
+
+def CostLine(cost: dict) -> str:
+    """What a Solve or Fix spent, beside its verdict."""
+    if not cost.get("attempts"):
+        return ""
+    gens = cost.get("generations", cost["attempts"])
+    parts = [f"{cost['completion_tokens']:,} tokens generated in {gens} generation{'s' if gens != 1 else ''}",
+             f"{cost['prompt_tokens_read']:,} prompt tokens read", f"model {cost['model_s']:.1f} s",
+             f"code {cost['exec_s']:.1f} s"]
+    return f'<div class="loop-cost">Spent: {_e(" · ".join(parts))}</div>'
 
 
 def LoopView(ws: Workspace, m: dict, streaming: bool = False, trace: dict | None | bool = False) -> Safe:
@@ -1083,10 +1130,10 @@ def LoopView(ws: Workspace, m: dict, streaming: bool = False, trace: dict | None
               "stopped": "stopped", "passed": ""}.get(t.get("stop_reason") or "", "")
     head = f"{t['kind'].capitalize()} {verdict} after {t['n_attempts']} attempt{'s' if t['n_attempts'] != 1 else ''}" \
         + (f" ({reason})" if reason else "")
-    attempts = "".join(AttemptLine(a) for a in ws.traces.attempts(t["id"]))
+    rows = ws.traces.attempts(t["id"])
     return Safe(f'<div id="loop-{mid}" class="loop status-{_e(t["status"])}"><details><summary>{_e(head)}<a '
-                f'href="/traces/{_e(t["id"])}" class="trace-link">trace</a></summary><ul class="attempts">{attempts}'
-                f'</ul></details></div>')
+                f'href="/traces/{_e(t["id"])}" class="trace-link">trace</a></summary><ul class="attempts">'
+                f'{attempt_lines(rows)}</ul>{CostLine(spent(rows))}</details></div>')
 
 
 def TokenCount(n: int, estimated: bool) -> str:
@@ -1759,6 +1806,10 @@ async def loop_stream(state, id: str, req: Request):
                         changed = True
                     elif ev["type"] == "attempt":
                         lines.append(AttemptLine(ev["attempt"]))
+                    elif ev["type"] == "selected":
+                        lines.append(SelectionLine(ev["round"], ev["selection"]))
+                    elif ev["type"] == "note":
+                        lines.append(NoteLine(ev["text"]))
                 n += len(batch)
                 if text:
                     yield "token", escape("".join(text)), n
@@ -1780,6 +1831,15 @@ async def loop_stream(state, id: str, req: Request):
         yield "done", final, n + 1
 
     return event_stream(events())
+
+
+def SelectionDetail(sel: dict):
+    """One candidate's part in its round's selection, on the trace page."""
+    place = (f"group {sel['group'] + 1} of {len(sel.get('groups') or [])}" if isinstance(sel.get("group"), int)
+             else f"dropped out{': ' + sel['why'] if sel.get('why') else ''}")
+    winner = sel.get("winner")
+    verdict = "chosen" if sel.get("chosen") else (f"candidate {winner} chosen" if winner is not None else "no winner")
+    return Div(f"Selection: {place} · {verdict} · {sel.get('reason') or ''}", cls="selection-detail")
 
 
 @route("GET", "/traces/{id}")
@@ -1807,6 +1867,7 @@ def trace_page(state, id: str):
                     Pre(a.get("stdout") or "", cls="out-stream") if a.get("stdout") else None,
                     Pre(json.dumps(checks, indent=1)) if checks else None, open=not a.get("passed")),
             Details(Summary("Feedback sent back"), Pre(a["feedback"]), open=True) if a.get("feedback") else None,
+            SelectionDetail(a.get("selection")) if isinstance(a.get("selection"), dict) else None,
             Div(" · ".join(x for x in (f"TTFT {a['ttft_s']:.2f} s" if a.get("ttft_s") is not None else "",
                                        f"{a['tokens_per_s']:.1f} tok/s" if a.get("tokens_per_s") else "",
                                        f"ran {a['exec_s']:.3f} s" if a.get("exec_s") else "") if x), cls="figures"),
@@ -1815,6 +1876,7 @@ def trace_page(state, id: str):
     return (Title(f"Trace {t['id']} · Loopbook"),
             Main(A("← back", href=back), H1(f"Trace {t['id']}: {t['kind']} {t['status']} ({t.get('stop_reason') or ''})"),
                  P(f"{t.get('model')} via {t.get('backend')} · {t['n_attempts']} attempts · started {t['created_at']}"),
+                 NotStr(CostLine(spent(t["attempts"]))),
                  *[Round(a) for a in t["attempts"]], cls="trace-page"))
 
 

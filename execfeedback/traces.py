@@ -64,6 +64,30 @@ def _decode(row: dict) -> dict:
     return row
 
 
+def spent(attempts: list[dict]) -> dict:
+    """What a trace's model attempts cost: generations, tokens generated and read, model and code seconds.
+    A round's candidates decoded in one batch (they carry a selection record) read their prompt once and
+    decode side by side, so they count as one generation lasting as long as the longest."""
+    model = [a for a in attempts if a.get("author", "model") == "model"]
+    generations: dict = {}
+    for a in model:
+        key = ("batch", a["round"]) if a.get("selection") else ("one", a.get("id") or id(a))
+        generations.setdefault(key, []).append(a)
+    read = model_s = 0.0
+    for group in generations.values():
+        first = group[0]
+        read += max((first.get("prompt_tokens") or 0) - (first.get("cached_prompt_tokens") or 0), 0)
+        model_s += (first.get("prompt_eval_s") or 0.0) + max((a.get("decode_s") or 0.0) for a in group)
+    return {
+        "attempts": len(model),
+        "generations": len(generations),
+        "completion_tokens": sum(a.get("completion_tokens") or 0 for a in model),
+        "prompt_tokens_read": int(read),  # evaluated, not served from the KV cache
+        "model_s": round(model_s, 3),
+        "exec_s": round(sum(a.get("exec_s") or 0.0 for a in model), 3),
+    }
+
+
 class TraceStore:
     """Writes each attempt in one transaction as it finishes, so a crash loses at most the one in flight."""
 

@@ -12,7 +12,7 @@ from local_model import Engine
 
 from .ask import context_for, dialog_key
 from ..loop.loop import LoopConfig, LoopResult, Task
-from ..traces import TraceStore
+from ..traces import TraceStore, spent
 from ..settings import LOOP, check, keys
 
 
@@ -125,6 +125,7 @@ def summary(result: LoopResult, code_message_id: int | None) -> dict:
     """The API's answer for one solve."""
     return {"trace_id": result.trace_id, "status": result.status, "stop_reason": result.stop_reason,
             "rounds": result.rounds, "code_message_id": code_message_id,
+            "spent": spent([a.record for a in result.attempts]),
             "attempts": [{k: a.record.get(k) for k in ("id", "round", "candidate", "exec_status", "passed", "ename",
                                                        "evalue", "code", "feedback", "author", "tokens_per_s",
-                                                       "exec_s", "completion_tokens")} for a in result.attempts]}
+                                                       "exec_s", "completion_tokens", "selection")} for a in result.attempts]}

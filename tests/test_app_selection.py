@@ -1,0 +1,74 @@
+"""A Solve's candidates, their groups, the winner and what it spent, as the page and the API show them: the real
+app, the real SmolLM2 engine and kernel, the candidates' replies forced by a grammar (tests/loophelpers.py)."""
+from __future__ import annotations
+
+import html
+import json
+import re
+
+import pytest
+
+from execfeedback.workspace import workspace as workspace_module
+from local_model import Engine, load_backend
+from loophelpers import scripted
+from test_app_live import PAGE, sse
+
+SCRIPT = {(0, 0): "def f(x):\n    return x * 3",   # greedy fails the visible check
+          (0, 1): "def f(x):\n    return x + 2",   # passes the check, behaves apart from 2 and 3
+          (0, 2): "def f(x):\n    return x * 2",
+          (0, 3): "def f(x):\n    return x + x"}
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    e = Engine(load_backend("smollm2-135m", data_dir=tmp_path_factory.mktemp("model")))
+    yield e
+    e.close()
+
+
+def text(fragment: str) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", " ", fragment))
+
+
+def test_the_page_shows_each_candidate_its_group_the_winner_and_the_cost(app_client, engine, monkeypatch):
+    c, ws = app_client, app_client.app.state.ws
+
+    async def engine_for(body, settings):
+        return engine
+
+    monkeypatch.setattr(ws, "engine_for", engine_for)
+    monkeypatch.setattr(workspace_module, "Loop", scripted(SCRIPT))
+    did = c.post("/api/dialogs", json={"title": "selection"}).json()["id"]
+    t = c.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": "assert f(2) == 4"}).json()["id"]
+    c.patch(f"/api/messages/{t}", json={"is_test": True})
+    p = c.post(f"/api/dialogs/{did}/messages", json={"type": "prompt", "source": "Write f."}).json()["id"]
+    with c.stream("POST", f"/api/messages/{p}/solve", json={"candidates": 4, "rounds": 0, "max_tokens": 64},
+                  headers={"Accept": "text/event-stream"}) as r:
+        got = [(e, json.loads(d)) for e, d in sse(r)]
+    selected = [d for e, d in got if e == "selected"]
+    assert len(selected) == 1 and selected[0]["selection"]["winner"] == 2, got
+    summary = next(d for e, d in got if e == "done")["summary"]
+    assert summary["status"] == "passed"
+    spent = summary["spent"]
+    # four candidates from one batched generation: the prompt is read once
+    assert spent["attempts"] == 4 and spent["generations"] == 1
+    assert spent["completion_tokens"] == sum(a["completion_tokens"] for a in summary["attempts"]) > 0
+    assert [a["selection"]["group"] for a in summary["attempts"]] == [None, 1, 0, 0]
+
+    # Live: the page's stream puts a selection line after the candidates' lines.
+    with c.stream("GET", f"/cells/{p}/loop-stream", headers=PAGE) as r:
+        page = list(sse(r))
+    lines = text(" ".join(d for e, d in page if e == "attempt"))
+    assert "round 0 · candidate 3" in lines
+    assert "selection" in lines and "{2, 3} {1}" in lines and "candidate 2 chosen" in lines
+
+    # After: the cell's collapsed loop view marks each candidate's group and the chosen one, and the cost.
+    cell = text(c.get(f"/d/{did}").text)
+    assert re.search(r"round 0 · candidate 2 .*?passed\s+group 1 · chosen", cell), cell
+    assert re.search(r"round 0 · candidate 1 .*?passed\s+group 2(?! · chosen)", cell)
+    assert re.search(r"round 0\s+check failed.*?dropped out", cell)
+    assert f"{spent['completion_tokens']:,} tokens generated in 1 generation" in cell
+
+    trace = text(c.get(f"/traces/{summary['trace_id']}").text)
+    assert "Selection: group 1 of 2 · chosen" in trace and "dropped out: check_failed" in trace
+    assert "Spent:" in trace
