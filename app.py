@@ -90,6 +90,7 @@ class Config:
     temperature: float = knob(SETTINGS["temperature"], "--temperature", "LOOPBOOK_TEMPERATURE")
     rounds: int = knob(SETTINGS["rounds"], "--rounds", "LOOPBOOK_ROUNDS")
     candidates: int = knob(SETTINGS["candidates"], "--candidates", "LOOPBOOK_CANDIDATES")
+    retry_candidates: int = knob(SETTINGS["retry_candidates"], "--retry-candidates", "LOOPBOOK_RETRY_CANDIDATES")
     repeat_resamples: int = knob(SETTINGS["repeat_resamples"], "--repeat-resamples", "LOOPBOOK_REPEAT_RESAMPLES")
     exec_timeout: float = knob(120.0, "--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT",
                                "seconds a cell may run before it is interrupted (0: no limit)", float)

@@ -68,9 +68,13 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
     Setting("rounds", int, 3, (LOOP, DIALOG), "feedback rounds after the first attempt",
             low=0, high=20, label="Feedback rounds"),
     Setting("candidates", int, 1, (LOOP, DIALOG),
-            "code samples per round, from one batched request; selection by execution picks one (the greedy one "
-            "unless outnumbered by 2)",
+            "code samples in the first round (1: the greedy answer alone); more come from one batched request and "
+            "selection by execution picks one (the greedy one unless outnumbered by 2)",
             low=1, high=16, label="Candidates"),
+    Setting("retry_candidates", int, 4, (LOOP, DIALOG),
+            "code samples in each feedback round, from one batched request, selected by execution: search only "
+            "after a failure (1: one answer per round)",
+            low=1, high=16, label="Candidates after a failure"),
     Setting("retry", str, "refine", (LOOP, DIALOG),
             "refine: answer the feedback in a growing conversation; repair: one fresh turn with the task, the "
             "failed code and the feedback; resample: a fresh sample of the round-0 prompt",
@@ -79,6 +83,12 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "when a feedback round returns code already tried, sample again warmer, up to N times; 0: off",
             low=0, high=8, label="Resample repeats"),
     Setting("exec_timeout", float, 30.0, (LOOP, DIALOG), "seconds each attempt's code may run", above=0),
+    Setting("tool_steps", int, 5, (DIALOG,),
+            "steps a prompt's &`fn` tool loop may take: model turns whose calls run in the kernel, results going back",
+            low=0, high=50, label="Tool steps"),
+    Setting("tool_choice", str, "auto", (ASK, DIALOG),
+            "auto: the model decides whether to call a &`fn` tool; required: its first turn must call one",
+            choices=("auto", "required"), label="Tool choice"),
     Setting("system_prompt", str, None, (DIALOG,), "the system prompt of the dialog's model turns",
             label="System prompt"),
 )}

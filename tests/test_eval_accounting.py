@@ -83,7 +83,9 @@ def test_default_run_name_follows_the_settings_but_not_concurrency_or_limit():
     c = EvalSettings(problems="loopbook-30.jsonl", model="smollm2-135m", rounds=1, max_tokens=64, timeout=3)
     assert a.default_name() == b.default_name()
     assert a.default_name() != c.default_name()
-    assert a.default_name().startswith("loopbook-30-smollm2-135m-r1-k1-refine-t0-s0-n64-")
+    assert a.default_name().startswith("loopbook-30-smollm2-135m-r1-k1x4-refine-t0-s0-n64-")
+    d = EvalSettings(problems="loopbook-30.jsonl", model="smollm2-135m", rounds=1, max_tokens=64, retry_candidates=1)
+    assert d.default_name() != a.default_name() and "-k1x1-" in d.default_name()
 
 
 def test_repair_messages_put_code_and_feedback_in_one_fresh_turn():

@@ -150,10 +150,12 @@ def test_a_run_name_is_not_resumed_with_other_settings(shipped_runs):
 
 
 def test_a_copied_answer_is_sampled_again_warmer(shipped_runs):
-    """Greedy SmolLM2 copies its failed code in round 1; the loop then samples again (temperature > 0)."""
+    """Greedy SmolLM2 copies its failed code in round 1; the loop then samples again (temperature > 0). One answer
+    per feedback round (--retry-candidates 1): the rule for a batch is pinned in test_loop_control."""
     data = shipped_runs["data"]
     for name, extra in (("rr2", ()), ("rr0", ("--repeat-resamples", "0"))):
-        rc, _, err = run_eval(str(SHIPPED), *SMOL, "--limit", "2", "--data-dir", str(data), "--name", name, *extra)
+        rc, _, err = run_eval(str(SHIPPED), *SMOL, "--limit", "2", "--data-dir", str(data), "--name", name,
+                              "--retry-candidates", "1", *extra)
         assert rc == 0, err
     from execfeedback.loop.loop import same_code
     resampled = 0

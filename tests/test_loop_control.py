@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from execfeedback.loop.loop import Loop, LoopConfig, Task
+from execfeedback.settings import SETTINGS
 from execfeedback.traces import TraceStore
 from kernels import KernelPool
 from local_model import Engine, Sampling, load_backend
@@ -53,6 +54,7 @@ class ScriptedLoop(Loop):
 def make(env, store, script, checks=None, key="k", **cfg):
     cfg.setdefault("sampling", Sampling(max_tokens=96))
     cfg.setdefault("repeat_resamples", 0)
+    cfg.setdefault("retry_candidates", 1)  # one answer per feedback round, unless a test asks for the search
     loop = ScriptedLoop(env.engine, env.pool, TraceStore(store), LoopConfig(**cfg))
     loop.script = {k: block(v) if not v.startswith("```") else v for k, v in script.items()}
     task = Task(kind="eval", messages=[{"role": "user", "content": "Write f."}], kernel_key=key, checks=checks,
@@ -202,3 +204,44 @@ def test_more_candidates_than_the_context_holds_gives_fewer_and_a_note_in_the_tr
     assert len(notes) == 1 and "2 of 4 candidates" in notes[0]["text"]
     assert [a["candidate"] for a in trace["attempts"]] == [0, 1]
     assert all("2 of 4 candidates" in a["selection"]["note"] for a in trace["attempts"])
+
+
+def test_default_solve_is_greedy_first_then_k_candidates_selected_after_a_failure(env, store, monkeypatch):
+    defaults = {k: SETTINGS[k].default for k in ("rounds", "candidates", "retry_candidates", "retry",
+                                                  "repeat_resamples")}
+    assert defaults["candidates"] == 1 and defaults["retry_candidates"] == 4
+    script = {(0, 0): "def f(x):\n    return x * 3",      # greedy fails the visible check
+              (1, 0): "def f(x):\n    return x * 3 + 0",  # greedy again wrong after the feedback
+              (1, 1): "def f(x):\n    return x + 2",
+              (1, 2): "def f(x):\n    return x * 2",
+              (1, 3): "def f(x):\n    return 2 * x"}
+    loop, task = make(env, store, script, CHECK, key="dflt", **defaults)
+    calls = []
+    orig = env.engine.stream
+
+    def counting(*a, **kw):
+        calls.append(len(kw.get("samplings") or [None]))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(env.engine, "stream", counting)
+    events = []
+    result, trace = run(env, loop, task, events.append)
+    assert calls == [1, 4]  # round 0: greedy alone; round 1: one batched request of four
+    assert [(a["round"], a["candidate"]) for a in trace["attempts"]] == [(0, 0), (1, 0), (1, 1), (1, 2), (1, 3)]
+    assert "selection" not in trace["attempts"][0] or not trace["attempts"][0]["selection"]
+    selected = [e for e in events if e["type"] == "selected"]
+    assert len(selected) == 1 and selected[0]["round"] == 1
+    sel = selected[0]["selection"]
+    assert sel["winner"] == 2 and sel["groups"] == [[2, 3], [1]] and "greedy dropped out" in sel["reason"]
+    assert result.status == "passed" and result.final.round == 1 and result.final.candidate == 2
+    assert trace["config"]["retry_candidates"] == 4 and trace["config"]["candidates"] == 1
+
+
+def test_a_greedy_answer_that_passes_costs_one_generation_by_default(env, store, monkeypatch):
+    defaults = {k: SETTINGS[k].default for k in ("rounds", "candidates", "retry_candidates")}
+    loop, task = make(env, store, {(0, 0): "def f(x):\n    return x * 2"}, CHECK, key="dflt2", **defaults)
+    calls = []
+    orig = env.engine.stream
+    monkeypatch.setattr(env.engine, "stream", lambda *a, **kw: calls.append(kw.get("samplings")) or orig(*a, **kw))
+    result, trace = run(env, loop, task)
+    assert calls == [None] and result.status == "passed" and trace["n_attempts"] == 1

@@ -32,8 +32,8 @@ from .problems import Problem, task_message
 OVERHEAD_TARGET_S = 0.020
 FINISHED = ("passed", "failed")  # trace statuses that count as done; "stopped" and "running" run again
 # Settings that change results: a resumed run must use the same ones. Concurrency and --limit do not.
-RESULT_KEYS = ("problems", "model", "adapter", "backend", "base_url", "rounds", "candidates", "retry",
-               "repeat_resamples", "temperature", "seed", "max_tokens", "timeout", "n_ctx")
+RESULT_KEYS = ("problems", "model", "adapter", "backend", "base_url", "rounds", "candidates",
+               "retry_candidates", "retry", "repeat_resamples", "temperature", "seed", "max_tokens", "timeout", "n_ctx")
 
 
 # -- accounting: pure functions over stored attempts -------------------------------------------------
@@ -209,6 +209,7 @@ class EvalSettings:
     base_url: str | None = None
     rounds: int = SETTINGS["rounds"].default
     candidates: int = SETTINGS["candidates"].default
+    retry_candidates: int = SETTINGS["retry_candidates"].default
     retry: str = SETTINGS["retry"].default
     repeat_resamples: int = SETTINGS["repeat_resamples"].default
     temperature: float = SETTINGS["temperature"].default
@@ -225,7 +226,8 @@ class EvalSettings:
         return {k: getattr(self, k) for k in RESULT_KEYS}
 
     def loop_config(self) -> LoopConfig:
-        return LoopConfig(rounds=self.rounds, candidates=self.candidates, retry=self.retry,
+        return LoopConfig(rounds=self.rounds, candidates=self.candidates, retry_candidates=self.retry_candidates,
+                          retry=self.retry,
                           repeat_resamples=self.repeat_resamples, exec_timeout=self.timeout,
                           fresh_namespace=True,
                           sampling=Sampling(temperature=self.temperature, seed=self.seed,
@@ -237,7 +239,7 @@ class EvalSettings:
         digest = hashlib.sha256(json.dumps(self.result_config(), sort_keys=True).encode()).hexdigest()[:6]
         if self.adapter:
             model += f"+{self.adapter}"
-        return (f"{Path(self.problems).stem}-{model}-r{self.rounds}-k{self.candidates}-{self.retry}"
+        return (f"{Path(self.problems).stem}-{model}-r{self.rounds}-k{self.candidates}x{self.retry_candidates}-{self.retry}"
                 f"-t{self.temperature:g}-s{self.seed}-n{self.max_tokens}-{digest}")
 
 
@@ -444,7 +446,8 @@ def format_table(results: dict) -> str:
     n = s["n"]
     cfg = s.get("config", {})
     lines = [f"Eval {s.get('run_name')}: {n} problem(s), model {s.get('model')} ({(s.get('manifest') or {}).get('backend')}),"
-             f" rounds {cfg.get('rounds')}, candidates {cfg.get('candidates')}, retry {cfg.get('retry')}, repeat resamples {cfg.get('repeat_resamples', 0)}"]
+             f" rounds {cfg.get('rounds')}, candidates {cfg.get('candidates')} then {cfg.get('retry_candidates', 1)}"
+             f" after a failure, retry {cfg.get('retry')}, repeat resamples {cfg.get('repeat_resamples', 0)}"]
     if not s.get("complete", True):
         lines.append(f"INTERRUPTED: {s.get('n_pending')} problem(s) not run yet; run the same command again to resume.")
     lines.append("round  pass@1 (hidden tests)   tokens generated per problem, up to this round"

@@ -39,6 +39,7 @@ class LoopConfig:
 
     rounds: int = SETTINGS["rounds"].default
     candidates: int = SETTINGS["candidates"].default
+    retry_candidates: int = SETTINGS["retry_candidates"].default
     candidate_temperature: float = 0.8  # used when candidates > 1 (sampling several at 0 gives one answer)
     retry: str = SETTINGS["retry"].default
     repeat_resamples: int = SETTINGS["repeat_resamples"].default
@@ -49,6 +50,10 @@ class LoopConfig:
     sampling: Sampling = field(default_factory=lambda: Sampling(max_tokens=1024))
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
+    def count(self, rnd: int) -> int:
+        """How many candidates round `rnd` samples: `candidates` in round 0, `retry_candidates` after a failure."""
+        return self.candidates if rnd == 0 else self.retry_candidates
+
     def validate(self) -> "LoopConfig":
         for key in keys(LOOP):
             if problem := SETTINGS[key].problem(getattr(self, key)):
@@ -56,7 +61,8 @@ class LoopConfig:
         return self
 
     def as_dict(self) -> dict:
-        return {"rounds": self.rounds, "candidates": self.candidates, "candidate_temperature": self.candidate_temperature,
+        return {"rounds": self.rounds, "candidates": self.candidates, "retry_candidates": self.retry_candidates,
+                "candidate_temperature": self.candidate_temperature,
                 "retry": self.retry, "repeat_resamples": self.repeat_resamples, "exec_timeout": self.exec_timeout,
                 "fresh_namespace": self.fresh_namespace, "static_check": self.static_check,
                 "select_margin": self.select_margin,
@@ -195,10 +201,10 @@ class Loop:
 
         for rnd in range(first_round, first_round + cfg.rounds + 1):
             best: Attempt | None = None
-            k, resamples = 0, 0
-            if cfg.candidates > 1 and not stopped():
+            k, resamples, n = 0, 0, cfg.count(rnd)
+            if n > 1 and not stopped():
                 batch: list[Attempt] = []
-                async for ev in self._batch_round(task, trace_id, messages, rnd, manifest):
+                async for ev in self._batch_round(task, trace_id, messages, rnd, n, manifest):
                     if ev["type"] == "attempt":
                         batch.append(ev["attempt"])
                         attempts.append(ev["attempt"])
@@ -211,20 +217,20 @@ class Loop:
                 for a in batch:
                     if best is None or not best.passed:
                         best = _better(best, a) if not a.passed else a
-                k = cfg.candidates
+                k = n
                 if (rnd > 0 and cfg.repeat_resamples and batch and not (best and best.passed)
                         and all(any(same_code(b.code, a.code) for a in attempts if a.round < rnd) for b in batch)):
                     resamples = 1
                 if not batch:
-                    k = cfg.candidates + resamples  # stopped or no candidates: nothing more this round
-            while k < cfg.candidates + resamples:
+                    k = n + resamples  # stopped or no candidates: nothing more this round
+            while k < n + resamples:
                 if stopped():
                     break
                 yield {"type": "attempt_start", "round": rnd, "candidate": k}
                 attempt = None
                 if best is not None and best.passed:
                     break
-                async for ev in self._attempt(task, trace_id, messages, rnd, k, manifest, warm=k >= cfg.candidates):
+                async for ev in self._attempt(task, trace_id, messages, rnd, k, manifest, warm=k >= n):
                     if ev["type"] == "token":
                         yield ev
                     else:
@@ -238,7 +244,7 @@ class Loop:
                     break
                 best = _better(best, attempt)
                 k += 1
-                if (rnd > 0 and resamples < cfg.repeat_resamples and k == cfg.candidates + resamples
+                if (rnd > 0 and resamples < cfg.repeat_resamples and k == n + resamples
                         and any(same_code(attempt.code, a.code) for a in attempts[:-1])):
                     resamples += 1
             if best is None or stopped():
@@ -317,11 +323,11 @@ class Loop:
             s = replace(s, temperature=max(s.temperature, cfg.candidate_temperature), seed=s.seed + 1000 * rnd + k)
         return s
 
-    async def _batch_round(self, task: Task, trace_id: int, messages: list[dict], rnd: int,
+    async def _batch_round(self, task: Task, trace_id: int, messages: list[dict], rnd: int, n: int,
                            manifest: dict) -> AsyncIterator[dict]:
         """k candidates from one batched request, streamed (candidate 0's tokens go to the page), then each run
         and checked, then selection by execution. Events: token, note, attempt_start, attempt, selected."""
-        samplings = [self.sampling_for(rnd, k) for k in range(self.config.candidates)]
+        samplings = [self.sampling_for(rnd, k) for k in range(n)]
         self._request_id = rid = uuid.uuid4().hex
         done: dict[int, tuple[str, dict, str | None]] = {}
         note = None
@@ -335,7 +341,10 @@ class Loop:
                     note = ev.get("text")
                     yield {"type": "note", "round": rnd, "text": note}
                 elif ev["type"] == "done":
-                    done[seq] = (ev.get("text") or "", ev.get("figures") or {}, ev.get("finish_reason"))
+                    figures = dict(ev.get("figures") or {})
+                    if ev.get("error"):  # a sequence that could not be served says why in its record
+                        figures["error"] = ev["error"]
+                    done[seq] = (ev.get("text") or "", figures, ev.get("finish_reason"))
         except ModelError as e:
             done = {k: ("", {"error": str(e)}, "error") for k in range(len(samplings))}
         finally:
