@@ -290,3 +290,60 @@ def test_planted_secrets_never_reach_any_file(full, built):
                         "<SECRET_TOKEN>", "<EMAIL>"):
         assert placeholder in text, placeholder
     assert {"api_key", "github_token", "aws_key", "private_key", "token", "email"} <= set(report.secrets)
+
+
+def test_completions_give_fim_rows_from_accepted_and_preference_rows_from_dropped_against_accepted(tmp_path):
+    import datasets
+
+    from dialog.completions import add_completion, decide_completion
+
+    datasets.disable_progress_bars()
+    store = Store(tmp_path / "ghost")
+    try:
+        d = store.create_dialog("ghost")
+        m = store.add_message(d["id"], "code", "")
+        key = "sk-" + "a1B2c3D4e5F6g7H8i9J0k1L2m3N4o5P6"
+        above = f"import math\nAPI_KEY = '{key}'\n\n"
+
+        def shown(prefix, suggestion, outcome=None, final=None, suffix="\nprint(x)\n"):
+            cid = add_completion(store, dialog_id=d["id"], message_id=m["id"], cell_type="code", model="smollm2-135m",
+                                 mode="prefix", prefix=above + prefix, suffix=suffix, suggestion=suggestion)
+            if outcome:
+                decide_completion(store, cid, "accepted" if outcome == "edited" else outcome)
+                if outcome == "edited":
+                    decide_completion(store, cid, "edited", final)
+            return cid
+
+        dropped = shown("x = ma", "x(1, 2)", "dropped")
+        accepted = shown("x = math.", "pi", "accepted")
+        shown("y = ", "x + 1", "edited", final="x + 2")       # taken, then changed at once: no FIM row
+        shown("z = ", "3")                                    # no outcome reported: nothing
+        shown("w = ", "4", "accepted", suffix="")             # another place: a FIM row, no pair
+        with pytest.raises(Exception, match="only an accepted one can become edited"):
+            decide_completion(store, dropped, "accepted")
+
+        out = tmp_path / "out"
+        report = export_to_dir(store, out, options_from_mapping({"format": "completions", "test_fraction": "0"}))
+        got = all_rows(out, "completions")
+        assert sorted((r["kind"], r["chosen"], r["rejected"]) for r in got) == [
+            ("fim", "4", ""), ("fim", "pi", ""), ("preference", "th.pi", "x(1, 2)")]
+        pref = next(r for r in got if r["kind"] == "preference")
+        assert pref["completion_id"] == accepted and pref["rejected_id"] == dropped
+        assert pref["prefix"].endswith("x = ma") and pref["suffix"] == "\nprint(x)\n"
+        assert all(key not in r["prefix"] and "<SECRET_API_KEY>" in r["prefix"] for r in got)
+        for name in report.files:
+            ds = datasets.load_dataset("json", data_files=str(out / name), split="train")
+            assert list(ds.features) == [c.name for c in SCHEMAS["completions"]]
+        card = (out / "README.md").read_text()
+        assert "**completions**" in card and "config_name: completions" in card
+        # Only completions in the store: every format asked for still works, and says what it found.
+        export_to_dir(store, tmp_path / "all", options_from_mapping({"format": "all"}))
+        store2 = Store(tmp_path / "none")
+        d2 = store2.create_dialog("x")
+        add_completion(store2, dialog_id=d2["id"], message_id=None, cell_type="code", model="m", mode="prefix",
+                       prefix="a", suffix="", suggestion="b")
+        with pytest.raises(ExportError, match="No completions to export.*1 undecided"):
+            export_to_dir(store2, tmp_path / "none-out", options_from_mapping({"format": "completions"}))
+        store2.close()
+    finally:
+        store.close()

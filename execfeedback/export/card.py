@@ -34,6 +34,12 @@ HOW_BUILT = {
                   "sampling settings.",
     "corrections": "One row per code cell a human edited after the model wrote it: what the model wrote (the "
                    "first version) and what the human made of it (the last one). Whitespace-only edits are left out.",
+    "completions": "The editor's ghost text (the model's completion at the cursor, logged with its outcome). "
+                   "kind fim: one row per accepted suggestion, prefix + suffix -> chosen (the middle); suggestions "
+                   "edited right after Tab took them, or dropped, give none. kind preference: a dropped suggestion "
+                   "(rejected) against what was written at the same place instead (chosen: the text typed since, "
+                   "then the next suggestion accepted in the same cell with the same suffix). The trace filters "
+                   "(outcome, rounds, author, eval run) do not apply to these rows; --dialog, --since and --until do.",
 }
 
 

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
 from dialog import Store
+from dialog.completions import iter_completions
 
 from .card import render_card
+from .completions import completion_rows
 from .hygiene import Deduper, Scrubber, TokenCounter, cut, digest
 from .options import ExportOptions, options_from_mapping
 from .parallel import parallel_trace_pass
@@ -263,7 +265,8 @@ class _Exporter:
         try:
             s.store_traces = src.count("SELECT count(*) FROM traces")
             s.store_edits = src.count("SELECT count(*) FROM edits")
-            if not s.store_traces and not s.store_edits:
+            s.store_completions = src.count("SELECT count(*) FROM completions")
+            if not s.store_traces and not s.store_edits and not s.store_completions:
                 raise ExportError(f"The store at {self.store.data_dir} has no traces yet: solve a prompt in the page or "
                                   "run `python -m execfeedback eval`, then export again.")
             try:
@@ -285,6 +288,8 @@ class _Exporter:
             if set(o.filters.authors or AUTHORS) - {"human_edit"}:
                 self._trace_pass(src)
             self._edit_pass(src, edits)
+            if "completions" in o.formats:
+                self._completion_pass(src)
         finally:
             self.writers.close()
             src.close()
@@ -304,7 +309,7 @@ class _Exporter:
 
     def _trace_pass(self, src: Source) -> None:
         o, s = self.o, self.stats
-        if not set(o.formats) - {"corrections"}:
+        if not set(o.formats) - {"corrections", "completions"}:
             return
         where, params = o.filters.where(solved_only=set(o.formats) <= SOLVED_ONLY)
         s.matched = src.count_traces(where, params)
@@ -375,8 +380,36 @@ class _Exporter:
                 if spec.fmt in self.o.formats:
                     self._emit(spec, split)
 
+    def _completion_pass(self, src: Source) -> None:
+        """The completions table's rows (completions.py), filtered by dialog and time, split by dialog and cell."""
+        f, s = self.o.filters, self.stats
+        clauses, params = ["1"], []
+        if f.dialogs:
+            clauses.append(f"dialog_id IN ({', '.join('?' * len(f.dialogs))})")
+            params.extend(f.dialogs)
+        for op, when in ((">=", f.since), ("<", f.until)):
+            if when:
+                clauses.append(f"created_at {op} ?")
+                params.append(when)
+        def counted(rows):
+            for r in rows:
+                s.completion_outcomes[r["outcome"] or "undecided"] += 1
+                yield r
+
+        for row in completion_rows(counted(iter_completions(src.conn, " AND ".join(clauses), tuple(params))),
+                                   self.scrubber):
+            line = dumps(row)
+            near = digest(row["kind"], row["prefix"][-2000:], row["suffix"][:2000], row["chosen"], row["rejected"])
+            self.accept("completions", self.splitter.split(row["dialog_id"], f"cell-{row['message_id']}"), row, line,
+                        digest(line), near)
+
     def _nothing_message(self) -> str:
         s, o = self.stats, self.o
+        if set(o.formats) == {"completions"}:
+            got = ", ".join(f"{n} {k}" for k, n in sorted(s.completion_outcomes.items())) or "none matched"
+            return (f"No completions to export: the store has {s.store_completions} ghost-text suggestions ({got}); "
+                    "fim rows need accepted ones, preference rows a dropped one followed by an accepted one in the "
+                    "same cell.")
         described = "; ".join(o.filters.described())
         if set(o.formats) == {"corrections"} or set(o.filters.authors) == {"human_edit"}:
             return (f"No human corrections to export: the store has {s.store_edits} edits ({s.edits_trivial} "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMATS = ("sft", "sft_final", "preference", "kto", "trajectory", "corrections")
+FORMATS = ("sft", "sft_final", "preference", "kto", "trajectory", "corrections", "completions")
 SPLITS = ("train", "test")
 
 
@@ -96,6 +96,22 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("model_code", "string", "what the model wrote"),
         Column("human_code", "string", "what the human made of it"),
         Column("diff", "string", "unified diff from model_code to human_code"),
+    ),
+    "completions": (
+        Column("kind", "string", "fim (an accepted suggestion) or preference (a dropped one against what was "
+                                 "written instead)"),
+        Column("completion_id", "int", "the accepted completion's id in the store"),
+        Column("rejected_id", "int", "the dropped completion's id (-1 in fim rows)"),
+        Column("dialog_id", "int", "dialog id (0: none)"),
+        Column("message_id", "int", "the cell typed in (0: deleted since)"),
+        Column("cell_type", "string", "code or prompt"),
+        Column("model", "string", "model that made the accepted suggestion"),
+        Column("mode", "string", "fim (the model read the suffix) or prefix (it read only the prefix)"),
+        Column("created_at", "string", "UTC time of the accepted suggestion, ISO 8601"),
+        Column("prefix", "string", "the text before the cursor: the cells above, then the cell's text"),
+        Column("suffix", "string", "the cell's text after the cursor"),
+        Column("chosen", "string", "the middle the human kept (preference: typed text, then the accepted suggestion)"),
+        Column("rejected", "string", "the dropped suggestion (\"\" in fim rows)"),
     ),
 }
 

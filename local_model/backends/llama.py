@@ -143,6 +143,9 @@ class LlamaBackend:
         self._states = StateLRU(cache_bytes)
         self._histories = HistoryLRU()
         self._batch: SharedPromptBatch | None = None  # made on the first request for several sequences
+        self._ghost = None  # the ghost-text completer's own context, made on the first completion at a cursor
+        self._ghost_lock = threading.Lock()
+        self._ghost_closed = False
         self._live_key: str | None = None
 
         ftype = meta.get("general.file_type")
@@ -444,7 +447,23 @@ class LlamaBackend:
         }
         yield done_event(text, finish, fig, error)
 
+    def ghost(self):
+        """The completer of ghost text (local_model/ghost.py): its own context on this model, made once."""
+        from ..ghost import GhostCompleter
+
+        with self._ghost_lock:
+            if self._ghost_closed:
+                raise ModelError("this model was closed (swapped for another); ask again")
+            if self._ghost is None:
+                self._ghost = GhostCompleter(self)
+            return self._ghost
+
     def close(self) -> None:
+        with self._ghost_lock:
+            self._ghost_closed = True
+            if self._ghost is not None:
+                self._ghost.close()
+                self._ghost = None
         with self._lock:
             if self._batch is not None:
                 self._batch.close()
