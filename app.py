@@ -37,6 +37,7 @@ from dialog.context import DEFAULT_SYSTEM_PROMPT
 from dialog.notebook import export_dialog
 from dialog.render import IMAGE_MIMES, ansi_css, ansi_html, markdown_html, text_of
 from execfeedback.export.exporter import ExportError, options_from_mapping, stream_export_zip
+from execfeedback.workspace.tools import call_label
 from execfeedback.workspace.workspace import Workspace
 from execfeedback.settings import ASK, FORM_KEYS, LOOP, SETTINGS, Setting, from_form, keys
 from execfeedback.traces import spent
@@ -92,6 +93,8 @@ class Config:
     candidates: int = knob(SETTINGS["candidates"], "--candidates", "LOOPBOOK_CANDIDATES")
     retry_candidates: int = knob(SETTINGS["retry_candidates"], "--retry-candidates", "LOOPBOOK_RETRY_CANDIDATES")
     repeat_resamples: int = knob(SETTINGS["repeat_resamples"], "--repeat-resamples", "LOOPBOOK_REPEAT_RESAMPLES")
+    tool_steps: int = knob(SETTINGS["tool_steps"], "--tool-steps", "LOOPBOOK_TOOL_STEPS")
+    tool_choice: str = knob(SETTINGS["tool_choice"], "--tool-choice", "LOOPBOOK_TOOL_CHOICE")
     exec_timeout: float = knob(120.0, "--exec-timeout", "LOOPBOOK_EXEC_TIMEOUT",
                                "seconds a cell may run before it is interrupted (0: no limit)", float)
     output_cap: int = knob(200_000, "--output-cap", "LOOPBOOK_OUTPUT_CAP",
@@ -471,7 +474,7 @@ async def lifespan(app):
     models = Resident(cfg.model, cfg.backend, base_url=cfg.base_url, n_ctx=cfg.n_ctx, n_gpu_layers=cfg.n_gpu_layers,
                       data_dir=store.data_dir)
     # The app's own setting values, under each dialog's; a Solve attempt gets at most a minute by default.
-    defaults = {k: getattr(cfg, k) for k in keys(ASK) + keys(LOOP) if hasattr(cfg, k)} | {
+    defaults = {k: getattr(cfg, k) for k in keys(ASK) + keys(LOOP) + ("tool_steps",) if hasattr(cfg, k)} | {
         "exec_timeout": min(cfg.exec_timeout or 60.0, 60.0)}
     st.ws = Workspace(store, pool, models, url=f"http://127.0.0.1:{cfg.port}", token=st.token,
                       kernel_cwd=cfg.kernel_cwd, defaults=defaults)
@@ -744,12 +747,16 @@ async def api_ask_prompt(state, id: str, req: Request):
                     n += 1
                     if ev["type"] == "token":
                         yield "token", json.dumps({"text": ev["text"]}), n
+                    elif ev["type"] in ("tool", "note"):
+                        yield ev["type"], json.dumps({k: v for k, v in ev.items() if k != "type"}), n
             res = await task
             yield "done", json.dumps({"reply": res.reply, "status": res.status, "error": res.error,
-                                      "figures": res.figures, "manifest": res.manifest}), n + 1
+                                      "figures": res.figures, "manifest": res.manifest, "notes": res.notes,
+                                      "tools": res.tools}), n + 1
         return event_stream(events())
     res = await task
-    out = {"reply": res.reply, "status": res.status, "figures": res.figures, "manifest": res.manifest}
+    out = {"reply": res.reply, "status": res.status, "figures": res.figures, "manifest": res.manifest,
+           "notes": res.notes, "tools": res.tools}
     if res.status == "error":
         return JSONResponse({**out, "error": res.error}, status_code=422)
     return out
@@ -1014,6 +1021,9 @@ def Figures(meta: dict) -> Safe:
     return Safe(f'<div class="figures">{_e(" · ".join(b for b in bits if b))}</div>')
 
 
+TOOL_RESULT_SHOWN = 2_000  # characters of a tool's result in the page (the model got up to tools.RESULT_CHARS)
+
+
 def Reply(m: dict, streaming: bool = False) -> Safe:
     meta = m.get("reply_meta") if isinstance(m.get("reply_meta"), dict) else {}
     mid = m["id"]
@@ -1026,18 +1036,44 @@ def Reply(m: dict, streaming: bool = False) -> Safe:
             id=f"reply-{mid}", cls="reply streaming", hx_ext="sse", sse_connect=f"/cells/{mid}/stream",
             sse_close="done"), indent=False))
     status = _text_or(meta.get("status"), "done")
-    if not m.get("reply") and status not in ("error", "interrupted", "cancelled"):
+    tools = ToolSteps(meta)
+    if not m.get("reply") and not tools and status not in ("error", "interrupted", "cancelled"):
         return Safe(f'<div id="reply-{mid}" class="reply empty"></div>')
     notes = {"interrupted": "The server stopped while this reply was being written; it is incomplete.",
              "cancelled": "Stopped.", "error": f"The model failed: {meta.get('error')}"}
     note = f'<div class="reply-note note-{_e(status)}">{_e(notes[status])}</div>' if status in notes else ""
     return Safe(
-        f'<div id="reply-{mid}" class="reply status-{_e(status)}">{note}<div class="md">{_md(m.get("reply") or "")}</div>'
+        f'<div id="reply-{mid}" class="reply status-{_e(status)}">{note}{tools}<div class="md">{_md(m.get("reply") or "")}</div>'
         f'<div class="reply-foot"><span><button type="button" data-act="extract" class="extract" tabindex="-1" '
         f'title="Put the reply\'s code blocks in new code cells">Code to cells</button> '
         f'<button type="button" data-act="edit-reply" class="edit-reply" tabindex="-1" '
         f'title="Edit the reply by hand (the model sees your version from now on)">Edit reply</button></span>'
         f'{Figures(meta)}</div></div>')
+
+
+def ToolSteps(meta: dict) -> str:
+    """A reply's `$`name`` notes and its tool calls with their results (reply_meta "refs" and "tools"), as HTML."""
+    refs = meta.get("refs") if isinstance(meta.get("refs"), dict) else {}
+    tools = meta.get("tools") if isinstance(meta.get("tools"), dict) else {}
+    notes = [n for n in (refs.get("notes") or []) + [tools.get("note")] if isinstance(n, str) and n]
+    calls = [c for st in tools.get("steps") or [] if isinstance(st, dict) for c in st.get("calls") or []
+             if isinstance(c, dict)]
+    html = "".join(f'<div class="reply-note note-refs">{_e(n)}</div>' for n in notes)
+    if calls:
+        items = "".join(
+            f'<li class="tool-call status-{_e(str(c.get("status")))}"><code>{_e(call_label(c))}</code> '
+            f'<span class="tool-status">{_e(str(c.get("status")))}</span>'
+            f'<pre class="tool-result">{_e(str(c.get("result") or "")[:TOOL_RESULT_SHOWN])}</pre></li>' for c in calls)
+        html += (f'<details class="tool-steps" open><summary>{len(calls)} tool call{"s" * (len(calls) != 1)}'
+                 f'</summary><ol>{items}</ol></details>')
+    return html
+
+
+def tool_event_text(ev: dict) -> str:
+    """A tool call or a note, as a line of the live reply."""
+    if ev["type"] == "note":
+        return f"\n[{ev['text']}]\n"
+    return f"\n→ {call_label(ev)}: {ev.get('status')}: {str(ev.get('result') or '')[:TOOL_RESULT_SHOWN]}\n"
 
 
 def ReplyEditor(m: dict):
@@ -1727,7 +1763,8 @@ async def reply_stream(state, id: str, req: Request):
         n = start
         if live is not None:
             async for batch in live.follow(start):
-                text = "".join(ev["text"] for ev in batch if ev["type"] == "token")
+                text = "".join(ev["text"] if ev["type"] == "token" else tool_event_text(ev) for ev in batch
+                               if ev["type"] in ("token", "tool", "note"))
                 n += len(batch)
                 if text:
                     yield "token", escape(text), n

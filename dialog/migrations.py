@@ -286,8 +286,39 @@ def _m6_completions(db: sqlite_utils.Database) -> None:
     )
 
 
+def _m7_tool_calls(db: sqlite_utils.Database) -> None:
+    # Issue 16: a prompt's tool loop (`&`fn`` in a prompt), one row per model step: the exact input (a blob, by
+    # hash; OpenAI tool-call format), what the model said, the calls it made with their results (JSON), its figures.
+    _script(
+        db,
+        """
+        CREATE TABLE tool_steps (
+            id INTEGER PRIMARY KEY,
+            dialog_id INTEGER REFERENCES dialogs(id) ON DELETE SET NULL,
+            message_id INTEGER,
+            request_id TEXT NOT NULL,
+            step INTEGER NOT NULL,
+            input_hash TEXT NOT NULL,
+            tools TEXT NOT NULL DEFAULT '[]',
+            completion TEXT NOT NULL DEFAULT '',
+            calls TEXT NOT NULL DEFAULT '[]',
+            finish_reason TEXT,
+            note TEXT,
+            prompt_tokens INTEGER,
+            cached_prompt_tokens INTEGER,
+            completion_tokens INTEGER,
+            model TEXT,
+            backend TEXT,
+            created_at TEXT NOT NULL
+        );
+        CREATE INDEX idx_tool_steps_request ON tool_steps(request_id, step);
+        CREATE INDEX idx_tool_steps_message ON tool_steps(message_id)
+        """,
+    )
+
+
 MIGRATIONS = [_m1_initial, _m2_traces, _m3_adapters, _m4_ids_never_reused, _m5_attempt_selection,
-              _m6_completions]
+              _m6_completions, _m7_tool_calls]
 
 
 def _fk_problems(db: sqlite_utils.Database) -> int:

@@ -178,6 +178,42 @@ class TraceStore:
         finally:
             db.close()
 
+    # -- tool steps: a prompt's tool loop (`&`fn``), one row per model step ---------------------------
+
+    def add_tool_step(self, input_messages: list[dict], *, request_id: str, step: int, dialog_id: int | None = None,
+                      message_id: int | None = None, tools: list[dict] | None = None, completion: str = "",
+                      calls: list[dict] | None = None, finish_reason: str | None = None, note: str | None = None,
+                      figures: dict | None = None, model: str | None = None, backend: str | None = None) -> int:
+        """Store one step (its exact input deduplicated by hash, like an attempt's) in one transaction."""
+        digest = messages_hash(input_messages)
+        fig = figures or {}
+        row = {"dialog_id": dialog_id, "message_id": message_id, "request_id": request_id, "step": step,
+               "input_hash": digest, "tools": json.dumps(tools or [], ensure_ascii=False), "completion": completion,
+               "calls": json.dumps(calls or [], ensure_ascii=False), "finish_reason": finish_reason, "note": note,
+               "prompt_tokens": fig.get("prompt_tokens"), "cached_prompt_tokens": fig.get("cached_prompt_tokens"),
+               "completion_tokens": fig.get("completion_tokens"), "model": model, "backend": backend,
+               "created_at": now()}
+        with self.store.transaction() as db:
+            db["blobs"].insert({"hash": digest, "body": json.dumps(input_messages, ensure_ascii=False)}, ignore=True)
+            return db["tool_steps"].insert(row).last_rowid
+
+    def tool_steps(self, request_id: str | None = None, *, message_id: int | None = None,
+                   with_inputs: bool = False) -> list[dict]:
+        """The steps of one tool loop (by request id), or of every loop on a message, oldest first."""
+        where, params = (("request_id = ?", (request_id,)) if request_id is not None
+                         else ("message_id = ?", (message_id,)))
+        rows = self.store.rows("tool_steps", where, params, order_by="id")
+        for r in rows:
+            r["tools"], r["calls"] = json.loads(r["tools"]), json.loads(r["calls"])
+            if with_inputs:
+                r["input_messages"] = self.input_messages(r["input_hash"])
+        return rows
+
+    def tool_request_ids(self) -> list[str]:
+        """Every tool loop's request id, oldest first."""
+        return [r["request_id"] for r in self.store.rows("tool_steps", "step = 0", (), select="request_id",
+                                                          order_by="id")]
+
     # -- human corrections -----------------------------------------------------------------------
 
     def record_edit(self, message_id: int, before: str, after: str, *, dialog_id: int | None = None,

@@ -5,7 +5,8 @@ from typing import Any
 
 from .protocol import Message, ModelError
 
-ROLES = ("system", "user", "assistant")
+TOOL_KEYS = ("tool_calls", "tool_call_id", "name")
+ROLES = ("system", "user", "assistant", "tool")  # "tool": a tool's result (see tool_calls.py)
 
 
 def image_placeholder(part: dict[str, Any]) -> str:
@@ -20,7 +21,11 @@ def check_messages(messages: list[Message]) -> None:
         if not isinstance(m, dict) or m.get("role") not in ROLES:
             raise ModelError(f"message {i} needs a role among {ROLES}: got {m!r:.120}")
         content = m.get("content")
-        if isinstance(content, str):
+        if m["role"] == "tool" and not isinstance(m.get("tool_call_id"), str):
+            raise ModelError(f"message {i}: a tool result needs the tool_call_id of the call it answers")
+        if m.get("tool_calls") is not None and (m["role"] != "assistant" or not isinstance(m["tool_calls"], list)):
+            raise ModelError(f"message {i}: only an assistant message has tool_calls, a list of calls")
+        if isinstance(content, str) or (content is None and m.get("tool_calls")):
             continue
         if not isinstance(content, list):
             raise ModelError(f"message {i}: content must be a string or a list of parts")
@@ -45,12 +50,14 @@ def content_text(content: str | list[dict[str, Any]]) -> str:
     )
 
 
-def text_only(messages: list[Message]) -> list[dict[str, str]]:
-    """Copies of the messages with string content (the caller's list is left untouched)."""
-    return [{"role": m["role"], "content": content_text(m["content"])} for m in messages]
+def text_only(messages: list[Message]) -> list[dict[str, Any]]:
+    """Copies of the messages with string content (the caller's list is left untouched); tool calls and results
+    keep their ids."""
+    return [{**{k: m[k] for k in TOOL_KEYS if k in m}, "role": m["role"], "content": content_text(m["content"] or "")}
+            for m in messages]
 
 
 def messages_text(messages_or_text: list[Message] | str) -> str:
     if isinstance(messages_or_text, str):
         return messages_or_text
-    return "\n".join(f"{m['role']}: {content_text(m['content'])}" for m in messages_or_text)
+    return "\n".join(f"{m['role']}: {content_text(m['content'] or '')}" for m in messages_or_text)

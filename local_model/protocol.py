@@ -30,6 +30,8 @@ class Sampling:
     max_tokens: int = 512
     stop: list[str] | None = None
     grammar: str | None = None  # GBNF (root rule "root"): the local llama backend samples only what it allows
+    tools: list[dict[str, Any]] | None = None  # tool specs offered (tool_calls.py); calls come in the done event
+    tool_choice: str = "auto"  # "required": the reply must call one of the tools
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,7 +16,7 @@ from local_model.resident import Resident
 from ..adapters.registry import get as get_adapter, list_adapters, resolve_adapter
 from ..loop.loop import Loop, LoopConfig
 from ..traces import TraceStore
-from .ask import ask, dialog_key, sampling_from
+from .ask import KernelAccess, ask, dialog_key, sampling_from
 from .live import Live, LiveHub, OutputsLive
 from .meter import TokenMeter
 from .solve import fix_task, land, loop_config, solve_task, summary
@@ -40,6 +40,7 @@ class Workspace:
         self.hub = LiveHub()
         self.meter = TokenMeter(models, self.defaults)
         self.loops: dict[int, Loop] = {}
+        self.stopping: dict[int, asyncio.Event] = {}  # the replies being written: set to stop one
         self.background: set[asyncio.Task] = set()
 
     async def close(self) -> None:
@@ -264,7 +265,14 @@ class Workspace:
         sampling = self.sampling(settings, body)
         engine = await self.engine_for(body, settings)
         live = self.hub.open(f"reply-{m['id']}")
-        return m, live, asyncio.create_task(ask(self.store, engine, m["id"], sampling=sampling, live=live))
+        kernel = KernelAccess(self.pool, lambda: self.prepare_kernel(m["dialog_id"]))
+        stop = self.stopping[m["id"]] = asyncio.Event()
+        steps = settings.get("tool_steps")
+        task = asyncio.create_task(ask(self.store, engine, m["id"], sampling=sampling, live=live, kernel=kernel,
+                                       tool_steps=self.defaults["tool_steps"] if steps is None else steps, stop=stop))
+        task.add_done_callback(lambda _t: self.stopping.pop(m["id"], None) if self.stopping.get(m["id"]) is stop
+                               else None)
+        return m, live, task
 
     async def solve(self, message_id: Any, body: dict, kind: str = "solve") -> tuple[dict, Live, asyncio.Task]:
         """Solve a prompt (or, with kind "fix", fix a failed code cell): build the task and run the loop in the
@@ -316,7 +324,11 @@ class Workspace:
             return True
         meta = m.get("reply_meta") if isinstance(m.get("reply_meta"), dict) else {}
         rid = meta.get("request_id") if isinstance(meta.get("request_id"), str) else None
-        return bool(rid and self.models.engine and self.models.engine.cancel(rid))
+        stop = self.stopping.get(m["id"])  # a reply between two steps of its tool loop has no generation to cancel
+        fresh = stop is not None and not stop.is_set()
+        if fresh:
+            stop.set()
+        return bool(rid and self.models.engine and self.models.engine.cancel(rid)) or fresh
 
     # -- traces ----------------------------------------------------------------------------------------
 

@@ -4,13 +4,14 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
-from ..messages import check_messages
+from ..messages import check_messages, content_text
+from .. import tool_calls
 from ..protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop
 from .remote import RemoteBackend
 
 DEFAULT_MODEL = "claude-sonnet-4-6"
 CONTEXT_TOKENS = 200_000
-_STOP_REASONS = {"end_turn": "stop", "stop_sequence": "stop", "max_tokens": "length",
+_STOP_REASONS = {"end_turn": "stop", "tool_use": "stop", "stop_sequence": "stop", "max_tokens": "length",
                  "model_context_window_exceeded": "length"}
 
 
@@ -22,8 +23,15 @@ def to_anthropic(messages: list[Message], cache: bool = True) -> tuple[str | Non
     """
     system_parts, out = [], []
     for m in messages:
-        content = m["content"]
+        content = m["content"] or ""
         parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if m["role"] == "tool":  # a tool's result: a tool_result block of the next user turn
+            block = {"type": "tool_result", "tool_use_id": m["tool_call_id"], "content": content_text(content)}
+            if out and out[-1]["role"] == "user":
+                out[-1]["content"].append(block)
+            else:
+                out.append({"role": "user", "content": [block]})
+            continue
         if m["role"] == "system":
             system_parts += [p["text"] if p["type"] == "text" else f"[image: {p.get('mime')}]" for p in parts]
             continue
@@ -35,6 +43,8 @@ def to_anthropic(messages: list[Message], cache: bool = True) -> tuple[str | Non
             else:
                 source = {"type": "base64", "media_type": p.get("mime") or "image/png", "data": p["data"]}
                 blocks.append({"type": "image", "source": source})
+        blocks += [{"type": "tool_use", "id": c["id"], "name": c["name"], "input": _input(c["arguments"])}
+                   for c in tool_calls.calls_of(m)]
         if not blocks:
             continue
         if out and out[-1]["role"] == m["role"]:
@@ -87,6 +97,10 @@ class AnthropicBackend(RemoteBackend):
             req["extra_body"] = extra
         if s.stop:
             req["stop_sequences"] = list(s.stop)
+        if s.tools:
+            req["tools"] = [{"name": t["name"], "description": t.get("description") or "",
+                             "input_schema": t.get("parameters") or {"type": "object"}} for t in s.tools]
+            req["tool_choice"] = {"type": "any" if s.tool_choice == "required" else "auto"}
         return req
 
     def _error(self, e: Exception) -> ModelError:
@@ -122,6 +136,12 @@ def _pieces(events, fig: Figures, state: dict) -> Iterator[str | None]:
         elif kind == "content_block_delta" and getattr(ev.delta, "type", None) == "text_delta":
             yield ev.delta.text
             continue
+        elif kind == "content_block_start" and getattr(ev.content_block, "type", None) == "tool_use":
+            state.setdefault("tool_calls", []).append(
+                {"id": ev.content_block.id, "name": ev.content_block.name, "arguments": ""})
+        elif kind == "content_block_delta" and getattr(ev.delta, "type", None) == "input_json_delta":
+            if state.get("tool_calls"):
+                state["tool_calls"][-1]["arguments"] += ev.delta.partial_json or ""
         elif kind == "message_delta":
             if getattr(ev, "usage", None) is not None and ev.usage.output_tokens is not None:
                 fig.completion_tokens = ev.usage.output_tokens
@@ -138,3 +158,9 @@ def _message(e: Exception) -> str:
         if isinstance(err, dict) and err.get("message"):
             return str(err["message"])
     return str(getattr(e, "message", None) or e)
+
+
+def _input(arguments: str):
+    """A call's arguments as the tool_use block's input object (text that is not an object goes under "text")."""
+    value = tool_calls.arguments_object(arguments)
+    return value if isinstance(value, dict) else {"text": arguments}

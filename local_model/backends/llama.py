@@ -7,6 +7,7 @@ import hashlib
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +23,7 @@ from ..prefix_cache import (
 )
 from ..protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event, token_event
 from ..registry import ResolvedModel, install_command, sha_cache_file
+from .. import tool_calls
 
 # Used only when a GGUF carries no chat template of its own.
 CHATML_TEMPLATE = (
@@ -133,6 +135,8 @@ class LlamaBackend:
         self._bos_id = bos_id
         self._add_bos = bool(model.add_bos_token()) and bos_id != -1
         template = self.llm.metadata.get("tokenizer.chat_template") or CHATML_TEMPLATE
+        # Qwen2.5's template (and others like it) renders `tools` and tool turns itself; others get the text protocol.
+        self.native_tools = "tools" in template and "tool_call" in template
         self._formatter = Jinja2ChatFormatter(
             template=template, eos_token=model.token_get_text(eos_id) if eos_id != -1 else "",
             bos_token=self._bos_text, add_generation_prompt=True,
@@ -174,11 +178,26 @@ class LlamaBackend:
 
     # --- text and tokens ---------------------------------------------------------------
 
-    def render(self, messages: list[Message]) -> str:
-        """The chat prompt text, from the GGUF's own template."""
+    def render(self, messages: list[Message], tools: list[dict] | None = None) -> str:
+        """The chat prompt text, from the GGUF's own template; `tools` (specs) offered through the template when it
+        renders tools, else described in the prompt's own user turn (so the cached prefix before it stays)."""
         check_messages(messages)
+        msgs, extra = text_only(messages), {}
+        if self.native_tools:
+            for m in msgs:
+                if m.get("tool_calls"):
+                    m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": tool_calls.arguments_object(
+                        c["function"]["arguments"])}} for c in m["tool_calls"]]
+            if tools:
+                extra["tools"] = tool_calls.openai_tools(tools)
+        else:
+            if tools:
+                last = max(i for i, m in enumerate(msgs) if m["role"] in ("user", "system"))
+                msgs[last] = {**msgs[last], "content": msgs[last]["content"] + "\n\n" +
+                              tool_calls.describe(tools)}
+            msgs = tool_calls.as_text_messages(msgs)
         try:
-            return self._formatter(messages=text_only(messages)).prompt
+            return self._formatter(messages=msgs, **extra).prompt
         except Exception as e:  # noqa: BLE001 - jinja raises many kinds
             raise ModelError(f"the model's chat template rejected these messages: {e}") from e
 
@@ -257,9 +276,12 @@ class LlamaBackend:
                should_stop: ShouldStop | None = None) -> Iterator[Event]:
         sampling = sampling or Sampling()
         t0 = time.perf_counter()
-        prompt = self.render(messages).encode()
+        prompt = self.render(messages, sampling.tools).encode()
+        if sampling.tools and sampling.tool_choice == "required" and not sampling.grammar:
+            sampling = replace(sampling, grammar=tool_calls.call_grammar(sampling.tools))
         with self._lock:
-            yield from self._generate(prompt, sampling, cache_key, should_stop, t0)
+            for ev in self._generate(prompt, sampling, cache_key, should_stop, t0):
+                yield tool_calls.with_calls(ev) if sampling.tools and ev["type"] == "done" else ev
 
     def _prompt_ready(self, prompt: bytes, cache_key: str | None) -> tuple[list[int], dict[str, Any], int]:
         """(prompt tokens, cache info, tokens the live context holds already), the live context made ready."""

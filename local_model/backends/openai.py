@@ -7,6 +7,7 @@ from urllib.parse import urlparse
 from ..messages import check_messages, text_only
 from ..protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop
 from .remote import RemoteBackend
+from .. import tool_calls
 
 _FINISH = {"stop": "stop", "length": "length", "content_filter": "stop", "tool_calls": "stop"}
 
@@ -65,10 +66,18 @@ class OpenAIBackend(RemoteBackend):
 
     def _request(self, messages: list[Message], s: Sampling) -> dict[str, Any]:
         req: dict[str, Any] = {
-            "model": self.model, "messages": text_only(messages), "stream": True,
+            "model": self.model, "stream": True,
+            "messages": [{k: v for k, v in m.items() if not (k == "name" and m["role"] == "tool")}
+                         for m in text_only(messages)],
             "stream_options": {"include_usage": True},
             "temperature": s.temperature, "top_p": s.top_p, "seed": s.seed,
         }
+        if s.tools:
+            req["tools"] = tool_calls.openai_tools(s.tools)
+            # A named function where there is one: llama.cpp's server forces a call only by name.
+            req["tool_choice"] = ("auto" if s.tool_choice != "required" else
+                                  {"type": "function", "function": {"name": s.tools[0]["name"]}} if len(s.tools) == 1
+                                  else "required")
         if s.max_tokens > 0:
             req["max_tokens"] = s.max_tokens
         if s.stop:
@@ -103,13 +112,15 @@ class OpenAIBackend(RemoteBackend):
             if isinstance(timings, dict) and isinstance(timings.get("cache_n"), int):
                 fig.cached_prompt_tokens = timings["cache_n"]
 
-        yield from self._stream(lambda: self.client.chat.completions.create(**self._request(messages, s)),
-                                _pieces, should_stop, finish=None, after=after)
+        for ev in self._stream(lambda: self.client.chat.completions.create(**self._request(messages, s)),
+                               _pieces, should_stop, finish=None, after=after):
+            # A server that leaves a model's <tool_call> text as content (no parser for its format): read it here.
+            yield tool_calls.with_calls(ev) if s.tools and ev["type"] == "done" and "tool_calls" not in ev else ev
 
 
 def _pieces(chunks, fig: Figures, state: dict) -> Iterator[str | None]:
     """The text of each chunk of a chat completion stream; usage, timings and the finish go to fig and state."""
-    state.update(n_chunks=0, n_valid=0, usage=None)
+    state.update(n_chunks=0, n_valid=0, usage=None, tool_calls=[])
     for chunk in chunks:
         choices = getattr(chunk, "choices", None)
         if not isinstance(choices, list):
@@ -124,9 +135,25 @@ def _pieces(chunks, fig: Figures, state: dict) -> Iterator[str | None]:
         for choice in choices:
             delta = getattr(choice, "delta", None)
             piece = getattr(delta, "content", None) if delta is not None else None
+            for tc in (getattr(delta, "tool_calls", None) or []) if delta is not None else []:
+                _add_call_delta(state, tc)
             if piece:
                 state["n_chunks"] += 1
                 text += piece
             if getattr(choice, "finish_reason", None):
                 state["finish"] = _FINISH.get(choice.finish_reason, "stop")
         yield text or None
+
+
+def _add_call_delta(state: dict, tc) -> None:
+    """One streamed piece of a tool call: the first of an index brings its id and name, the rest its arguments."""
+    calls = state["tool_calls"]
+    index = getattr(tc, "index", None)
+    index = len(calls) if index is None else index
+    while len(calls) <= index:
+        calls.append({"id": "", "name": "", "arguments": ""})
+    fn = getattr(tc, "function", None)
+    calls[index]["id"] = getattr(tc, "id", None) or calls[index]["id"]
+    if fn is not None:
+        calls[index]["name"] = getattr(fn, "name", None) or calls[index]["name"]
+        calls[index]["arguments"] += getattr(fn, "arguments", None) or ""

@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable, Iterator
 from ..messages import messages_text
 from ..protocol import Event, Figures, Message, ModelError, Sampling, ShouldStop, done_event, token_event
 from .many import concurrent_streams
+from .. import tool_calls
 
 
 class RemoteBackend:
@@ -70,7 +71,11 @@ class RemoteBackend:
         if after is not None:
             after(fig, state)
         fig.set_stream_timing(t0, t_first, t_last, time.perf_counter())
-        yield done_event(text, state["finish"] or "stop", fig, error)
+        done = done_event(text, state["finish"] or "stop", fig, error)
+        if state.get("tool_calls"):
+            done["tool_calls"] = [tool_calls.call(c["name"], c["arguments"] or "{}", c["id"] or None)
+                                  for c in state["tool_calls"]]
+        yield done
 
     def stream_many(self, messages: list[Message], samplings: list[Sampling], cache_key: str | None = None,
                     should_stop: ShouldStop | None = None) -> Iterator[Event]:
