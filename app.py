@@ -37,6 +37,7 @@ from dialog.context import DEFAULT_SYSTEM_PROMPT
 from dialog.notebook import export_dialog
 from dialog.render import IMAGE_MIMES, ansi_css, ansi_html, markdown_html, text_of
 from execfeedback.export.exporter import ExportError, options_from_mapping, stream_export_zip
+from execfeedback.workspace.ghost import decide as decide_ghost, ghost as ghost_text
 from execfeedback.workspace.tools import call_label
 from execfeedback.workspace.workspace import Workspace
 from execfeedback.settings import ASK, FORM_KEYS, LOOP, SETTINGS, Setting, from_form, keys
@@ -110,6 +111,10 @@ class Config:
                                 "hours a browser login lasts; then open the start-up URL again", float)
     kernel_memory: int = knob(0, "--kernel-memory", "LOOPBOOK_KERNEL_MEMORY",
                               "address-space limit per kernel, e.g. 4G or 512M (0: none)", size_bytes)
+    ghost_delay: int = knob(600, "--ghost-delay", "LOOPBOOK_GHOST_DELAY",
+                            "ms of pause in typing before the model's ghost text is asked for (0: only on Alt+.)", int)
+    ghost_max_tokens: int = knob(48, "--ghost-max-tokens", "LOOPBOOK_GHOST_MAX_TOKENS",
+                                 "longest ghost text in tokens (it also stops at the end of a line or block)", int)
 
 
 def parse_config(argv: list[str] | None = None) -> Config:
@@ -842,6 +847,22 @@ async def api_inspect(state, id: str, req: Request):
     return await state.ws.inspect(id, await json_body(req))
 
 
+@route("POST", "/api/dialogs/{id}/ghost")
+@api
+async def api_ghost(state, id: str, req: Request):
+    """The model's ghost text at a cell's cursor (the page's pause or Alt+.): {"message_id", "text", "cursor"} in
+    code points; answers {"status", "text", "id", "message", "figures"} (status busy, loading, no_model or
+    unsupported: nothing to show, and why)."""
+    return await ghost_text(state.ws, id, await json_body(req), max_tokens=state.cfg.ghost_max_tokens)
+
+
+@route("POST", "/api/dialogs/{id}/ghost/outcome")
+@api
+async def api_ghost_outcome(state, id: str, req: Request):
+    """What became of a ghost text: {"id", "outcome": accepted | edited | dropped, "final"}."""
+    return decide_ghost(state.ws, id, await json_body(req))
+
+
 @route("GET", "/api/dialogs/{id}/tokens")
 @api
 def api_token_meter(state, id: str):
@@ -1093,8 +1114,8 @@ def AttemptLine(a: dict) -> Safe:
     what = STATUS_WORDS.get(a.get("exec_status"), a.get("exec_status"))
     detail = f": {a.get('ename')}: {a.get('evalue')}" if a.get("ename") else ""
     who = " (your code)" if a.get("author") == "human" else ""
-    head = f"round {a['round']}" + (f" · candidate {a['candidate']}" if a.get("candidate") else "") + who
     sel = a.get("selection") if isinstance(a.get("selection"), dict) else None
+    head = f"round {a['round']}" + (f" · candidate {a['candidate']}" if a.get("candidate") or sel else "") + who
     mark = ""
     if sel:
         place = f"group {sel['group'] + 1}" if isinstance(sel.get("group"), int) else "dropped out"
@@ -1522,7 +1543,8 @@ def dialog_page(state, id: str):
     meter = ws.meter.dialog(d, messages)
     return (Title(f"{d['title']} · Loopbook"), REFERRER,
             DialogHeader(ws, d, meter),
-            Main(Cells(ws, d["id"], messages, meter), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"])),
+            Main(Cells(ws, d["id"], messages, meter), AddBar(d["id"]), cls="dialog", data_dialog=str(d["id"]),
+                 data_ghost_delay=str(max(state.cfg.ghost_delay, 0))),
             KeyHelp(),
             Div(*[Div(n, cls="toast-msg") for n in notices], id="toast", cls="toast", role="status", aria_live="polite"))
 

@@ -66,7 +66,7 @@ def test_the_page_shows_each_candidate_its_group_the_winner_and_the_cost(app_cli
     cell = text(c.get(f"/d/{did}").text)
     assert re.search(r"round 0 · candidate 2 .*?passed\s+group 1 · chosen", cell), cell
     assert re.search(r"round 0 · candidate 1 .*?passed\s+group 2(?! · chosen)", cell)
-    assert re.search(r"round 0\s+check failed.*?dropped out", cell)
+    assert re.search(r"round 0 · candidate 0\s+check failed.*?dropped out", cell)
     assert f"{spent['completion_tokens']:,} tokens generated in 1 generation" in cell
 
     trace = text(c.get(f"/traces/{summary['trace_id']}").text)
