@@ -93,6 +93,7 @@ class Config:
     rounds: int = knob(SETTINGS["rounds"], "--rounds", "LOOPBOOK_ROUNDS")
     candidates: int = knob(SETTINGS["candidates"], "--candidates", "LOOPBOOK_CANDIDATES")
     retry_candidates: int = knob(SETTINGS["retry_candidates"], "--retry-candidates", "LOOPBOOK_RETRY_CANDIDATES")
+    select_inputs: int = knob(SETTINGS["select_inputs"], "--select-inputs", "LOOPBOOK_SELECT_INPUTS")
     repeat_resamples: int = knob(SETTINGS["repeat_resamples"], "--repeat-resamples", "LOOPBOOK_REPEAT_RESAMPLES")
     tool_steps: int = knob(SETTINGS["tool_steps"], "--tool-steps", "LOOPBOOK_TOOL_STEPS")
     tool_choice: str = knob(SETTINGS["tool_choice"], "--tool-choice", "LOOPBOOK_TOOL_CHOICE")

@@ -75,10 +75,16 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "code samples in each feedback round, from one batched request, selected by execution: search only "
             "after a failure (1: one answer per round)",
             low=1, high=16, label="Candidates after a failure"),
+    Setting("select_inputs", int, 6, (LOOP, DIALOG),
+            "selection by execution: test inputs the model writes for the task's function in one short extra "
+            "generation (its inputs only, never its predicted outputs), run with the visible checks' inputs; 0: off",
+            low=0, high=16),
     Setting("retry", str, "refine", (LOOP, DIALOG),
             "refine: answer the feedback in a growing conversation; repair: one fresh turn with the task, the "
-            "failed code and the feedback; resample: a fresh sample of the round-0 prompt",
-            choices=("refine", "repair", "resample"), label="Retry"),
+            "failed code and the feedback; regenerate: one fresh turn with the task and what went wrong (the "
+            "failing check, what it computed), the failed code left out; resample: a fresh sample of the round-0 "
+            "prompt",
+            choices=("refine", "repair", "regenerate", "resample"), label="Retry"),
     Setting("repeat_resamples", int, 2, (LOOP, DIALOG),
             "when a feedback round returns code already tried, sample again warmer, up to N times; 0: off",
             low=0, high=8, label="Resample repeats"),

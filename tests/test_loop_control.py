@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 
 from execfeedback.loop.loop import Loop, LoopConfig, Task
+from execfeedback.loop.select import shared_inputs
 from execfeedback.settings import SETTINGS
 from execfeedback.traces import TraceStore
 from kernels import KernelPool
@@ -50,13 +51,20 @@ class ScriptedLoop(Loop):
         reply = self.script[(rnd, k)]
         return replace(s, grammar="root ::= " + json.dumps(reply))
 
+    def inputs_sampling(self):
+        s = super().inputs_sampling()
+        return replace(s, grammar="root ::= " + json.dumps(self.script["inputs"]))
+
 
 def make(env, store, script, checks=None, key="k", **cfg):
     cfg.setdefault("sampling", Sampling(max_tokens=96))
     cfg.setdefault("repeat_resamples", 0)
     cfg.setdefault("retry_candidates", 1)  # one answer per feedback round, unless a test asks for the search
+    cfg.setdefault("select_inputs", 6 if "inputs" in script else 0)  # the model's inputs only where scripted
     loop = ScriptedLoop(env.engine, env.pool, TraceStore(store), LoopConfig(**cfg))
     loop.script = {k: block(v) if not v.startswith("```") else v for k, v in script.items()}
+    if "inputs" in script:
+        loop.script["inputs"] = script["inputs"]
     task = Task(kind="eval", messages=[{"role": "user", "content": "Write f."}], kernel_key=key, checks=checks,
                 task_id="t")
     return loop, task
@@ -208,9 +216,10 @@ def test_more_candidates_than_the_context_holds_gives_fewer_and_a_note_in_the_tr
 
 def test_default_solve_is_greedy_first_then_k_candidates_selected_after_a_failure(env, store, monkeypatch):
     defaults = {k: SETTINGS[k].default for k in ("rounds", "candidates", "retry_candidates", "retry",
-                                                  "repeat_resamples")}
-    assert defaults["candidates"] == 1 and defaults["retry_candidates"] == 4
-    script = {(0, 0): "def f(x):\n    return x * 3",      # greedy fails the visible check
+                                                  "repeat_resamples", "select_inputs")}
+    assert defaults["candidates"] == 1 and defaults["retry_candidates"] == 4 and defaults["select_inputs"] > 0
+    script = {"inputs": "```python\nf(7)\n```",
+              (0, 0): "def f(x):\n    return x * 3",      # greedy fails the visible check
               (1, 0): "def f(x):\n    return x * 3 + 0",  # greedy again wrong after the feedback
               (1, 1): "def f(x):\n    return x + 2",
               (1, 2): "def f(x):\n    return x * 2",
@@ -226,7 +235,7 @@ def test_default_solve_is_greedy_first_then_k_candidates_selected_after_a_failur
     monkeypatch.setattr(env.engine, "stream", counting)
     events = []
     result, trace = run(env, loop, task, events.append)
-    assert calls == [1, 4]  # round 0: greedy alone; round 1: one batched request of four
+    assert calls == [1, 4, 1]  # round 0: greedy alone; round 1: one batched request of four, then the inputs
     assert [(a["round"], a["candidate"]) for a in trace["attempts"]] == [(0, 0), (1, 0), (1, 1), (1, 2), (1, 3)]
     assert "selection" not in trace["attempts"][0] or not trace["attempts"][0]["selection"]
     selected = [e for e in events if e["type"] == "selected"]
@@ -245,3 +254,86 @@ def test_a_greedy_answer_that_passes_costs_one_generation_by_default(env, store,
     monkeypatch.setattr(env.engine, "stream", lambda *a, **kw: calls.append(kw.get("samplings")) or orig(*a, **kw))
     result, trace = run(env, loop, task)
     assert calls == [None] and result.status == "passed" and trace["n_attempts"] == 1
+
+
+def sel_of(trace):
+    return {a["candidate"]: a["selection"] for a in trace["attempts"]}
+
+
+FAST_SLIP = {(0, 0): "def f(x):\n    return x * 2 if x < 5 else 0",  # right on the checks' inputs, wrong above 5
+             (0, 1): "def f(x):\n    return x * 2", (0, 2): "def f(x):\n    return x + x",
+             (0, 3): "def f(x):\n    return 2 * x"}
+
+
+def test_inputs_the_model_writes_tell_apart_what_the_visible_checks_cannot(env, store):
+    script = {**FAST_SLIP, "inputs": "```python\nf(10)\nassert f(12) == 99\nprint(f(-1))\ng(3)\n```"}
+    loop, task = make(env, store, script, CHECK, key="inp1", candidates=4, rounds=0)
+    events = []
+    result, trace = run(env, loop, task, events.append)
+    sel = next(e for e in events if e["type"] == "selected")["selection"]
+    # its calls of f are used, never the output it predicted (99) nor a call of another name (g)
+    assert sel["written_inputs"] == 3 and {"f(10)", "f(12)", "f(-1)"} <= set(sel["inputs"])
+    assert not any("99" in i or i.startswith("g(") for i in sel["inputs"])
+    assert sel["groups"] == [[1, 2, 3], [0]] and result.final.candidate == 1
+    s = sel_of(trace)
+    assert s[0]["inputs_tokens"] > 0 and all(s[k]["inputs_tokens"] == 0 for k in (1, 2, 3))
+
+
+def test_a_model_that_writes_no_inputs_falls_back_to_the_visible_checks(env, store):
+    script = {**FAST_SLIP, "inputs": "I would test it with a few numbers."}
+    loop, task = make(env, store, script, CHECK, key="inp2", candidates=4, rounds=0)
+    events = []
+    result, trace = run(env, loop, task, events.append)
+    sel = next(e for e in events if e["type"] == "selected")["selection"]
+    assert sel["written_inputs"] == 0 and "no calls of f" in sel["inputs_why"]
+    assert sel["inputs"] == shared_inputs(CHECK)  # the checks' calls and their mutations alone
+    assert sel["groups"] == [[0, 1, 2, 3]] and result.final.candidate == 0
+
+
+def test_a_candidate_that_kills_the_kernel_drops_out_and_the_others_are_still_grouped(env, store):
+    script = {(0, 0): "def f(x):\n    return x * 2",
+              (0, 1): "def f(x):\n    if x == 10:\n        import os; os._exit(1)\n    return x * 2",
+              (0, 2): "def f(x):\n    return x + x", (0, 3): "def f(x):\n    return 2 * x",
+              "inputs": "```python\nf(10)\n```"}
+    loop, task = make(env, store, script, CHECK, key="inp3", candidates=4, rounds=0)
+    result, trace = run(env, loop, task)
+    s = sel_of(trace)
+    assert s[1]["survived"] and s[1]["group"] is None and "probe died" in s[1]["why"]
+    assert s[0]["groups"] == [[0, 2, 3]] and result.final.candidate == 0
+    assert env.run(env.pool.execute("inp3", "print(f(10))")).stdout.strip() == "20"  # the winner's f, alive
+
+
+def test_a_candidate_slow_where_the_others_return_drops_out_but_an_input_too_big_for_all_says_nothing(env, store):
+    script = {(0, 0): "def f(x):\n    while x in (10, 11): pass\n    return x * 2",
+              (0, 1): "def f(x):\n    while x == 11: pass\n    return x * 2",
+              (0, 2): "def f(x):\n    while x == 11: pass\n    return x + x",
+              "inputs": "```python\nf(10)\nf(11)\n```"}
+    loop, task = make(env, store, script, CHECK, key="inp4", candidates=3, rounds=0, exec_timeout=20.0)
+    result, trace = run(env, loop, task)
+    s = sel_of(trace)
+    assert s[0]["group"] is None and "probe timeout on f(10)" in s[0]["why"]
+    assert s[1]["groups"] == [[1, 2]] and result.final.candidate == 1
+
+
+def test_regenerate_retries_from_the_task_and_what_went_wrong_without_the_failed_code(env, store):
+    failed = "def f(x):\n    total = x * 3\n    return total"
+    script = {(0, 0): failed, (1, 0): "def f(x):\n    return x * 2"}
+    loop, task = make(env, store, script, CHECK, key="regen", rounds=2, retry="regenerate")
+    result, trace = run(env, loop, task)
+    assert result.status == "passed" and result.rounds == 1
+    inp = trace["attempts"][1]["input_messages"]
+    assert len(inp) == 1 and inp[0]["role"] == "user" and inp[0]["content"].startswith("Write f.")
+    text = inp[0]["content"]
+    assert "assert f(2) == 4" in text and "`f(2)` returned 6, expected 4" in text  # the check, what it computed
+    assert "total" not in text and "x * 3" not in text and "```python\n" not in text  # not the failed code
+
+
+def test_a_failure_summary_leaves_out_the_lines_of_the_failed_code():
+    from execfeedback.loop.feedback import failure_summary, syntax_error_obs
+    code = "def f(x):\n    return [x for x in range(3) if x >\n"
+    text = failure_summary(syntax_error_obs(code), code)
+    assert "syntax error" in text and "range(3)" not in text
+    obs = {"status": "error", "ename": "NameError", "evalue": "name 'helper_fn' is not defined",
+           "traceback": ["Cell In[3], line 2", "----> 2     return helper_fn(x) + 1", "NameError: ..."]}
+    text = failure_summary(obs, "def f(x):\n    return helper_fn(x) + 1")
+    assert text == "It raised NameError: name 'helper_fn' is not defined"

@@ -33,7 +33,7 @@ OVERHEAD_TARGET_S = 0.020
 FINISHED = ("passed", "failed")  # trace statuses that count as done; "stopped" and "running" run again
 # Settings that change results: a resumed run must use the same ones. Concurrency and --limit do not.
 RESULT_KEYS = ("problems", "model", "adapter", "backend", "base_url", "rounds", "candidates",
-               "retry_candidates", "retry", "repeat_resamples", "temperature", "seed", "max_tokens", "timeout", "n_ctx")
+               "retry_candidates", "select_inputs", "retry", "repeat_resamples", "temperature", "seed", "max_tokens", "timeout", "n_ctx")
 
 
 # -- accounting: pure functions over stored attempts -------------------------------------------------
@@ -169,7 +169,9 @@ def problem_result(problem_id: str, trace: dict, attempts: list[dict], rounds: i
     model = [a for a in attempts if a.get("author", "model") == "model"]
     per_round = Counter()
     for a in model:
-        per_round[a["round"]] += a.get("completion_tokens") or 0
+        # a selection's model-written inputs are one more generation, counted on the round's first candidate
+        per_round[a["round"]] += (a.get("completion_tokens") or 0) + ((a.get("selection") or {}).get("inputs_tokens")
+                                                                      or 0)
     tokens_by_round, spent = [], 0
     for r in range(len(pbr)):
         spent += per_round.get(r, 0)
@@ -210,6 +212,7 @@ class EvalSettings:
     rounds: int = SETTINGS["rounds"].default
     candidates: int = SETTINGS["candidates"].default
     retry_candidates: int = SETTINGS["retry_candidates"].default
+    select_inputs: int = SETTINGS["select_inputs"].default
     retry: str = SETTINGS["retry"].default
     repeat_resamples: int = SETTINGS["repeat_resamples"].default
     temperature: float = SETTINGS["temperature"].default
@@ -227,7 +230,7 @@ class EvalSettings:
 
     def loop_config(self) -> LoopConfig:
         return LoopConfig(rounds=self.rounds, candidates=self.candidates, retry_candidates=self.retry_candidates,
-                          retry=self.retry,
+                          select_inputs=self.select_inputs, retry=self.retry,
                           repeat_resamples=self.repeat_resamples, exec_timeout=self.timeout,
                           fresh_namespace=True,
                           sampling=Sampling(temperature=self.temperature, seed=self.seed,

@@ -9,7 +9,7 @@ Measured here (DESIGN.md): a bare traceback fixed nothing, so a failing check sa
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from functools import partial
 
 from fastcore.ansi import strip_ansi
@@ -87,6 +87,24 @@ def feedback_message(obs: dict, config: FeedbackConfig = FeedbackConfig()) -> st
             parts.append("Error output (last part):\n" + _tail(stderr, config.stderr_tail_chars))
     parts.append(config.no_code_instruction if status == "no_code" else config.instruction)
     return "\n\n".join(p.rstrip() for p in parts if p and p.strip())
+
+
+def failure_summary(obs: dict, code: str | None, config: FeedbackConfig = FeedbackConfig(),
+                    keep: str | None = None) -> str:
+    """What went wrong, with the failed code left out: the error or the failing check and what it computed, the
+    output; no traceback, no local values, and no line of `code` (unless it is also in `keep`, the visible
+    checks). For a retry that regenerates instead of editing (small models copy code kept in front of them)."""
+    cfg = replace(config, include_traceback=False, include_locals=False, instruction="", no_code_instruction="",
+                  error_template="It raised {ename}: {evalue}",
+                  check_failed_template="It ran, but a check failed ({passed} of {total} passed):",
+                  timeout_template="It ran longer than {timeout} s and was stopped: a loop that never ends or an "
+                                   "algorithm that is too slow.",
+                  syntax_error_template="It had a syntax error at line {lineno}:",
+                  no_code_template="The answer had no code block.")
+    text = feedback_message(obs, cfg)
+    kept = {line.strip() for line in (keep or "").splitlines()}
+    own = {line.strip() for line in (code or "").splitlines() if len(line.strip()) >= 6} - kept
+    return "\n".join(line for line in text.splitlines() if line.strip() not in own).strip()
 
 
 def _error_parts(obs, cfg):

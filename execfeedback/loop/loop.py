@@ -19,8 +19,9 @@ from local_model import Engine, ModelError, Sampling
 
 from .checks import instrument, instrument_candidate, parse_check_output, parse_locals_output
 from .extract import extract_code
-from .feedback import FeedbackConfig, error_signature, feedback_message, syntax_error_obs
-from .select import MARGIN, Candidate, choose, parse_probe, probe_source, shared_inputs
+from .feedback import FeedbackConfig, error_signature, failure_summary, feedback_message, syntax_error_obs
+from .inputs import MAX_TOKENS as INPUTS_MAX_TOKENS, defined_functions, inputs_prompt, parse_inputs
+from .select import MARGIN, Candidate, check_calls, choose, drop_timeouts, parse_probe, probe_source, shared_inputs
 from .static import certain_failures, observation
 from ..traces import TraceStore
 from ..settings import LOOP, SETTINGS, keys
@@ -33,13 +34,15 @@ RESET_NAMESPACE = "get_ipython().run_line_magic('reset', '-f')"
 class LoopConfig:
     """The loop's settings; those of the settings table (execfeedback/settings.py) take their defaults and ranges
     from it. retry: refine (the conversation grows: code, feedback, code...), repair (one fresh user turn with the
-    task, the failed code and the feedback: small models copy their last answer less this way) or resample (the
-    round-0 prompt again, sampled warmer). repeat_resamples: greedy small models often copy their failed answer,
+    task, the failed code and the feedback: small models copy their last answer less this way), regenerate (one fresh
+    user turn with the task and what went wrong, the failed code left out) or resample (the round-0 prompt again,
+    sampled warmer). repeat_resamples: greedy small models often copy their failed answer,
     which would end the loop as "no progress"."""
 
     rounds: int = SETTINGS["rounds"].default
     candidates: int = SETTINGS["candidates"].default
     retry_candidates: int = SETTINGS["retry_candidates"].default
+    select_inputs: int = SETTINGS["select_inputs"].default
     candidate_temperature: float = 0.8  # used when candidates > 1 (sampling several at 0 gives one answer)
     retry: str = SETTINGS["retry"].default
     repeat_resamples: int = SETTINGS["repeat_resamples"].default
@@ -62,6 +65,7 @@ class LoopConfig:
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "candidates": self.candidates, "retry_candidates": self.retry_candidates,
+                "select_inputs": self.select_inputs,
                 "candidate_temperature": self.candidate_temperature,
                 "retry": self.retry, "repeat_resamples": self.repeat_resamples, "exec_timeout": self.exec_timeout,
                 "fresh_namespace": self.fresh_namespace, "static_check": self.static_check,
@@ -152,6 +156,16 @@ def repair_messages(messages: list[dict], code: str | None, feedback: str) -> li
     return messages + [{"role": "user", "content": f"{shown}{feedback}"}]
 
 
+def regenerate_messages(messages: list[dict], summary: str) -> list[dict]:
+    """The round-0 input with its last user turn extended by what went wrong, the failed code left out."""
+    ask = (f"An earlier answer to this task failed. What went wrong:\n{summary}\n\nWrite a new solution from the "
+           "task, not a patch of that answer. Return the whole code in one ```python block.")
+    last = messages[-1] if messages else {}
+    if last.get("role") == "user" and isinstance(last.get("content"), str):
+        return messages[:-1] + [{"role": "user", "content": f"{last['content']}\n\n{ask}"}]
+    return messages + [{"role": "user", "content": ask}]
+
+
 class Loop:
     """Runs Tasks against one engine and one kernel pool, writing every attempt to the trace store."""
 
@@ -164,6 +178,7 @@ class Loop:
         self._request_id: str | None = None
         self._running_key: str | None = None
         self.on_batch = None  # kernels' on_batch: each candidate's outputs, live, as its code runs (the page's)
+        self._written: dict | None = None  # this trace's model-written inputs, asked for once
 
     async def stop(self) -> None:
         """The user's Stop: cancel the generation in flight and interrupt the code in flight."""
@@ -183,6 +198,7 @@ class Loop:
             task_source=task.task_source, eval_run_id=task.eval_run_id, model=manifest.get("model"),
             backend=manifest.get("backend"), manifest=manifest, sampling=cfg.sampling.as_dict(), config=cfg.as_dict())
         stopped = lambda: self._stopped or bool(should_stop and should_stop())
+        self._written = None
         attempts: list[Attempt] = []
         messages = list(task.messages)
         first_round = 0
@@ -271,6 +287,9 @@ class Loop:
                 messages = list(task.messages)
             elif cfg.retry == "repair":
                 messages = repair_messages(task.messages, best.code, best.record["feedback"])
+            elif cfg.retry == "regenerate":
+                summary = failure_summary(best.obs, best.code, cfg.feedback, keep=task.checks)
+                messages = regenerate_messages(task.messages, summary)
             else:
                 messages = messages + [{"role": "assistant", "content": best.completion},
                                        {"role": "user", "content": best.record["feedback"]}]
@@ -374,12 +393,14 @@ class Loop:
         """Selection by execution over a round's candidates; every candidate's record gets its group and the
         reason the winner won. The kernel is left holding the winner's definitions."""
         cfg = self.config
-        inputs = shared_inputs(task.checks)
+        written = await self._written_inputs(task, [a for a in batch if a.passed])
+        inputs = shared_inputs(task.checks, written["calls"])
         cands = []
         for a in batch:
             why = "" if a.passed else (f"static {a.obs.get('ename')}" if a.obs.get("static")
                                        else a.obs.get("status", ""))
             cands.append(Candidate(a.candidate, a.passed, None, why))
+        results: dict[int, list] = {}
         for c, a in zip(cands, batch):
             if not c.survived:
                 continue
@@ -398,10 +419,15 @@ class Loop:
                 c.signature, c.why = None, f"probe {res.status}" + (f" {found['error']}" if found else "")
             else:
                 c.signature = json.dumps(found)
+                results[c.k] = found
+        drop_timeouts(cands, results, inputs)
         sel = choose(cands, cfg.select_margin)
         winner = next((a for a in batch if a.candidate == sel.winner), None)
         for c, a in zip(cands, batch):
             record = sel.record_for(c, inputs)
+            # the inputs' generation is counted once, on the round's first candidate
+            record.update(written_inputs=len(written["calls"]), inputs_why=written["why"],
+                          inputs_tokens=written.get("new_tokens", 0) if c is cands[0] else 0)
             if note:
                 record["note"] = note
             a.record["selection"] = record
@@ -412,7 +438,42 @@ class Loop:
             await self.pool.execute(task.kernel_key, instrument_candidate(winner.code), timeout=cfg.exec_timeout,
                                     store_history=False)
         return winner, {"winner": sel.winner, "groups": sel.groups, "reason": sel.reason, "inputs": inputs,
-                        "note": note}
+                        "written_inputs": len(written["calls"]), "inputs_why": written["why"], "note": note}
+
+    def inputs_sampling(self) -> Sampling:
+        """The sampling of the model-written inputs: greedy, short."""
+        return replace(self.config.sampling, temperature=0.0, max_tokens=INPUTS_MAX_TOKENS)
+
+    async def _written_inputs(self, task: Task, survivors: list[Attempt]) -> dict:
+        """Calls of the task's function the model writes (inputs only), asked for once per trace and only when two
+        or more survivors define a function to tell apart: {"calls", "why", "new_tokens" (this time's cost)}."""
+        n = self.config.select_inputs
+        if self._written is not None:
+            return self._written
+        if not n or len(survivors) < 2:
+            return {"calls": [], "why": "off" if not n else "fewer than 2 survivors"}
+        names = defined_functions(survivors[0].code)
+        called = [c[0] for c in check_calls(task.checks)]
+        name = next((f for f in called if f in names), names[0] if names else None)
+        if name is None:
+            return {"calls": [], "why": "no function defined"}
+        self._request_id = rid = uuid.uuid4().hex
+        text, tokens, why = "", 0, ""
+        try:
+            async for ev in self.engine.stream(inputs_prompt(task.messages, survivors[0].code, name, n),
+                                               self.inputs_sampling(), request_id=rid):
+                if ev["type"] == "done":
+                    text = ev.get("text") or ""
+                    tokens = (ev.get("figures") or {}).get("completion_tokens") or 0
+                    why = f"model error: {ev['error']}" if ev.get("error") else ""
+        except ModelError as e:
+            why = f"model error: {e}"
+        finally:
+            self._request_id = None
+        calls = parse_inputs(text, [name], n)
+        why = why or (f"{len(calls)} calls of {name} written" if calls else f"no calls of {name} in the reply")
+        self._written = {"calls": calls, "why": why}
+        return {"calls": calls, "why": why, "new_tokens": tokens}
 
     async def _evaluate(self, task: Task, trace_id: int, messages: list[dict], rnd: int, k: int, text: str,
                         figures: dict, finish: str | None, manifest: dict, sampling: Sampling) -> Attempt:

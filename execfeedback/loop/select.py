@@ -1,7 +1,8 @@
 """Selection by execution, with no hidden information: of a round's candidates keep those that compiled, passed
-static analysis and the visible checks; run the survivors on shared inputs (the literal calls of the visible checks
-and simple mutations of them; never an expected output); group them by identical results; pick from the largest
-group, keeping the greedy candidate (0) unless the evidence against it is strong (MARGIN)."""
+static analysis and the visible checks; run the survivors on shared inputs (the literal calls of the visible checks,
+the calls the model wrote for the task (inputs.py), and simple mutations of both; never an expected output); group
+them by identical results; pick from the largest group, keeping the greedy candidate (0) unless the evidence against
+it is strong (MARGIN)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import json
 from dataclasses import dataclass, field
 
 PROBE_MARK = "\x1e__loopbook_probe__"
-MAX_INPUTS = 24
+MAX_INPUTS = 32
+TIMEOUT = "raises timeout"  # a probe call's result when it ran past CALL_TIMEOUT_S
+CALL_TIMEOUT_S = 2.0  # one shared input's call; the whole probe is bounded by the loop's exec_timeout
 RESULT_CHARS = 2000
 # The largest group must outnumber greedy's group by this many before greedy is replaced: with 3 candidates a
 # 2-vs-1 split is kept (two sampled candidates agreeing on a wrong answer is common on a small model), 3-vs-1 is not.
@@ -66,10 +69,11 @@ def _call_source(name: str, args: list, kwargs: dict) -> str:
     return f"{name}({', '.join(parts)})"
 
 
-def shared_inputs(checks: str | None, extra: list[str] = ()) -> list[str]:
-    """Call expressions every survivor is run on: the checks' calls, then one-argument mutations of each."""
-    calls = check_calls(checks)
-    out = [_call_source(*c) for c in calls] + list(extra)
+def shared_inputs(checks: str | None, written: list[tuple[str, list, dict]] = ()) -> list[str]:
+    """Call expressions every survivor is run on: the checks' calls, the calls the model wrote (inputs only), then
+    one-argument mutations of each, at most MAX_INPUTS."""
+    calls = check_calls(checks) + list(written)
+    out = [_call_source(*c) for c in calls]
     for name, args, kwargs in calls:
         for i, a in enumerate(args):
             for m in _mutations(a):
@@ -78,28 +82,54 @@ def shared_inputs(checks: str | None, extra: list[str] = ()) -> list[str]:
     return unique[:MAX_INPUTS]
 
 
-def probe_source(code: str, calls: list[str]) -> str:
+def probe_source(code: str, calls: list[str], call_timeout: float = CALL_TIMEOUT_S) -> str:
     """A cell that runs `code` in a copy of the namespace (the user's is left alone) and prints each call's
-    result (its repr, or the exception's type) as one marked JSON line."""
+    result (its repr, or the exception's type) as one marked JSON line. A call that runs past `call_timeout`
+    seconds (a model-written input too big for the code) gives 'raises timeout' instead of hanging the probe."""
     return (
         "def __loopbook_probe(__code, __calls):\n"
-        "    import json as _json\n"
+        "    import json as _json, signal as _signal\n"
         "    _ns = dict(get_ipython().user_ns)\n"
         "    try:\n"
         "        exec(compile(__code, '<candidate>', 'exec'), _ns)\n"
         "    except BaseException as e:\n"
         f"        print({PROBE_MARK!r} + _json.dumps({{'error': type(e).__name__}}))\n"
         "        return\n"
+        "    class _Late(BaseException): pass\n"
+        "    def _late(*_): raise _Late()\n"
+        "    _old = _signal.signal(_signal.SIGALRM, _late)\n"
         "    out = []\n"
-        "    for c in __calls:\n"
-        "        try:\n"
-        f"            out.append(repr(eval(c, _ns))[:{RESULT_CHARS}])\n"
-        "        except BaseException as e:\n"
-        "            out.append('raises ' + type(e).__name__)\n"
+        "    try:\n"
+        "        for c in __calls:\n"
+        "            try:\n"
+        f"                _signal.setitimer(_signal.ITIMER_REAL, {call_timeout!r})\n"
+        "                try:\n"
+        f"                    out.append(repr(eval(c, _ns))[:{RESULT_CHARS}])\n"
+        "                finally:\n"
+        "                    _signal.setitimer(_signal.ITIMER_REAL, 0)\n"
+        "            except _Late:\n"
+        f"                out.append({TIMEOUT!r})\n"
+        "            except KeyboardInterrupt:\n"
+        "                raise\n"
+        "            except BaseException as e:\n"
+        "                out.append('raises ' + type(e).__name__)\n"
+        "    finally:\n"
+        "        _signal.signal(_signal.SIGALRM, _old)\n"
         f"    print({PROBE_MARK!r} + _json.dumps(out))\n"
         f"__loopbook_probe({code!r}, {calls!r})\n"
         "del __loopbook_probe\n"
     )
+
+
+def drop_timeouts(cands: list["Candidate"], results: dict[int, list], inputs: list[str]) -> None:
+    """A survivor that ran out of time on an input where another returned drops out: it hangs where others do not.
+    An input on which every survivor ran out of time says nothing about them."""
+    for i, call in enumerate(inputs):
+        late = {k for k, r in results.items() if i < len(r) and r[i] == TIMEOUT}
+        if late and len(late) < len(results):
+            for c in cands:
+                if c.k in late and c.signature is not None:
+                    c.signature, c.why = None, f"probe timeout on {call}"
 
 
 def parse_probe(stdout: str) -> list | dict | None:
