@@ -347,3 +347,68 @@ def test_completions_give_fim_rows_from_accepted_and_preference_rows_from_droppe
         store2.close()
     finally:
         store.close()
+
+
+def test_tools_rows_are_openai_tool_call_conversations_and_load_with_datasets_and_parquet(tmp_path):
+    import datasets
+
+    from local_model.tool_calls import assistant_turn, call, tool_turn
+
+    datasets.disable_progress_bars()
+    store = Store(tmp_path / "tools")
+    traces = TraceStore(store)
+    key = "sk-" + "Z9y8X7w6V5u4T3s2R1q0P9o8N7m6L5k4"
+    spec = {"name": "scale", "description": "Multiply n by ten.",
+            "parameters": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}}
+    try:
+        d = store.create_dialog("tools")
+        m = store.add_message(d["id"], "prompt", "Use &`scale` on $`x`.")
+        base = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Use `scale` on `x`.\n\nValues in the kernel when this was asked:\n`x` = 4"}]
+
+        def loop(rid, calls_results, final, cut_short=False):
+            msgs = list(base)
+            for i, (c, result, status) in enumerate(calls_results):
+                traces.add_tool_step(msgs, request_id=rid, step=i, dialog_id=d["id"], message_id=m["id"],
+                                     tools=[spec] if i == 0 else None, calls=[{**c, "status": status, "result": result}],
+                                     finish_reason="stop", model="smollm2-135m", backend="llama")
+                msgs = msgs + [assistant_turn("", [c]), tool_turn(c["id"], c["name"], result)]
+            traces.add_tool_step(msgs, request_id=rid, step=len(calls_results), dialog_id=d["id"], message_id=m["id"],
+                                 completion=final, finish_reason="stop" if not cut_short else "cancelled",
+                                 model="smollm2-135m", backend="llama")
+
+        first = call("scale", {"n": 4}, "call_1")
+        second = call("nosuch", {}, "call_2")
+        loop("r1", [(second, "there is no tool named `nosuch`; the tools are: scale.", "missing"),
+                    (first, f"40 (key {key})", "ok")], "It is 40.")
+        loop("r2", [(first, "40", "ok")], "", cut_short=True)   # stopped: no row
+
+        out = tmp_path / "out"
+        report = export_to_dir(store, out, options_from_mapping({"format": "tools", "test_fraction": "0"}))
+        got = all_rows(out, "tools")
+        assert len(got) == 1 and report.files == {"tools.train.jsonl": 1}
+        row = got[0]
+        assert (row["request_id"], row["steps"], row["calls"], row["failed_calls"]) == ("r1", 3, 2, 1)
+        assert json.loads(row["tools"]) == [{"type": "function", "function": spec}]
+        msgs = row["messages"]
+        assert [x["role"] for x in msgs] == ["system", "user", "assistant", "tool", "assistant", "tool", "assistant"]
+        assert msgs[2]["tool_calls"] == [{"id": "call_2", "type": "function",
+                                          "function": {"name": "nosuch", "arguments": "{}"}}]
+        assert msgs[4]["tool_calls"][0]["function"] == {"name": "scale", "arguments": '{"n": 4}'}
+        assert msgs[3]["tool_call_id"] == "call_2" and msgs[5]["tool_call_id"] == "call_1"
+        assert msgs[-1]["content"] == "It is 40." and msgs[-1]["tool_calls"] == []
+        assert key not in json.dumps(row) and "<SECRET_API_KEY>" in msgs[5]["content"]
+        assert all(set(x) == {"role", "content", "tool_calls", "tool_call_id", "name"} for x in msgs)
+        ds = datasets.load_dataset("json", data_files=str(out / "tools.train.jsonl"), split="train")
+        assert list(ds.features) == [c.name for c in SCHEMAS["tools"]]
+        assert ds[0]["messages"][4]["tool_calls"][0]["function"]["arguments"] == '{"n": 4}'
+        export_to_dir(store, tmp_path / "pq", options_from_mapping({"format": "tools", "test_fraction": "0",
+                                                                     "parquet": "true"}))
+        pq = datasets.load_dataset("parquet", data_files=str(tmp_path / "pq" / "tools.train.parquet"), split="train")
+        assert pq[0]["messages"] == ds[0]["messages"]
+        card = (out / "README.md").read_text()
+        assert "**tools**" in card and "config_name: tools" in card and "tool_call_id" in card
+        with pytest.raises(ExportError, match="No tool loops to export"):
+            export_to_dir(store, tmp_path / "none", options_from_mapping({"format": "tools", "since": "2999-01-01"}))
+    finally:
+        store.close()

@@ -34,6 +34,13 @@ HOW_BUILT = {
                   "sampling settings.",
     "corrections": "One row per code cell a human edited after the model wrote it: what the model wrote (the "
                    "first version) and what the human made of it (the last one). Whitespace-only edits are left out.",
+    "tools": "One row per prompt whose `&`fn` kernel functions the model called, when the loop ended in an answer "
+             "(loops cut short by tool_steps or stopped give none): the conversation in OpenAI's tool-call format, "
+             "as the model saw it (the values of `$`name` read into the prompt's turn), each call and its trimmed "
+             "result (errors, timeouts and refusals included: they are what the model was told), and the final "
+             "answer; the offered tools in `tools`. TRL's SFTTrainer and `datasets` take messages with tool_calls "
+             "as they are; pass json.loads(row['tools']) as a chat template's tools. The trace filters (outcome, "
+             "rounds, author, eval run) do not apply; --dialog, --since and --until do.",
     "completions": "The editor's ghost text (the model's completion at the cursor, logged with its outcome). "
                    "kind fim: one row per accepted suggestion, prefix + suffix -> chosen (the middle); suggestions "
                    "edited right after Tab took them, or dropped, give none. kind preference: a dropped suggestion "

@@ -26,6 +26,7 @@ from dialog.completions import iter_completions
 
 from .card import render_card
 from .completions import completion_rows
+from .tool_rows import iter_loops, tool_rows
 from .hygiene import Deduper, Scrubber, TokenCounter, cut, digest
 from .options import ExportOptions, options_from_mapping
 from .parallel import parallel_trace_pass
@@ -266,7 +267,8 @@ class _Exporter:
             s.store_traces = src.count("SELECT count(*) FROM traces")
             s.store_edits = src.count("SELECT count(*) FROM edits")
             s.store_completions = src.count("SELECT count(*) FROM completions")
-            if not s.store_traces and not s.store_edits and not s.store_completions:
+            s.store_tool_loops = src.count("SELECT count(*) FROM tool_steps WHERE step = 0")
+            if not s.store_traces and not s.store_edits and not s.store_completions and not s.store_tool_loops:
                 raise ExportError(f"The store at {self.store.data_dir} has no traces yet: solve a prompt in the page or "
                                   "run `python -m execfeedback eval`, then export again.")
             try:
@@ -290,6 +292,8 @@ class _Exporter:
             self._edit_pass(src, edits)
             if "completions" in o.formats:
                 self._completion_pass(src)
+            if "tools" in o.formats:
+                self._tool_pass(src)
         finally:
             self.writers.close()
             src.close()
@@ -309,7 +313,7 @@ class _Exporter:
 
     def _trace_pass(self, src: Source) -> None:
         o, s = self.o, self.stats
-        if not set(o.formats) - {"corrections", "completions"}:
+        if not set(o.formats) - {"corrections", "completions", "tools"}:
             return
         where, params = o.filters.where(solved_only=set(o.formats) <= SOLVED_ONLY)
         s.matched = src.count_traces(where, params)
@@ -380,9 +384,9 @@ class _Exporter:
                 if spec.fmt in self.o.formats:
                     self._emit(spec, split)
 
-    def _completion_pass(self, src: Source) -> None:
-        """The completions table's rows (completions.py), filtered by dialog and time, split by dialog and cell."""
-        f, s = self.o.filters, self.stats
+    def _table_where(self) -> tuple[str, tuple]:
+        """The dialog and time filters as SQL over a table with dialog_id and created_at (completions, tool_steps)."""
+        f = self.o.filters
         clauses, params = ["1"], []
         if f.dialogs:
             clauses.append(f"dialog_id IN ({', '.join('?' * len(f.dialogs))})")
@@ -391,12 +395,28 @@ class _Exporter:
             if when:
                 clauses.append(f"created_at {op} ?")
                 params.append(when)
+        return " AND ".join(clauses), tuple(params)
+
+    def _tool_pass(self, src: Source) -> None:
+        """The tool loops (tool_rows.py), filtered by dialog and time, split by dialog and prompt cell."""
+        where, params = self._table_where()
+        for row in tool_rows(src.conn, iter_loops(src.conn, where, params), self.scrubber):
+            line = dumps(row)
+            near = digest("tools", row["tools"], *[m["role"] + ":" + m["content"] + json.dumps(m["tool_calls"])
+                                                   for m in row["messages"]])
+            self.accept("tools", self.splitter.split(row["dialog_id"], f"cell-{row['message_id']}"), row, line,
+                        digest(line), near)
+
+    def _completion_pass(self, src: Source) -> None:
+        """The completions table's rows (completions.py), filtered by dialog and time, split by dialog and cell."""
+        s = self.stats
+        where, params = self._table_where()
         def counted(rows):
             for r in rows:
                 s.completion_outcomes[r["outcome"] or "undecided"] += 1
                 yield r
 
-        for row in completion_rows(counted(iter_completions(src.conn, " AND ".join(clauses), tuple(params))),
+        for row in completion_rows(counted(iter_completions(src.conn, where, params)),
                                    self.scrubber):
             line = dumps(row)
             near = digest(row["kind"], row["prefix"][-2000:], row["suffix"][:2000], row["chosen"], row["rejected"])
@@ -405,6 +425,9 @@ class _Exporter:
 
     def _nothing_message(self) -> str:
         s, o = self.stats, self.o
+        if set(o.formats) == {"tools"}:
+            return (f"No tool loops to export: the store has {s.store_tool_loops} prompts that offered kernel functions "
+                    "(&`fn`); a row needs one whose loop ended in an answer.")
         if set(o.formats) == {"completions"}:
             got = ", ".join(f"{n} {k}" for k, n in sorted(s.completion_outcomes.items())) or "none matched"
             return (f"No completions to export: the store has {s.store_completions} ghost-text suggestions ({got}); "

@@ -16,6 +16,7 @@ class Stats:
     store_traces: int = 0
     store_edits: int = 0
     store_completions: int = 0
+    store_tool_loops: int = 0
     completion_outcomes: Counter = field(default_factory=Counter)
     unfinished: int = 0
     matched: int = 0

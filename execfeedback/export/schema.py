@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMATS = ("sft", "sft_final", "preference", "kto", "trajectory", "corrections", "completions")
+FORMATS = ("sft", "sft_final", "preference", "kto", "trajectory", "corrections", "completions", "tools")
 SPLITS = ("train", "test")
 
 
 @dataclass(frozen=True)
 class Column:
     name: str
-    type: str  # string | int | float | bool | json (a JSON text) | messages | steps
+    type: str  # string | int | float | bool | json (a JSON text) | messages | steps | tool_messages
     doc: str
 
 
@@ -113,6 +113,21 @@ SCHEMAS: dict[str, tuple[Column, ...]] = {
         Column("chosen", "string", "the middle the human kept (preference: typed text, then the accepted suggestion)"),
         Column("rejected", "string", "the dropped suggestion (\"\" in fim rows)"),
     ),
+    "tools": (
+        Column("request_id", "string", "the tool loop's id (its steps in the store's tool_steps table)"),
+        Column("dialog_id", "int", "dialog id (0: none)"),
+        Column("message_id", "int", "the prompt cell (0: deleted since)"),
+        Column("model", "string", "model that answered"),
+        Column("backend", "string", "llama, openai or anthropic"),
+        Column("created_at", "string", "UTC time the loop started, ISO 8601"),
+        Column("steps", "int", "model turns, the final answer included"),
+        Column("calls", "int", "tool calls run"),
+        Column("failed_calls", "int", "calls whose result was an error, a timeout, an unknown tool or bad arguments"),
+        Column("tools", "json", "the functions offered, OpenAI tool format: [{\"type\": \"function\", \"function\": "
+                                "{name, description, parameters}}] as JSON text"),
+        Column("messages", "tool_messages", "system, user (with the kernel values the prompt named), then assistant "
+               "turns with tool_calls and tool turns with their tool_call_id, ending with the assistant's answer"),
+    ),
 }
 
 
@@ -125,6 +140,11 @@ def arrow_schema(fmt: str):
               "bool": pa.bool_(), "messages": pa.list_(message)}
     step = pa.struct([(c.name, scalar[c.type]) for c in STEP_COLUMNS])
     scalar["steps"] = pa.list_(step)
+    call = pa.struct([("id", pa.string()), ("type", pa.string()),
+                      ("function", pa.struct([("name", pa.string()), ("arguments", pa.string())]))])
+    scalar["tool_messages"] = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string()),
+                                                  ("tool_calls", pa.list_(call)), ("tool_call_id", pa.string()),
+                                                  ("name", pa.string())]))
     return pa.schema([(c.name, scalar[c.type]) for c in SCHEMAS[fmt]])
 
 
@@ -133,4 +153,6 @@ def type_label(column: Column) -> str:
         return "list of messages"
     if column.type == "steps":
         return "list of steps"
+    if column.type == "tool_messages":
+        return "list of messages (role, content, tool_calls, tool_call_id, name)"
     return {"json": "string (JSON)"}.get(column.type, column.type)
