@@ -25,7 +25,10 @@ from .threads import adaptive, runnable_elsewhere, threads_now
 
 GHOST_CTX = 4096      # the completer's context (tokens); the prompt is trimmed to fit it
 CHUNK = 32            # prompt tokens read per llama_decode, so a request for the engine stops us quickly
-SUFFIX_TOKENS = 256   # the most of the text after the cursor that is read
+# The most of the text after the cursor that is read (its start: what follows the cursor most closely). Fill-in-
+# the-middle puts it after the prefix, so it is read again at every completion; on 2 busy CPU cores each of its
+# tokens cost 15-50 ms with the 1.5B coder model (bench/bench_ghost.py).
+SUFFIX_TOKENS = 32
 MAX_BLOCK_LINES = 8
 FIM_NAMES = (("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>"),   # Qwen2.5-Coder
              ("<fim_prefix>", "<fim_suffix>", "<fim_middle>"),          # StarCoder, SantaCoder

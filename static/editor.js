@@ -66,7 +66,7 @@
   // Tab (after a name, ".", "[", or a quote; elsewhere it indents) and Ctrl+Space ask the kernel for
   // completions; Shift+Tab (after a name or "(") asks it for help. The kernel counts code points, the
   // editor UTF-16 units: astral characters (emoji) differ, so offsets are converted both ways.
-  // Ghost text (the model's completion) will take Tab first when it is shown; then the kernel; then indent.
+  // Ghost text (the model's completion, below) takes Tab first when it is shown; then the kernel; then indent.
 
   const codePoints = (text, utf16) => [...text.slice(0, utf16)].length;
   function utf16Of(text, cp) {
@@ -181,10 +181,182 @@
     return true;
   }
 
+  // -- ghost text: the model's completion at the cursor ---------------------------------------------
+  // After a pause in typing (main.dialog's data-ghost-delay, in ms; 0: only on request) or on Alt+., the
+  // resident model is asked for a completion at the cursor of a code or prompt cell (POST
+  // /api/dialogs/{id}/ghost). It shows dimmed after the cursor; Tab takes it; Esc, typing on or moving
+  // the cursor drops it. What became of it is reported (/ghost/outcome): "accepted" when Tab takes it,
+  // then "edited" (with the text it became) if, within EDIT_WINDOW_MS and EDIT_WINDOW_EDITS edits of the
+  // cell, whichever ends first, an edit deletes or replaces any of its characters or inserts inside it
+  // (typing on at its ends is not editing it); "dropped" when it goes without Tab. A suggestion that
+  // arrives after the text or the cursor moved is never shown (and is reported dropped).
+  // The vendored CodeMirror bundle has no decorations, so the ghost is an element laid over the editor,
+  // never part of the document.
+
+  const EDIT_WINDOW_MS = 5000, EDIT_WINDOW_EDITS = 20;
+  const ghostTaken = CM.Annotation.define();
+  const ghosts = new Map(); // view -> the suggestion shown: { did, id, text, pos, el }
+  const ghostAsks = new Map(); // view -> { timer, abort }: the ask waiting or under way
+  const watches = new Map(); // view -> an accepted suggestion watched for edits: { did, id, from, to, until, left }
+
+  function ghostWhere(view) {
+    const main = document.querySelector("main.dialog");
+    const cell = view.dom.closest(CELL);
+    if (!main || !cell || !["code", "prompt"].includes(cell.dataset.type) || !cell.dataset.id) return null;
+    return { did: main.dataset.dialog, mid: Number(cell.dataset.id) };
+  }
+
+  function ghostDelay() {
+    const main = document.querySelector("main.dialog");
+    const ms = main ? parseInt(main.dataset.ghostDelay ?? "0", 10) : 0;
+    return Number.isFinite(ms) && ms > 0 ? ms : 0;
+  }
+
+  function reportGhost(did, id, outcome, final) {
+    if (!id) return;
+    fetch(`/api/dialogs/${did}/ghost/outcome`, {
+      method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify(final == null ? { id, outcome } : { id, outcome, final }),
+    }).catch(() => {});
+  }
+
+  function hideGhost(view) {
+    const g = ghosts.get(view);
+    if (!g) return null;
+    ghosts.delete(view);
+    g.el.remove();
+    return g;
+  }
+
+  function dropGhost(view) {
+    const g = hideGhost(view);
+    if (g) reportGhost(g.did, g.id, "dropped");
+    return Boolean(g);
+  }
+
+  function cancelGhostAsk(view) {
+    const ask = ghostAsks.get(view);
+    if (!ask) return;
+    clearTimeout(ask.timer);
+    if (ask.abort) ask.abort.abort();
+    ghostAsks.delete(view);
+  }
+
+  // The first line starts at the cursor, the others where the cursor's line starts (text-indent).
+  function placeGhost(view, g) {
+    const at = view.coordsAtPos(g.pos);
+    const start = view.coordsAtPos(view.state.doc.lineAt(g.pos).from);
+    if (!at || !start) return false;
+    const box = view.dom.getBoundingClientRect();
+    Object.assign(g.el.style, { left: `${start.left - box.left}px`, top: `${at.top - box.top}px`,
+      textIndent: `${at.left - start.left}px` });
+    return true;
+  }
+
+  function showGhost(view, g) {
+    dropGhost(view);
+    g.el = document.createElement("div");
+    g.el.className = "ghost-text";
+    g.el.setAttribute("aria-hidden", "true");
+    g.el.dataset.completion = g.id;
+    g.el.textContent = g.text;
+    view.dom.append(g.el);
+    if (!placeGhost(view, g)) { g.el.remove(); reportGhost(g.did, g.id, "dropped"); return; }
+    ghosts.set(view, g);
+  }
+
+  async function askGhost(view, { explicit = false } = {}) {
+    const where = ghostWhere(view);
+    const sel = view.state.selection.main;
+    if (!where || !sel.empty) return false;
+    cancelGhostAsk(view);
+    const abort = new AbortController();
+    ghostAsks.set(view, { abort });
+    const text = view.state.doc.toString(), pos = sel.head;
+    let data;
+    try {
+      const res = await fetch(`/api/dialogs/${where.did}/ghost`, {
+        method: "POST", credentials: "same-origin", headers: { "Content-Type": "application/json" },
+        signal: abort.signal,
+        body: JSON.stringify({ message_id: where.mid, text, cursor: codePoints(text, pos) }),
+      });
+      data = await res.json();
+      if (!res.ok) data = { status: "error", message: data.error || "Ghost text failed." };
+    } catch (err) {
+      if (abort.signal.aborted) return true;
+      data = { status: "error", message: "The Loopbook server did not answer." };
+    }
+    if (ghostAsks.get(view) && ghostAsks.get(view).abort !== abort) return true; // a newer ask took over
+    ghostAsks.delete(view);
+    const moved = view.state.doc.toString() !== text || view.state.selection.main.head !== pos;
+    if (data.status === "ok" && data.text && !moved) {
+      showGhost(view, { did: where.did, id: data.id, text: data.text, pos });
+    } else {
+      if (data.id) reportGhost(where.did, data.id, "dropped");
+      // Busy (the model is answering) shows nothing; asked for by key, any other reason is said.
+      if (explicit && !moved && data.status !== "busy") {
+        showPanel(view, "note", [["kernel-msg", data.message || "The model has no suggestion here."]]);
+      }
+    }
+    view.dom.dataset.ghost = data.status; // what the last ask came back with (tests and curious readers)
+    return true;
+  }
+
+  function acceptGhost(view) {
+    const g = ghosts.get(view);
+    if (!g) return false;
+    if (view.state.selection.main.head !== g.pos || !view.state.selection.main.empty) { dropGhost(view); return false; }
+    hideGhost(view);
+    view.dispatch({ changes: { from: g.pos, insert: g.text }, selection: { anchor: g.pos + g.text.length },
+      annotations: ghostTaken.of(true), userEvent: "input.complete", scrollIntoView: true });
+    reportGhost(g.did, g.id, "accepted");
+    watches.set(view, { did: g.did, id: g.id, from: g.pos, to: g.pos + g.text.length,
+      until: Date.now() + EDIT_WINDOW_MS, left: EDIT_WINDOW_EDITS });
+    return true;
+  }
+
+  function watchEdits(update) {
+    const w = watches.get(update.view);
+    if (!w) return;
+    if (Date.now() > w.until || w.left <= 0) { watches.delete(update.view); return; }
+    let edited = false;
+    update.changes.iterChangedRanges((fromA, toA) => {
+      if ((fromA < w.to && toA > w.from) || (fromA === toA && fromA > w.from && fromA < w.to)) edited = true;
+    });
+    if (edited) {
+      const from = update.changes.mapPos(w.from, -1), to = update.changes.mapPos(w.to, 1);
+      reportGhost(w.did, w.id, "edited", update.state.sliceDoc(from, to));
+      watches.delete(update.view);
+      return;
+    }
+    w.from = update.changes.mapPos(w.from, 1);
+    w.to = update.changes.mapPos(w.to, -1);
+    w.left -= 1;
+  }
+
+  function ghostListener() {
+    return CM.EditorView.updateListener.of((update) => {
+      const view = update.view;
+      const taken = update.transactions.some((tr) => tr.annotation(ghostTaken));
+      if (update.docChanged && !taken) watchEdits(update);
+      if (taken) return;
+      if (ghosts.has(view) && (update.docChanged || update.selectionSet)) dropGhost(view);
+      if (update.focusChanged && !view.hasFocus) { dropGhost(view); cancelGhostAsk(view); return; }
+      if (update.geometryChanged && ghosts.has(view)) placeGhost(view, ghosts.get(view));
+      const typed = update.transactions.some((tr) => tr.isUserEvent("input") || tr.isUserEvent("delete"));
+      if (!update.docChanged || !typed) return;
+      cancelGhostAsk(view);
+      const delay = ghostDelay();
+      if (delay && ghostWhere(view)) ghostAsks.set(view, { timer: setTimeout(() => askGhost(view), delay) });
+    });
+  }
+
   // Keys of static/keys.js whose action the editor itself carries out.
   const EDITOR_ACTIONS = {
     complete: (view, key) => complete(view, { fromTab: key === "Tab" }),
     inspect: (view) => help(view),
+    ghost: (view) => { askGhost(view, { explicit: true }); return Boolean(ghostWhere(view)); },
+    "ghost-accept": (view) => acceptGhost(view),
   };
 
   function report(textarea, view, name) {
@@ -211,8 +383,8 @@
         const run = EDITOR_ACTIONS[act] ? (view) => EDITOR_ACTIONS[act](view, key)
           : act !== "escape" ? (view) => report(textarea, view, "loopbook:" + act)
           // An open completion list, then a help panel, close first; the next Escape goes to the page.
-          : (view) => CM.completionStatus(view.state) === "active" ? CM.closeCompletion(view)
-            : closePanel(view) || report(textarea, view, "loopbook:escape");
+          : (view) => dropGhost(view) || (CM.completionStatus(view.state) === "active" ? CM.closeCompletion(view)
+            : closePanel(view) || report(textarea, view, "loopbook:escape"));
         const name = key.replaceAll("+", "-");
         keys.push({ key: name, run });
         if (name.startsWith("Mod-")) keys.push({ key: "Ctrl-" + name.slice(4), run }); // on a Mac, Mod is Cmd
@@ -266,6 +438,7 @@
       }),
       theme,
       mirror(textarea),
+      ghostListener(),
     ];
   }
 

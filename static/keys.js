@@ -32,9 +32,13 @@
       [[["?", "help"], ["h", "help"]], "this list"],
     ]],
     edit: ["Edit mode (typing in a cell)", [
-      [[["Escape", "escape"]], "back to command mode (a note or prompt shows rendered)"],
+      [[["Escape", "escape"]], "back to command mode (a note or prompt shows rendered); first it drops ghost "
+        + "text, closes a completion list or help"],
       [[["Shift+Enter", "run-next"], ["Mod+Enter", "run"], ["Alt+Enter", "run-insert"]], "as in command mode"],
       [[["Mod+Shift+Enter", "solve-or-fix"]], "Solve a prompt / Fix a code cell"],
+      [[["Alt+.", "ghost"]], "ask the model for ghost text at the cursor (it also comes by itself after a pause in "
+        + "typing, unless the app runs with --ghost-delay 0)"],
+      [[["Tab", "ghost-accept"]], "take the ghost text; Esc, typing on or moving the cursor drops it"],
       [[["Tab", "complete"], ["Ctrl+Space", "complete"]],
         "complete from the dialog's kernel (Tab: after a name, . [ or a quote; elsewhere it indents; "
         + "in the list, Tab or Enter takes the choice). The model's ghost text, when shown, takes Tab first"],

@@ -165,3 +165,15 @@ def test_k_candidates_go_to_the_server_together(server_url):
     assert all(ev["finish_reason"] in ("stop", "length") and "error" not in ev for ev in done.values()), done
     for seq in (0, 1):
         assert done[seq]["text"] == "".join(ev["text"] for ev in events if ev["type"] == "token" and ev["seq"] == seq)
+
+
+def test_ghost_text_is_unsupported_through_a_remote_backend_and_says_so(server_url):
+    from local_model.ghost import ghost_complete
+
+    engine = Engine(load_backend(backend="openai", base_url=server_url))
+    try:
+        res = ghost_complete(engine, "def add(a, b):\n    return ", "")
+        assert res.status == "unsupported" and res.text == ""
+        assert "openai backend has no completion at the cursor" in res.message
+    finally:
+        engine.close()

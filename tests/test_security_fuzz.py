@@ -16,7 +16,8 @@ BODY_ROUTES = {("POST", "/api/dialogs"), ("PATCH", "/api/dialogs/{id}"), ("POST"
                ("POST", "/api/dialogs/{id}/messages"), ("PATCH", "/api/messages/{id}"),
                ("POST", "/api/messages/{id}/move"), ("POST", "/api/messages/{id}/ask"),
                ("POST", "/api/messages/{id}/solve"), ("POST", "/api/messages/{id}/fix"), ("POST", "/api/export"),
-               ("POST", "/api/dialogs/{id}/complete"), ("POST", "/api/dialogs/{id}/inspect")}
+               ("POST", "/api/dialogs/{id}/complete"), ("POST", "/api/dialogs/{id}/inspect"),
+               ("POST", "/api/dialogs/{id}/ghost"), ("POST", "/api/dialogs/{id}/ghost/outcome")}
 
 BAD_IDS = ["999999", "abc", "-1", "0", "1.5", "9" * 30, "9" * 5000, "0x10", "%00", "1%00", "%F0%9F%98%80",
            "%E2%80%AE1", "%ED%A0%80", "%C0%AE%C0%AE", "..%2F..%2Fetc%2Fpasswd", "..", "%20", "1e3", "nan", "true"]
@@ -29,7 +30,7 @@ MALFORMED = [b"{", b"not json", b'{"a":}', b"\xff\xfe\x00", b'{"title": NaN}', b
 FIELDS = ["title", "settings", "type", "source", "after", "before", "version", "pinned", "skipped", "is_test",
           "reply", "offset", "rounds", "candidates", "retry", "exec_timeout", "max_tokens", "temperature", "seed",
           "top_p", "top_k", "min_p", "repeat_penalty", "model", "backend", "author", "outputs", "id", "code",
-          "cursor_pos"]
+          "cursor_pos", "message_id", "cursor", "outcome"]
 VALUES = [None, True, False, -1, 0, 1.5, 10**30, -(10**30), "x", "", [], {}, [1, "a"], {"a": {"b": [None]}},
           "../../../../etc/passwd", "/dev/zero", "\u202e\u200f", "😀" * 10, "\x00", "a" * 10_000,
           {"temperature": "hot", "rounds": -5, "system_prompt": 7, "max_tokens": "x", "seed": "s"}]
