@@ -32,3 +32,11 @@ def test_tokens_per_problem_by_round_and_static_catches():
     s.update(wall_s=1.0, regressions=0)
     text = format_table({"summary": s})
     assert "tokens generated per problem" in text and "1 of 2 failed round-0 attempt(s) caught before running" in text
+
+
+def test_the_model_written_inputs_of_a_selection_count_once_in_the_round_they_were_asked_for():
+    atts = [attempt(1, 0, 0, 40, passed=True, hidden=True, chosen=True), attempt(2, 0, 1, 60, passed=True, chosen=False)]
+    atts[0]["selection"]["inputs_tokens"] = 25  # on the round's first candidate only
+    atts[1]["selection"]["inputs_tokens"] = 0
+    r = problem_result("a", {"id": 1, "stop_reason": "passed", "final_attempt_id": 1}, atts, rounds=0)
+    assert r["tokens_by_round"] == [125] and r["tokens"] == 125
