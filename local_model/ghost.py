@@ -10,6 +10,9 @@ Fill-in-the-middle where the vocabulary has FIM tokens (Qwen2.5-Coder's <|fim_pr
 <fim_prefix>), else the text before the cursor alone. Greedy, short (one line, or one block after a
 line that opens one), and it yields: `should_stop` is asked between tokens and prompt chunks, and the
 caller answers True as soon as the engine has other work (ghost_complete below).
+
+A LoRA adapter loaded on the resident model is applied to the main context only: ghost text comes from the
+base weights.
 """
 
 from __future__ import annotations
