@@ -20,6 +20,7 @@ from typing import Any
 TOOL_CHOICES = ("auto", "required")
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 _CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|\Z)", re.S)
+_FENCED = re.compile(r"```(?:json)?\s*(\{.*\})\s*```", re.S)
 
 
 def new_call_id() -> str:
@@ -107,29 +108,36 @@ def as_text_messages(messages: list[dict]) -> list[dict]:
     return out
 
 
-def parse_calls(text: str) -> tuple[str, list[dict]]:
+def _call_from(body: str, names: set[str] | None = None) -> dict | None:
+    """A call from one JSON text {"name", "arguments"}; with `names`, only for a name among them (else None)."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None if names is not None else call("", body)
+    if not isinstance(obj, dict) or (names is not None and obj.get("name") not in names):
+        return None if names is not None else call("", body)
+    args = obj.get("arguments", obj.get("parameters", {}))
+    return call(str(obj.get("name") or ""), args if isinstance(args, str) else json.dumps(args))
+
+
+def parse_calls(text: str, names: list[str] | None = None) -> tuple[str, list[dict]]:
     """(the text outside the calls, the calls) of a reply in the text protocol. A call that is not JSON keeps its
-    text as the arguments and the name "", so the error goes back to the model as the call's result."""
-    calls = []
-    for m in _CALL.finditer(text):
-        body = m.group(1).strip()
-        try:
-            obj = json.loads(body)
-        except ValueError:
-            calls.append(call("", body))
-            continue
-        if not isinstance(obj, dict):
-            calls.append(call("", body))
-            continue
-        args = obj.get("arguments", obj.get("parameters", {}))
-        calls.append(call(str(obj.get("name") or ""), args if isinstance(args, str) else json.dumps(args)))
-    said = _CALL.sub("", text).strip() if calls else text
-    return said, calls
+    text as the arguments and the name "", so the error goes back to the model as the call's result.
+
+    Small models often skip the tags and answer with the bare JSON object, or with it in a ```json block: with the
+    offered `names`, a reply that is only such an object naming one of them is read as that call too."""
+    calls = [_call_from(m.group(1).strip()) for m in _CALL.finditer(text)]
+    if calls:
+        return _CALL.sub("", text).strip(), calls
+    bare = _FENCED.fullmatch(text.strip())
+    body = bare.group(1) if bare else text.strip()
+    found = _call_from(body, set(names)) if names and body.startswith("{") else None
+    return ("", [found]) if found else (text, [])
 
 
-def with_calls(done: dict) -> dict:
+def with_calls(done: dict, specs: list[dict] | None = None) -> dict:
     """A done event of a text-protocol reply, its calls parsed out of the text into "tool_calls"."""
-    said, calls = parse_calls(done.get("text") or "")
+    said, calls = parse_calls(done.get("text") or "", [s["name"] for s in specs or []])
     if calls:
         done["text"], done["tool_calls"] = said, calls
     return done

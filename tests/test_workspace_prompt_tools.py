@@ -8,6 +8,7 @@ deterministic. The step loop, the kernel calls and the storage (reply_meta, the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -184,7 +185,7 @@ def test_calls_to_unknown_tools_or_with_bad_arguments_go_back_as_errors_and_step
     store, d = dialog
     m, res = run_forced(session, store, engine, d, "Use &`scale`.", {"name": "nosuch", "arguments": {}}, steps=2)
     calls = [c for s in res.tools["steps"] for c in s["calls"]]
-    assert [c["status"] for c in calls] == ["missing", "missing", "not_run"]
+    assert [c["status"] for c in calls] == ["missing", "repeated", "not_run"]
     assert "no tool named `nosuch`" in calls[0]["result"] and "scale" in calls[0]["result"]
     assert res.figures["tool_steps"] == 3
     steps = TraceStore(store).tool_steps(message_id=m["id"], with_inputs=True)
@@ -200,3 +201,32 @@ def test_zero_tool_steps_runs_no_call(session, engine, dialog):
     store, d = dialog
     _, res = run_forced(session, store, engine, d, "Use &`scale`.", {"name": "scale", "arguments": {"n": 1}}, steps=0)
     assert [c["status"] for s in res.tools["steps"] for c in s["calls"]] == ["not_run"]
+
+
+def test_a_repeated_call_is_not_run_again(session, engine, dialog):
+    store, d = dialog
+    _, res = run_forced(session, store, engine, d, "Use &`scale`.", {"name": "scale", "arguments": {"n": 2}}, steps=2)
+    calls = [c for s in res.tools["steps"] for c in s["calls"]]
+    assert [c["status"] for c in calls] == ["ok", "repeated", "not_run"]
+    assert calls[0]["result"] == "20" and "already called scale(n=2)" in calls[1]["result"] and "20" in calls[1]["result"]
+
+
+CODER = Path("~/.loopbook/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf").expanduser()
+
+
+@pytest.mark.slow
+def test_the_coder_model_decides_to_call_the_tool_and_answers_with_its_result(session, dialog):
+    if not CODER.is_file():
+        pytest.skip(f"slow: the coder model is not installed at {CODER}")
+    store, d = dialog
+    coder = Engine(load_backend(str(CODER), n_ctx=4096))
+    try:
+        m = store.add_message(d["id"], "prompt", "The table is $`df`. Call &`scale` on 7 and tell me what it returns.")
+        res = answer(session, store, coder, m["id"], sampling=Sampling(max_tokens=120))  # tool_choice auto
+    finally:
+        coder.close()
+    assert coder.manifest["model"].startswith("qwen2.5-coder")
+    calls = [c for s in res.tools["steps"] for c in s["calls"]]
+    assert calls and calls[0]["name"] == "scale" and json.loads(calls[0]["arguments"]) == {"n": 7}
+    assert calls[0]["status"] == "ok" and calls[0]["result"] == "70"
+    assert res.status == "done" and "70" in res.reply, res.reply

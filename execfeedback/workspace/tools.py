@@ -78,8 +78,10 @@ async def run_tools(step: Step, messages: list[dict], sampling: Sampling, tools:
                     stopped: Callable[[], bool] = lambda: False) -> ToolRun:
     """Ask, run the calls, give the results back, ask again: until a reply without calls, a Stop or an error, or
     `max_steps` steps of calls (a reply asking for more is not run and the run says so). The first step uses the
-    sampling's tool_choice; later ones leave it to the model."""
+    sampling's tool_choice; later ones leave it to the model. A call that repeats an earlier one exactly is not run
+    again: the model gets the earlier result back with a reminder to answer."""
     run = ToolRun({}, messages=list(messages))
+    seen: dict[tuple, dict] = {}  # each distinct call's first record
     for n in range(max_steps + 1):
         s = replace(sampling, tools=tools.specs, tool_choice=sampling.tool_choice if n == 0 else "auto")
         inputs = list(run.messages)
@@ -100,11 +102,16 @@ async def run_tools(step: Step, messages: list[dict], sampling: Sampling, tools:
             return run
         run.messages.append(assistant_turn(done.get("text") or "", calls))
         for c in calls:
+            same = seen.get(_call_key(c))
             if stopped():
                 res = ToolResult(c["name"], "not_run", "stopped before this call ran")
+            elif same is not None:  # small models call again instead of answering: remind, do not rerun
+                res = ToolResult(c["name"], "repeated", f"You already called {call_label(c)}; it returned: "
+                                                        f"{same['result']}\nUse that result to answer.")
             else:
                 res = await tools(c["name"], c["arguments"])
             rec = call_record(c, res)
+            seen.setdefault(_call_key(c), rec)
             record["calls"].append(rec)
             run.messages.append(tool_turn(c["id"], c["name"], res.text))
             if on_call is not None:
@@ -114,6 +121,14 @@ async def run_tools(step: Step, messages: list[dict], sampling: Sampling, tools:
             run.done = {**done, "finish_reason": "cancelled"}
             return run
     return run
+
+
+def _call_key(call: dict) -> tuple:
+    try:
+        args = json.dumps(json.loads(call["arguments"] or "{}"), sort_keys=True)
+    except ValueError:
+        args = call["arguments"]
+    return call["name"], args
 
 
 def _tell(on_step, record: dict, inputs: list[dict]) -> None:

@@ -281,7 +281,7 @@ class LlamaBackend:
             sampling = replace(sampling, grammar=tool_calls.call_grammar(sampling.tools))
         with self._lock:
             for ev in self._generate(prompt, sampling, cache_key, should_stop, t0):
-                yield tool_calls.with_calls(ev) if sampling.tools and ev["type"] == "done" else ev
+                yield tool_calls.with_calls(ev, sampling.tools) if sampling.tools and ev["type"] == "done" else ev
 
     def _prompt_ready(self, prompt: bytes, cache_key: str | None) -> tuple[list[int], dict[str, Any], int]:
         """(prompt tokens, cache info, tokens the live context holds already), the live context made ready."""

@@ -115,7 +115,7 @@ class OpenAIBackend(RemoteBackend):
         for ev in self._stream(lambda: self.client.chat.completions.create(**self._request(messages, s)),
                                _pieces, should_stop, finish=None, after=after):
             # A server that leaves a model's <tool_call> text as content (no parser for its format): read it here.
-            yield tool_calls.with_calls(ev) if s.tools and ev["type"] == "done" and "tool_calls" not in ev else ev
+            yield tool_calls.with_calls(ev, s.tools) if s.tools and ev["type"] == "done" and "tool_calls" not in ev else ev
 
 
 def _pieces(chunks, fig: Figures, state: dict) -> Iterator[str | None]:
