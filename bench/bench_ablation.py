@@ -93,15 +93,19 @@ def table(rows: list[tuple[str, list[bool], list[float], list[float], str]], n: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", required=True)
-    ap.add_argument("--candidates-run", required=True,
-                    help="an eval run with --candidates K > 1: the filter and clustering rows read its round 0")
+    ap.add_argument("--candidates-run", default=None,
+                    help="an eval run with --candidates K > 1: the filter and clustering rows read its round 0 "
+                         "(without it: greedy, static analysis and the full runs, paired on the same problems)")
     ap.add_argument("--run", action="append", default=[], help="a full pipeline run (repeatable)")
     ap.add_argument("--greedy-run", default=None,
                     help="a run with --candidates 1 whose round 0 is the greedy row (default: the first --run "
                          "with candidates 1, else candidate 0 of --candidates-run)")
     args = ap.parse_args()
     traces = TraceStore(open_store(args.data_dir))
-    runs = {name: finished(traces, name) for name in dict.fromkeys([args.candidates_run, *args.run])}
+    full_runs = list(dict.fromkeys(([args.candidates_run] if args.candidates_run else []) + args.run))
+    if not full_runs:
+        raise SystemExit("give --candidates-run, --run or both")
+    runs = {name: finished(traces, name) for name in full_runs}
     greedy_run = args.greedy_run or next((n for n in args.run if runs[n][0]["config"].get("candidates") == 1), None)
     if greedy_run and greedy_run not in runs:
         runs[greedy_run] = finished(traces, greedy_run)
@@ -109,43 +113,49 @@ def main() -> None:
     n = len(ids)
     if not n:
         raise SystemExit("no problem is finished in every run yet")
-    cand = [round0(*runs[args.candidates_run][1][i]) for i in ids]
-    k = max(c["k"] for c in cand)
+    cand = [round0(*runs[args.candidates_run][1][i]) for i in ids] if args.candidates_run else []
+    k = max((c["k"] for c in cand), default=1)
     rows = []
     if greedy_run:
         g = [round0(*runs[greedy_run][1][i]) for i in ids]
         rows.append(("greedy", [x["greedy"] for x in g], [x["tokens"] for x in g], [x["time"] for x in g],
                      f"{greedy_run}, round 0"))
         src = g
-    else:
+    elif cand:
         rows.append(("greedy", [x["greedy"] for x in cand], [x["greedy_tokens"] for x in cand],
                      [x["time"] for x in cand], f"{args.candidates_run}, round 0 candidate 0 (time: the batch's)"))
         src = cand
+    else:
+        raise SystemExit("no run has a greedy round 0: give --greedy-run or a --candidates 1 run")
     failed = sum(x["greedy_failed"] for x in src)
     caught = sum(x["greedy_static"] for x in src)
     rows.append((f"+ static analysis ({caught} of {failed} greedy round-0 failures caught before running)",
                  rows[0][1], rows[0][2], rows[0][3], "the same round; pays in the feedback rounds"))
-    rows.append((f"+ {k} candidates, filter on the visible checks", [x["filter"] for x in cand],
-                 [x["tokens"] for x in cand], [x["time"] for x in cand], f"{args.candidates_run}, round 0"))
-    rows.append(("+ clustering (selection by execution)", [x["cluster"] for x in cand],
-                 [x["tokens"] for x in cand], [x["time"] for x in cand], f"{args.candidates_run}, round 0"))
+    if cand:
+        rows.append((f"+ {k} candidates, filter on the visible checks", [x["filter"] for x in cand],
+                     [x["tokens"] for x in cand], [x["time"] for x in cand], f"{args.candidates_run}, round 0"))
+        rows.append(("+ clustering (selection by execution)", [x["cluster"] for x in cand],
+                     [x["tokens"] for x in cand], [x["time"] for x in cand], f"{args.candidates_run}, round 0"))
     regressions = {}
-    for name in dict.fromkeys([args.candidates_run, *args.run]):
+    for name in full_runs:
         fs = [full(*runs[name][1][i]) for i in ids]
         c = fs[0]["cfg"]
-        label = (f"+ {c.get('rounds')} feedback rounds, retry {c.get('retry')}: {c.get('candidates')} candidate(s) "
-                 f"in round 0, {c.get('retry_candidates', c.get('candidates'))} after a failure"
-                 + (f", model-written inputs {c['select_inputs']}" if c.get("select_inputs") else ""))
+        if not c.get("rounds"):
+            continue  # round 0 alone: the rows above
+        first = "greedy first" if c.get("candidates") == 1 else f"{c.get('candidates')} candidates first"
+        label = (f"+ retry {c.get('retry')}: {first}, then {c.get('retry_candidates', c.get('candidates'))} "
+                 f"candidates in each of {c.get('rounds')} feedback rounds"
+                 + (f" (model-written inputs {c['select_inputs']})" if c.get("select_inputs") else ""))
         rows.append((label, [x["pass"] for x in fs], [x["tokens"] for x in fs], [x["time"] for x in fs], name))
         regressions[name] = sum(x["pass"] is False and x["round0"] for x in fs)
     print(table(rows, n))
-    print(f"\noracle (any round-0 candidate of {args.candidates_run} passes): "
-          f"{100 * sum(x['oracle'] for x in cand) / n:.1f}")
+    if cand:
+        print(f"\noracle (any round-0 candidate of {args.candidates_run} passes): "
+              f"{100 * sum(x['oracle'] for x in cand) / n:.1f}")
+        print(f"static analysis over all {k} round-0 candidates of {args.candidates_run}: "
+              f"{sum(x['static'] for x in cand)} of {sum(x['failed'] for x in cand)} failures caught before running")
     print("regressions against the run's own round 0: " + ", ".join(f"{k} {v}" for k, v in regressions.items()))
-    all_static = sum(x["static"] for x in cand)
-    print(f"static analysis over all {k} round-0 candidates of {args.candidates_run}: "
-          f"{all_static} of {sum(x['failed'] for x in cand)} failures caught before running")
-    manifest = runs[args.candidates_run][1][ids[0]][0].get("manifest") or {}
+    manifest = runs[full_runs[0]][1][ids[0]][0].get("manifest") or {}
     print(f"\n{n} problems finished in every run; model {manifest.get('model')}, backend {manifest.get('backend')}, "
           f"threads {manifest.get('n_threads') or manifest.get('threads')}; this machine: {os.cpu_count()} CPUs, "
           f"load now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -450,7 +450,8 @@ def format_table(results: dict) -> str:
     cfg = s.get("config", {})
     lines = [f"Eval {s.get('run_name')}: {n} problem(s), model {s.get('model')} ({(s.get('manifest') or {}).get('backend')}),"
              f" rounds {cfg.get('rounds')}, candidates {cfg.get('candidates')} then {cfg.get('retry_candidates', 1)}"
-             f" after a failure, retry {cfg.get('retry')}, repeat resamples {cfg.get('repeat_resamples', 0)}"]
+             f" after a failure, model-written inputs {cfg.get('select_inputs', 0)}, retry {cfg.get('retry')},"
+             f" repeat resamples {cfg.get('repeat_resamples', 0)}"]
     if not s.get("complete", True):
         lines.append(f"INTERRUPTED: {s.get('n_pending')} problem(s) not run yet; run the same command again to resume.")
     lines.append("round  pass@1 (hidden tests)   tokens generated per problem, up to this round"
