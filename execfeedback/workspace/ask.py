@@ -177,7 +177,8 @@ async def _answer_with_tools(store: Store, engine: Engine, m: dict, messages: li
 
     def on_call(n: int, rec: dict) -> None:
         if live:
-            live.publish({"type": "tool", "step": n, "label": call_label(rec), **rec})
+            # the result's own type goes as result_type: "type" names the event
+            live.publish({**rec, "result_type": rec["type"], "step": n, "label": call_label(rec), "type": "tool"})
 
     def on_step(record: dict, inputs: list[dict]) -> None:
         extra["tools"]["steps"].append({k: v for k, v in record.items() if k != "figures"})
