@@ -16,6 +16,7 @@ from dialog import Store
 from execfeedback.traces import TraceStore
 from execfeedback.workspace import tools as tools_module
 from execfeedback.workspace.ask import KernelAccess, ask
+from execfeedback.workspace.live import Live
 from local_model import Engine, Sampling, load_backend
 from kernelhelpers import pool_session
 from parts import smollm2_path
@@ -230,3 +231,29 @@ def test_the_coder_model_decides_to_call_the_tool_and_answers_with_its_result(se
     assert calls and calls[0]["name"] == "scale" and json.loads(calls[0]["arguments"]) == {"n": 7}
     assert calls[0]["status"] == "ok" and calls[0]["result"] == "70"
     assert res.status == "done" and "70" in res.reply, res.reply
+
+
+def test_stop_while_a_tool_runs_ends_the_loop_after_that_call(session, engine, dialog, monkeypatch):
+    import asyncio
+
+    monkeypatch.setattr(tools_module, "TOOL_TIMEOUT_S", 3.0)
+    store, d = dialog
+    m = store.add_message(d["id"], "prompt", "Use &`hang`.")
+    stop = asyncio.Event()
+
+    async def go():
+        live = Live("reply-test")
+        task = asyncio.create_task(ask(store, engine, m["id"], kernel=kernel(session), stop=stop, tool_steps=5, live=live,
+                                       sampling=Sampling(max_tokens=40, grammar=forced({"name": "hang", "arguments": {}}))))
+        # The call is written (its tokens streamed), so it runs now: Stop while it hangs.
+        while "</tool_call>" not in "".join(e.get("text", "") for e in live.events if e["type"] == "token"):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert session.pool.state(KEY) == "busy"
+        stop.set()
+        return await task
+
+    res = session.run(go(), timeout=120)
+    assert res.status == "cancelled"
+    assert [c["status"] for s in res.tools["steps"] for c in s["calls"]] == ["timeout"]
+    assert store.get_message(m["id"])["reply_meta"]["status"] == "cancelled"
