@@ -102,3 +102,14 @@ def test_without_a_model_the_answer_says_so_and_while_loading_it_says_that(c, ap
     finally:
         models.loading = False
     assert r.status_code == 200 and r.json()["status"] == "loading" and "still loading" in r.json()["message"]
+
+
+def test_ghost_text_between_two_asks_leaves_the_dialogs_cached_prefix(mc):
+    did, (p1,) = dialog_with(mc, [{"type": "prompt", "source": "Say hello."}])
+    first = mc.post(f"/api/messages/{p1}/ask", json={}).json()["figures"]
+    code = mc.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": ""}).json()["id"]
+    for typed in ("import os\n", "import os\nprint(os.", "import os\nprint(os.getcwd())\nx = "):
+        assert mc.post(f"/api/dialogs/{did}/ghost", json={"message_id": code, "text": typed}).json()["status"] == "ok"
+    p2 = mc.post(f"/api/dialogs/{did}/messages", json={"type": "prompt", "source": "Say goodbye."}).json()["id"]
+    second = mc.post(f"/api/messages/{p2}/ask", json={}).json()["figures"]
+    assert second["cached_prompt_tokens"] >= first["prompt_tokens"] - 8
