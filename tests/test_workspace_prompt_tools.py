@@ -257,3 +257,14 @@ def test_stop_while_a_tool_runs_ends_the_loop_after_that_call(session, engine, d
     assert res.status == "cancelled"
     assert [c["status"] for s in res.tools["steps"] for c in s["calls"]] == ["timeout"]
     assert store.get_message(m["id"])["reply_meta"]["status"] == "cancelled"
+
+
+def test_without_a_kernel_the_prompt_is_answered_with_notes(engine, dialog):
+    import asyncio
+
+    store, d = dialog
+    m = store.add_message(d["id"], "prompt", "What is $`x`? Use &`scale`.")
+    res = asyncio.run(ask(store, engine, m["id"], sampling=Sampling(max_tokens=8)))
+    assert res.status == "done" and res.tools is None
+    assert res.notes == ["$`x`: there is no kernel to read it from here",
+                         "&`scale` is not offered as a tool: there is no kernel to read it from here"]

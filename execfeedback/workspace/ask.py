@@ -10,12 +10,12 @@ from typing import Any, Awaitable, Callable
 
 from dialog import InvalidInput, Store
 from dialog.context import ContextOptions, build_context
-from kernels import KernelPool
+from kernels import KernelInitError, KernelPool, KernelStartError
 from kernels.namespace import ToolSpec, VariableNote
 from local_model import Engine, ModelError, Sampling
 
 from .live import Live
-from .prompt_refs import Resolved, find_refs, resolve
+from .prompt_refs import Resolved, find_refs, prompt_text, resolve
 from .tools import KernelTools, call_label, run_tools
 from ..settings import ASK, SETTINGS, check, keys
 from ..traces import TraceStore
@@ -158,11 +158,15 @@ async def _resolve(refs, m: dict, kernel: KernelAccess | None) -> Resolved | Non
     is a note, and the prompt goes on without the values."""
     if not refs:
         return None
-    if kernel is None:
-        why = "there is no kernel to read it from here"
-        return Resolved(m["source"], [], [VariableNote(n, "error", None, why) for n in refs.variables],
-                        [ToolSpec(n, "error", None, why) for n in refs.tools])
-    return await resolve(kernel.pool, await kernel.key(), m["source"], refs)
+    why = "there is no kernel to read it from here"
+    if kernel is not None:
+        try:
+            return await resolve(kernel.pool, await kernel.key(), m["source"], refs)
+        except (KernelStartError, KernelInitError, OSError, RuntimeError) as e:
+            why = f"the dialog's kernel could not be asked ({type(e).__name__}: {e})"
+    values = [VariableNote(n, "error", None, why) for n in refs.variables]
+    specs = [ToolSpec(n, "error", None, why) for n in refs.tools]
+    return Resolved(prompt_text(m["source"], values, specs), [], values, specs)
 
 
 async def _answer_with_tools(store: Store, engine: Engine, m: dict, messages: list[dict], sampling: Sampling,
@@ -194,5 +198,5 @@ async def _answer_with_tools(store: Store, engine: Engine, m: dict, messages: li
         live.publish({"type": "note", "text": run.note})
     result = _result(run.done, run.text, manifest)
     result.figures = {**result.figures, "tool_steps": len(run.steps),
-                      "tool_calls": sum(len(s["calls"]) for s in run.steps)}
+                      "tool_calls": sum(c["status"] != "not_run" for s in run.steps for c in s["calls"])}
     return result
