@@ -195,9 +195,9 @@
 
   const EDIT_WINDOW_MS = 5000, EDIT_WINDOW_EDITS = 20;
   const ghostTaken = CM.Annotation.define();
-  const ghosts = new Map(); // view -> the suggestion shown: { did, id, text, pos, el }
-  const ghostAsks = new Map(); // view -> { timer, abort }: the ask waiting or under way
-  const watches = new Map(); // view -> an accepted suggestion watched for edits: { did, id, from, to, until, left }
+  const ghosts = new WeakMap(); // view -> the suggestion shown: { did, id, text, pos, el }
+  const ghostAsks = new WeakMap(); // view -> { timer, abort }: the ask waiting or under way
+  const watches = new WeakMap(); // view -> an accepted suggestion watched for edits: { did, id, from, to, until, left }
 
   function ghostWhere(view) {
     const main = document.querySelector("main.dialog");

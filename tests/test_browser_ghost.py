@@ -79,7 +79,7 @@ def test_alt_period_shows_ghost_text_tab_takes_it_esc_and_typing_drop_it(watched
     did, mid = open_cell(watched, server, api, CODE)
     ghost = page.locator(f"#cell-{mid} .ghost-text")
     kb.press("Alt+.")
-    expect(ghost).to_have_count(1)
+    expect(ghost).to_have_count(1, timeout=30_000)
     suggestion = ghost.text_content()
     assert suggestion.strip() and text(page, mid) == CODE  # shown, not in the document
     shot(page, "16-ghost-text")
@@ -93,7 +93,7 @@ def test_alt_period_shows_ghost_text_tab_takes_it_esc_and_typing_drop_it(watched
                   f"v.dispatch({{selection: {{anchor: v.state.doc.length}}}}); }})()")
     before = text(page, mid)
     kb.press("Alt+.")
-    expect(ghost).to_have_count(1)
+    expect(ghost).to_have_count(1, timeout=30_000)
     second = int(ghost.get_attribute("data-completion"))
     kb.press("Escape")
     expect(ghost).to_have_count(0)
@@ -102,7 +102,7 @@ def test_alt_period_shows_ghost_text_tab_takes_it_esc_and_typing_drop_it(watched
     assert outcome_of(server, second)[2] == "dropped"
     # Typing on drops it too.
     kb.press("Alt+.")
-    expect(ghost).to_have_count(1)
+    expect(ghost).to_have_count(1, timeout=30_000)
     third = int(ghost.get_attribute("data-completion"))
     kb.type("z")
     expect(ghost).to_have_count(0)
@@ -120,7 +120,7 @@ def test_a_pause_in_typing_asks_and_an_edit_right_after_tab_counts_as_edited(wat
     did, mid = open_cell(watched, server, api, CODE[:-1])
     ghost = page.locator(f"#cell-{mid} .ghost-text")
     kb.type(".")  # typed, then a pause: the model is asked without a key
-    expect(ghost).to_have_count(1)
+    expect(ghost).to_have_count(1, timeout=30_000)
     suggestion = ghost.text_content()
     cid = int(ghost.get_attribute("data-completion"))
     kb.press("Tab")
