@@ -101,7 +101,7 @@ def test_without_a_model_the_answer_says_so_and_while_loading_it_says_that(c, ap
         r = app_client.post(f"/api/dialogs/{did}/ghost", json={"message_id": cell})
     finally:
         models.loading = False
-    assert r.status_code == 200 and r.json()["status"] == "loading" and "still loading" in r.json()["message"]
+    assert r.status_code == 200 and r.json()["status"] == "loading" and "is loading" in r.json()["message"]
 
 
 def test_ghost_text_between_two_asks_leaves_the_dialogs_cached_prefix(mc):

@@ -13,10 +13,12 @@ from typing import Any
 
 from dialog import InvalidInput, NotFound
 from dialog.completions import add_completion, decide_completion
+from local_model import ModelError
 from local_model.ghost import ghost_complete
 
 MAX_TOKENS = 48
 MAX_TOKENS_LIMIT = 256
+LOADING = {"status": "loading", "text": "", "message": "The model is loading; ghost text comes once it is ready."}
 
 
 def context_above(messages: list[dict], cell: dict) -> str:
@@ -69,17 +71,22 @@ async def ghost(ws, dialog_id: Any, body: dict, *, max_tokens: int = MAX_TOKENS)
     pos = _cursor(body, text)
     n = _max_tokens(body, max_tokens)
     engine = ws.models.engine
+    # Loading, or swapping for another model (an Ask that named one): the engine at hand may close mid-way.
+    if ws.models.loading:
+        return dict(LOADING)
     if engine is None:
         status = ws.models.status()
-        if status["state"] == "loading":
-            return {"status": "loading", "text": "", "message": "The model is still loading; ghost text comes once "
-                                                                  "it is ready."}
         why = f": {status['error']}" if status.get("error") else ""
         return {"status": "no_model", "text": "", "message": f"No model is loaded{why}."}
     prefix = context_above(ws.store.messages(d["id"]), m) + text[:pos]
     suffix = text[pos:]
-    res = await asyncio.to_thread(ghost_complete, engine, prefix, suffix, max_tokens=n,
-                                  kind="code" if m["type"] == "code" else "text")
+    try:
+        res = await asyncio.to_thread(ghost_complete, engine, prefix, suffix, max_tokens=n,
+                                      kind="code" if m["type"] == "code" else "text")
+    except ModelError:
+        if ws.models.loading or ws.models.engine is not engine:
+            return dict(LOADING)  # the model was swapped while it worked
+        raise
     out = {"status": res.status, "text": res.text if res.status == "ok" else "", "message": res.message,
            "figures": {k: v for k, v in res.as_dict().items() if k not in ("status", "text", "message")}}
     if res.status == "ok" and res.text.strip():
