@@ -85,3 +85,17 @@ def test_unknown_names_are_noted_in_the_reply_and_tool_steps_zero_runs_nothing(c
     assert r.status_code == 400 and "auto, required" in r.text
     r = c.post(f"/api/messages/{mid}/ask", json={"tool_choice": "sometimes"})
     assert r.status_code == 400 and "tool_choice" in r.text
+
+
+def test_the_settings_panel_sets_tool_steps_and_tool_choice(c):
+    did = c.post("/api/dialogs", json={"title": "tool settings"}).json()["id"]
+    page = c.get(f"/d/{did}").text
+    assert "Tool steps" in page and 'name="tool_steps"' in page and 'placeholder="default 5"' in page
+    assert "Tool choice" in page and '<option value="required">required</option>' in page
+    r = c.post(f"/d/{did}/settings", data={"tool_steps": "2", "tool_choice": "required"})
+    assert r.status_code == 200
+    settings = c.get(f"/api/dialogs/{did}").json()["settings"]
+    assert (settings["tool_steps"], settings["tool_choice"]) == (2, "required")
+    r = c.post(f"/d/{did}/settings", data={"tool_steps": "99"})
+    assert "tool_steps must be a whole number from 0 to 50" in r.text
+    assert c.get(f"/api/dialogs/{did}").json()["settings"]["tool_steps"] == 2

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from dialog import Store
 from execfeedback.traces import TraceStore
 from execfeedback.workspace import tools as tools_module
 from execfeedback.workspace.ask import KernelAccess, ask
@@ -63,11 +62,8 @@ def engine():
 
 
 @pytest.fixture
-def dialog(tmp_path):
-    s = Store(tmp_path / "data")
-    d = s.create_dialog("tools")
-    yield s, d
-    s.close()
+def dialog(store):
+    return store, store.create_dialog("tools")
 
 
 def kernel(session) -> KernelAccess:

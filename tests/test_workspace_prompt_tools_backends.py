@@ -10,13 +10,12 @@ import threading
 
 import pytest
 
-from dialog import Store
 from execfeedback.traces import TraceStore
 from execfeedback.workspace.ask import KernelAccess, ask
 from local_model import Engine, Sampling, load_backend
 from kernelhelpers import pool_session
 from test_model_anthropic import GOOD_KEY
-from test_model_openai import server_url  # noqa: F401 - the module's llama_cpp.server fixture
+import test_model_openai
 
 KEY = "remote-tools"
 SETUP = (KEY, '''
@@ -28,6 +27,7 @@ def scale(n: int) -> int:
     return n * 10
 ''')
 PROMPT = "Here is $`df`. Use &`scale` on 4."
+server_url = test_model_openai.server_url  # that module's llama_cpp.server on loopback, as a fixture here
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +36,8 @@ def session():
 
 
 @pytest.fixture
-def dialog(tmp_path):
-    s = Store(tmp_path / "data")
-    d = s.create_dialog("tools")
-    yield s, d
-    s.close()
+def dialog(store):
+    return store, store.create_dialog("tools")
 
 
 def run_ask(session, engine, store, d, sampling):
@@ -53,7 +50,7 @@ def run_ask(session, engine, store, d, sampling):
     return res, TraceStore(store).tool_steps(rid, with_inputs=True)
 
 
-def test_openai_compatible_server_calls_the_kernel_tool(session, server_url, dialog):  # noqa: F811
+def test_openai_compatible_server_calls_the_kernel_tool(session, server_url, dialog):
     store, d = dialog
     engine = Engine(load_backend(backend="openai", base_url=server_url))
     try:
