@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from local_model import Engine, load_backend  # noqa: E402
+from local_model import Engine, Sampling, load_backend  # noqa: E402
 from local_model.ghost import ghost_complete  # noqa: E402
 
 ABOVE = '''"""Inventory of a small shop."""
@@ -89,6 +89,10 @@ def main() -> None:
     print(f"model {m['model']} ({m.get('quant')}), {m.get('gpu') or 'CPU'}; {m.get('threads')}; loaded in "
           f"{load_s:.1f} s")
     count = lambda s: len(backend.llm.tokenize(s.encode(), add_bos=False, special=False))  # noqa: E731
+    # What the machine gives this model right now (other work shares the cores), to read the figures against.
+    ref = engine.generate([{"role": "user", "content": "Count from 1 to 50."}], Sampling(max_tokens=24))["figures"]
+    print(f"reference, a plain Ask now: decode {ref.get('tokens_per_s') or 0:.1f} tokens/s, prompt "
+          f"{ref['prompt_tokens'] / max(ref['prompt_eval_s'], 1e-9):.0f} tokens/s")
 
     every = a.every or max(len(TYPED) // a.pauses, 1)
     for where, suffix in (("at the end of a cell (no suffix)", ""), ("mid-cell (the code below is the suffix)",
