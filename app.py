@@ -41,7 +41,6 @@ from execfeedback.workspace.ghost import decide as decide_ghost, ghost as ghost_
 from execfeedback.workspace.tools import call_label
 from execfeedback.workspace.workspace import Workspace
 from execfeedback.settings import ASK, FORM_KEYS, LOOP, SETTINGS, Setting, from_form, keys
-from execfeedback.traces import spent
 from kernels import KernelInitError, KernelPool, KernelStartError, apply_events
 from kernels.helper_setup import dialog_of_kernel_token
 from local_model import ModelError
@@ -1192,7 +1191,7 @@ def LoopView(ws: Workspace, m: dict, streaming: bool = False, trace: dict | None
     rows = ws.traces.attempts(t["id"])
     return Safe(f'<div id="loop-{mid}" class="loop status-{_e(t["status"])}"><details><summary>{_e(head)}<a '
                 f'href="/traces/{_e(t["id"])}" class="trace-link">trace</a></summary><ul class="attempts">'
-                f'{attempt_lines(rows)}</ul>{CostLine(spent(rows))}</details></div>')
+                f'{attempt_lines(rows)}</ul>{CostLine(ws.traces.spent(rows))}</details></div>')
 
 
 def TokenCount(n: int, estimated: bool) -> str:
@@ -1937,7 +1936,7 @@ def trace_page(state, id: str):
     return (Title(f"Trace {t['id']} · Loopbook"),
             Main(A("← back", href=back), H1(f"Trace {t['id']}: {t['kind']} {t['status']} ({t.get('stop_reason') or ''})"),
                  P(f"{t.get('model')} via {t.get('backend')} · {t['n_attempts']} attempts · started {t['created_at']}"),
-                 NotStr(CostLine(spent(t["attempts"]))),
+                 NotStr(CostLine(state.ws.traces.spent(t["attempts"]))),
                  *[Round(a) for a in t["attempts"]], cls="trace-page"))
 
 

@@ -91,6 +91,8 @@ def spent(attempts: list[dict]) -> dict:
 class TraceStore:
     """Writes each attempt in one transaction as it finishes, so a crash loses at most the one in flight."""
 
+    spent = staticmethod(spent)  # the page reaches the trace store through its Workspace only
+
     def __init__(self, store: Store):
         self.store = store
 
