@@ -72,3 +72,32 @@ def test_the_page_shows_each_candidate_its_group_the_winner_and_the_cost(app_cli
     trace = text(c.get(f"/traces/{summary['trace_id']}").text)
     assert "Selection: group 1 of 2 · chosen" in trace and "dropped out: check_failed" in trace
     assert "Spent:" in trace
+
+
+def test_solve_reads_a_variable_named_in_its_prompt_into_its_own_turn(app_client, engine, monkeypatch):
+    c, ws = app_client, app_client.app.state.ws
+    seen = []
+
+    async def engine_for(body, settings):
+        return engine
+
+    class Seeing(scripted({(0, 0): "def f(x):\n    return x * 2"})):
+        async def run(self, task, should_stop=None):
+            seen.append(task.messages)
+            async for ev in super().run(task, should_stop):
+                yield ev
+
+    monkeypatch.setattr(ws, "engine_for", engine_for)
+    monkeypatch.setattr(workspace_module, "Loop", Seeing)
+    did = c.post("/api/dialogs", json={"title": "solve refs"}).json()["id"]
+    code = c.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": "factor = 2"}).json()["id"]
+    assert c.post(f"/api/messages/{code}/run").json()["status"] == "ok"
+    p = c.post(f"/api/dialogs/{did}/messages",
+               json={"type": "prompt", "source": "Write f multiplying by $`factor`; see $`nosuch`."}).json()["id"]
+    with c.stream("POST", f"/api/messages/{p}/solve", json={"rounds": 0}, headers={"Accept": "text/event-stream"}) as r:
+        got = [(e, json.loads(d)) for e, d in sse(r)]
+    last = seen[0][-1]["content"]
+    assert "`factor` (int) = 2" in last and "$`" not in last, last
+    notes = [d["text"] for e, d in got if e == "note"]
+    assert any("nosuch" in n for n in notes), got
+    assert c.get(f"/api/messages/{p}").json()["source"].endswith("see $`nosuch`.")  # the cell keeps what was written

@@ -36,14 +36,16 @@ def loop_config(settings: dict, overrides: dict | None = None, base: LoopConfig 
     return replace(base or LoopConfig(), **values)
 
 
-def solve_task(store: Store, engine: Engine, message_id: Any, max_tokens: int) -> Task:
+def solve_task(store: Store, engine: Engine, message_id: Any, max_tokens: int, source: str | None = None) -> Task:
+    """The loop's task for a prompt; `source`: the prompt's text as the model reads it ($`name` values resolved)."""
     m = store.get_message(message_id)
     if m["type"] != "prompt":
         raise InvalidInput(f"Message {m['id']} is a {m['type']} cell; Solve works on prompts.")
     if not m["source"].strip():
         raise InvalidInput("This prompt is empty: say what the code should do first.")
     cells = store.messages(m["dialog_id"])
-    return Task(kind="solve", messages=context_for(store, engine, m, max_tokens, cells=cells),
+    asked = m if source is None else {**m, "source": source}
+    return Task(kind="solve", messages=context_for(store, engine, asked, max_tokens, cells=cells),
                 kernel_key=dialog_key(m["dialog_id"]), checks=visible_checks(cells),
                 cache_key=dialog_key(m["dialog_id"]), dialog_id=m["dialog_id"], message_id=m["id"],
                 task_source="dialog")

@@ -19,6 +19,7 @@ from ..traces import TraceStore
 from .ask import KernelAccess, ask, dialog_key, sampling_from
 from .live import Live, LiveHub, OutputsLive
 from .meter import TokenMeter
+from .prompt_refs import find_refs, resolve
 from .solve import fix_task, land, loop_config, solve_task, summary
 from .. import settings as table
 from .cells import Cells
@@ -287,10 +288,21 @@ class Workspace:
         cfg = loop_config(settings, {k: body.get(k) for k in table.keys(table.LOOP)}, base)
         engine = await self.engine_for(body, settings)
         await self.prepare_kernel(m["dialog_id"])
-        task = solve_task(self.store, engine, m["id"], sampling.max_tokens) if kind == "solve" else \
-            fix_task(self.store, engine, m["id"])
+        notes: list[str] = []
+        if kind == "solve":
+            # $`name` values go into the task's own turn, as an Ask puts them; the code it writes runs in the kernel,
+            # so an &`fn` is simply a function it may call.
+            resolved = await resolve(self.pool, dialog_key(m["dialog_id"]), m["source"]) \
+                if find_refs(m["source"]) else None
+            notes = resolved.notes if resolved else []
+            task = solve_task(self.store, engine, m["id"], sampling.max_tokens,
+                              source=resolved.text if resolved else None)
+        else:
+            task = fix_task(self.store, engine, m["id"])
         loop = Loop(engine, self.pool, self.traces, cfg)
         live = self.hub.open(f"loop-{m['id']}")
+        for note in notes:
+            live.publish({"type": "note", "round": 0, "text": note})
         # Each candidate's outputs as its code runs: kernels' batches, in the loop's log (an attempt_start
         # begins a new list).
         loop.on_batch = lambda events: live.publish({"type": "outputs", "events": events})
