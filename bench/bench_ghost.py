@@ -9,6 +9,7 @@ page's POST /api/dialogs/{id}/ghost runs in a worker thread) and records:
 - prompt tokens evaluated against the bound: typed characters since the last completion, as tokens, plus the
   suffix, plus 32.
 Targets: request to suggestion p50 <= 1.5 s on 2 CPU cores, <= 150 ms on a GPU. Prints `uptime` (load).
+Last, an Ask's time to first token alone and started while a long completion runs (which gives way to it).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -98,9 +100,31 @@ def main() -> None:
     for where, suffix in (("at the end of a cell (no suffix)", ""), ("mid-cell (the code below is the suffix)",
                                                                       SUFFIX)):
         run(engine, count, where, suffix, every, a)
+    ask_during(engine)
     engine.close()
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
           f"| cores: {os.cpu_count()}")
+
+
+def ask_during(engine, n: int = 5) -> None:
+    """Time to first token of fresh Asks, alone and started while a completion decodes (it stops within a token)."""
+    completer = engine.backend.ghost()
+    alone, during, gave_way = [], [], []
+    for i in range(n):
+        def msgs(tag):
+            return [{"role": "user", "content": f"[{tag} {i}] Write a Python function that reverses a string."}]
+        alone.append(engine.generate(msgs("alone"), Sampling(max_tokens=4))["figures"]["ttft_s"])
+        running, out = threading.Event(), {}
+        worker = threading.Thread(target=lambda: out.update(res=completer.complete(
+            ABOVE + TYPED, "", max_tokens=200, scope="none", should_stop=lambda: engine.busy or engine.queue_depth > 0,
+            on_token=lambda text: running.set())))
+        worker.start()
+        running.wait(60)
+        during.append(engine.generate(msgs("during"), Sampling(max_tokens=4))["figures"]["ttft_s"])
+        worker.join()
+        gave_way.append(out["res"].finish == "cancelled")
+    print(f"\nAsk time to first token: alone p50 {statistics.median(alone) * 1000:.0f} ms; started during a completion "
+          f"p50 {statistics.median(during) * 1000:.0f} ms; the completion gave way {sum(gave_way)} of {n} times")
 
 
 def run(engine, count, where: str, suffix: str, every: int, a) -> None:
