@@ -125,3 +125,26 @@ def model_server(tmp_path_factory):
         wait_for_model(c)
     yield s
     s.stop()
+
+
+@pytest.fixture
+def watched(browser, server):
+    """A page of the test module's app server (its `server` fixture), logged in, in a fresh browser context; an
+    error on the page fails the test."""
+    from apphelpers import TOKEN
+    from browserhelpers import VIEWPORT, Watched
+
+    context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
+    w = Watched(context)
+    w.page.set_default_timeout(20_000)
+    w.page.goto(f"{server.base}/?token={TOKEN}")
+    yield w
+    context.close()
+    w.check()
+
+
+@pytest.fixture
+def api(server):
+    """An API client of the test module's app server (its `server` fixture)."""
+    with server.client() as c:
+        yield c

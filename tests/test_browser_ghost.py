@@ -8,8 +8,7 @@ import time
 
 import pytest
 
-from apphelpers import TOKEN
-from browserhelpers import VIEWPORT, Watched, model_server, playwright_api, shot, until
+from browserhelpers import model_server, playwright_api, shot, until
 
 pytestmark = pytest.mark.browser
 
@@ -20,23 +19,6 @@ CODE = "import math\n\n\ndef area(r):\n    return math."
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     yield from model_server(tmp_path_factory, "browser-ghost", "--ghost-delay", "400", "--exec-timeout", "30")
-
-
-@pytest.fixture
-def watched(browser, server):
-    context = browser.new_context(viewport=VIEWPORT)
-    w = Watched(context)
-    w.page.set_default_timeout(20_000)
-    w.page.goto(f"{server.base}/?token={TOKEN}")
-    yield w
-    context.close()
-    w.check()
-
-
-@pytest.fixture
-def api(server):
-    with server.client() as c:
-        yield c
 
 
 def open_cell(watched, server, api, source=""):

@@ -7,8 +7,7 @@ import re
 
 import pytest
 
-from apphelpers import TOKEN
-from browserhelpers import VIEWPORT, Watched, model_server, playwright_api, shot, until
+from browserhelpers import model_server, playwright_api, shot, until
 
 pytestmark = pytest.mark.browser
 
@@ -18,23 +17,6 @@ expect = playwright_api().expect
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     yield from model_server(tmp_path_factory, "browser", "--max-tokens", "48", "--exec-timeout", "30", "--rounds", "1")
-
-
-@pytest.fixture
-def watched(browser, server):
-    context = browser.new_context(viewport=VIEWPORT, accept_downloads=True)
-    w = Watched(context)
-    w.page.set_default_timeout(20_000)
-    w.page.goto(f"{server.base}/?token={TOKEN}")
-    yield w
-    context.close()
-    w.check()
-
-
-@pytest.fixture
-def api(server):
-    with server.client() as c:
-        yield c
 
 
 def cell(page, n):

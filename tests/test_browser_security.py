@@ -52,12 +52,6 @@ def watched_page(browser, server, allow=()):
     return context, w
 
 
-@pytest.fixture
-def api(server):
-    with server.client() as c:
-        yield c
-
-
 def assert_inert(page):
     """Nothing ran, and nothing that could run is left in the page's own document."""
     assert page.evaluate("window.__pwned === undefined"), page.evaluate("window.__pwned")

@@ -24,12 +24,6 @@ def server(tmp_path_factory):
     s.stop()
 
 
-@pytest.fixture
-def api(server):
-    with server.client() as c:
-        yield c
-
-
 def open_page(browser, server, did, allow=()):
     context = browser.new_context(viewport=VIEWPORT)
     w = Watched(context, allow_errors=allow)
