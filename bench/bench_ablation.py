@@ -97,18 +97,30 @@ def main() -> None:
                     help="an eval run with --candidates K > 1: the filter and clustering rows read its round 0 "
                          "(without it: greedy, static analysis and the full runs, paired on the same problems)")
     ap.add_argument("--run", action="append", default=[], help="a full pipeline run (repeatable)")
+    ap.add_argument("--failures-run", action="append", default=[],
+                    help="a full pipeline run over only the problems the greedy run failed at round 0 (a subset "
+                         "file): each problem it lacks that greedy passed is counted as greedy's round 0, which is "
+                         "the same answer (candidates 1, temperature 0) (repeatable)")
     ap.add_argument("--greedy-run", default=None,
                     help="a run with --candidates 1 whose round 0 is the greedy row (default: the first --run "
                          "with candidates 1, else candidate 0 of --candidates-run)")
     args = ap.parse_args()
     traces = TraceStore(open_store(args.data_dir))
-    full_runs = list(dict.fromkeys(([args.candidates_run] if args.candidates_run else []) + args.run))
+    full_runs = list(dict.fromkeys(([args.candidates_run] if args.candidates_run else []) + args.run
+                                   + args.failures_run))
     if not full_runs:
         raise SystemExit("give --candidates-run, --run or both")
     runs = {name: finished(traces, name) for name in full_runs}
     greedy_run = args.greedy_run or next((n for n in args.run if runs[n][0]["config"].get("candidates") == 1), None)
     if greedy_run and greedy_run not in runs:
         runs[greedy_run] = finished(traces, greedy_run)
+    for name in args.failures_run:
+        if not greedy_run:
+            raise SystemExit("--failures-run needs a greedy run (--greedy-run or a --run with candidates 1)")
+        for i, (t, atts) in runs[greedy_run][1].items():
+            r0 = [a for a in atts if a["round"] == 0 and a["candidate"] == 0]
+            if i not in runs[name][1] and r0 and r0[0].get("hidden_passed"):
+                runs[name][1][i] = ({**t, "rounds": 0, "final_attempt_id": r0[0]["id"]}, r0)
     ids = sorted(set.intersection(*(set(done) for _, done in runs.values())))
     n = len(ids)
     if not n:
@@ -129,7 +141,8 @@ def main() -> None:
         raise SystemExit("no run has a greedy round 0: give --greedy-run or a --candidates 1 run")
     failed = sum(x["greedy_failed"] for x in src)
     caught = sum(x["greedy_static"] for x in src)
-    rows.append((f"+ static analysis ({caught} of {failed} greedy round-0 failures caught before running)",
+    rows.append((f"+ static analysis ({caught} of the {failed} greedy answers that failed their visible checks "
+                 "caught before running)",
                  rows[0][1], rows[0][2], rows[0][3], "the same round; pays in the feedback rounds"))
     if cand:
         rows.append((f"+ {k} candidates, filter on the visible checks", [x["filter"] for x in cand],
@@ -139,14 +152,15 @@ def main() -> None:
     regressions = {}
     for name in full_runs:
         fs = [full(*runs[name][1][i]) for i in ids]
-        c = fs[0]["cfg"]
+        c = runs[name][0]["config"]
         if not c.get("rounds"):
             continue  # round 0 alone: the rows above
         first = "greedy first" if c.get("candidates") == 1 else f"{c.get('candidates')} candidates first"
         label = (f"+ retry {c.get('retry')}: {first}, then {c.get('retry_candidates', c.get('candidates'))} "
                  f"candidates in each of {c.get('rounds')} feedback rounds"
                  + (f" (model-written inputs {c['select_inputs']})" if c.get("select_inputs") else ""))
-        rows.append((label, [x["pass"] for x in fs], [x["tokens"] for x in fs], [x["time"] for x in fs], name))
+        source = name + (f" (problems greedy passed: {greedy_run}'s round 0)" if name in args.failures_run else "")
+        rows.append((label, [x["pass"] for x in fs], [x["tokens"] for x in fs], [x["time"] for x in fs], source))
         regressions[name] = sum(x["pass"] is False and x["round0"] for x in fs)
     print(table(rows, n))
     if cand:
