@@ -78,10 +78,12 @@ def spent(attempts: list[dict]) -> dict:
         first = group[0]
         read += max((first.get("prompt_tokens") or 0) - (first.get("cached_prompt_tokens") or 0), 0)
         model_s += (first.get("prompt_eval_s") or 0.0) + max((a.get("decode_s") or 0.0) for a in group)
+    # a selection's model-written test inputs: one more generation, counted on its round's first candidate
+    inputs = [(a.get("selection") or {}).get("inputs_tokens") or 0 for a in model]
     return {
         "attempts": len(model),
-        "generations": len(generations),
-        "completion_tokens": sum(a.get("completion_tokens") or 0 for a in model),
+        "generations": len(generations) + sum(1 for n in inputs if n),
+        "completion_tokens": sum(a.get("completion_tokens") or 0 for a in model) + sum(inputs),
         "prompt_tokens_read": int(read),  # evaluated, not served from the KV cache
         "model_s": round(model_s, 3),
         "exec_s": round(sum(a.get("exec_s") or 0.0 for a in model), 3),

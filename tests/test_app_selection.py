@@ -50,9 +50,10 @@ def test_the_page_shows_each_candidate_its_group_the_winner_and_the_cost(app_cli
     summary = next(d for e, d in got if e == "done")["summary"]
     assert summary["status"] == "passed"
     spent = summary["spent"]
-    # four candidates from one batched generation: the prompt is read once
-    assert spent["attempts"] == 4 and spent["generations"] == 1
-    assert spent["completion_tokens"] == sum(a["completion_tokens"] for a in summary["attempts"]) > 0
+    # four candidates from one batched generation (the prompt read once), and the model's test inputs from one more
+    inputs_tokens = summary["attempts"][0]["selection"]["inputs_tokens"]
+    assert spent["attempts"] == 4 and spent["generations"] == 1 + (inputs_tokens > 0)
+    assert spent["completion_tokens"] == sum(a["completion_tokens"] for a in summary["attempts"]) + inputs_tokens > 0
     assert [a["selection"]["group"] for a in summary["attempts"]] == [None, 1, 0, 0]
 
     # Live: the page's stream puts a selection line after the candidates' lines.
@@ -67,7 +68,8 @@ def test_the_page_shows_each_candidate_its_group_the_winner_and_the_cost(app_cli
     assert re.search(r"round 0 · candidate 2 .*?passed\s+group 1 · chosen", cell), cell
     assert re.search(r"round 0 · candidate 1 .*?passed\s+group 2(?! · chosen)", cell)
     assert re.search(r"round 0 · candidate 0\s+check failed.*?dropped out", cell)
-    assert f"{spent['completion_tokens']:,} tokens generated in 1 generation" in cell
+    gens = spent["generations"]
+    assert f"{spent['completion_tokens']:,} tokens generated in {gens} generation{'s' if gens > 1 else ''}" in cell
 
     trace = text(c.get(f"/traces/{summary['trace_id']}").text)
     assert "Selection: group 1 of 2 · chosen" in trace and "dropped out: check_failed" in trace
