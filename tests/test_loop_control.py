@@ -4,17 +4,16 @@ The scripted replies are keyed (round, candidate)."""
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import replace
 
 import pytest
 
-from execfeedback.loop.loop import Loop, LoopConfig, Task
+from execfeedback.loop.loop import LoopConfig, Task
 from execfeedback.loop.select import shared_inputs
 from execfeedback.settings import SETTINGS
 from execfeedback.traces import TraceStore
 from kernels import KernelPool
 from local_model import Engine, Sampling, load_backend
+from loophelpers import scripted
 
 
 class LoopSession:
@@ -37,34 +36,12 @@ def env(tmp_path_factory):
     s.engine.close()
 
 
-def block(code: str) -> str:
-    return f"```python\n{code}\n```"
-
-
-class ScriptedLoop(Loop):
-    """The real loop; only each candidate's sampling gains a grammar that allows exactly its scripted reply."""
-
-    script: dict[tuple[int, int], str] = {}
-
-    def sampling_for(self, rnd, k, warm=False):
-        s = super().sampling_for(rnd, k, warm)
-        reply = self.script[(rnd, k)]
-        return replace(s, grammar="root ::= " + json.dumps(reply))
-
-    def inputs_sampling(self):
-        s = super().inputs_sampling()
-        return replace(s, grammar="root ::= " + json.dumps(self.script["inputs"]))
-
-
 def make(env, store, script, checks=None, key="k", **cfg):
     cfg.setdefault("sampling", Sampling(max_tokens=96))
     cfg.setdefault("repeat_resamples", 0)
     cfg.setdefault("retry_candidates", 1)  # one answer per feedback round, unless a test asks for the search
     cfg.setdefault("select_inputs", 6 if "inputs" in script else 0)  # the model's inputs only where scripted
-    loop = ScriptedLoop(env.engine, env.pool, TraceStore(store), LoopConfig(**cfg))
-    loop.script = {k: block(v) if not v.startswith("```") else v for k, v in script.items()}
-    if "inputs" in script:
-        loop.script["inputs"] = script["inputs"]
+    loop = scripted(script)(env.engine, env.pool, TraceStore(store), LoopConfig(**cfg))
     task = Task(kind="eval", messages=[{"role": "user", "content": "Write f."}], kernel_key=key, checks=checks,
                 task_id="t")
     return loop, task
