@@ -140,6 +140,14 @@ def test_the_same_error_twice_stops_for_no_progress(env, store):
     assert result.stop_reason == "no_progress" and result.rounds == 1
 
 
+def test_a_batch_that_only_repeats_the_last_failure_stops_for_no_progress(env, store):
+    script = {(0, 0): "def f(x):\n    return x * 3", **{(1, k): "def f(x):\n    return x * 3" for k in range(4)},
+              **{(2, k): "def f(x):\n    return x * 2" for k in range(4)}}
+    loop, task = make(env, store, script, CHECK, key="stale", rounds=2, retry="refine", retry_candidates=4)
+    result, _ = run(env, loop, task)
+    assert result.stop_reason == "no_progress" and result.rounds == 1
+
+
 def test_stop_during_solve_ends_the_trace_stopped(env, store):
     long = "x = 1\n" + "\n".join(f"y{i} = {i}" for i in range(60))
     loop, task = make(env, store, {(0, 0): long}, None, key="stop", rounds=2, sampling=Sampling(max_tokens=600))
