@@ -20,7 +20,7 @@ from .gguf import GGUF_MAGIC, cached_sha256, remember_sha256
 from .protocol import ModelError
 from .registry import (
     ALIASES, DEFAULT_ALIAS, FALLBACK, MODELS, ModelSpec, canonical_name, install_command,
-    is_installed, models_dir, sha_cache_file, spec_path,
+    is_installed, sha_cache_file, spec_path,
 )
 
 Say = Callable[[str], None]

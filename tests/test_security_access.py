@@ -2,7 +2,6 @@
 
 import hashlib
 import hmac
-import inspect
 import os
 import socket
 import subprocess
