@@ -53,6 +53,19 @@ def run(env, loop, task, on_event=None):
     return result, trace
 
 
+def count_requests(env, monkeypatch) -> list[int]:
+    """The engine's requests as they come: how many sequences each one asked for."""
+    calls = []
+    orig = env.engine.stream
+
+    def counting(*a, **kw):
+        calls.append(len(kw.get("samplings") or [None]))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(env.engine, "stream", counting)
+    return calls
+
+
 CHECK = "assert f(2) == 4"
 
 
@@ -62,14 +75,7 @@ def test_candidates_come_from_one_batched_request_and_the_largest_group_wins(env
               (0, 2): "def f(x):\n    return x * 2",
               (0, 3): "def f(x):\n    return x + x"}
     loop, task = make(env, store, script, CHECK, key="sel1", candidates=4, rounds=0)
-    calls = []
-    orig = env.engine.stream
-
-    def counting(*a, **kw):
-        calls.append(len(kw.get("samplings") or [None]))
-        return orig(*a, **kw)
-
-    monkeypatch.setattr(env.engine, "stream", counting)
+    calls = count_requests(env, monkeypatch)
     result, trace = run(env, loop, task)
     assert calls == [4]  # one request, four sequences
     assert result.status == "passed" and result.final.candidate == 2
@@ -210,14 +216,7 @@ def test_default_solve_is_greedy_first_then_k_candidates_selected_after_a_failur
               (1, 2): "def f(x):\n    return x * 2",
               (1, 3): "def f(x):\n    return 2 * x"}
     loop, task = make(env, store, script, CHECK, key="dflt", **defaults)
-    calls = []
-    orig = env.engine.stream
-
-    def counting(*a, **kw):
-        calls.append(len(kw.get("samplings") or [None]))
-        return orig(*a, **kw)
-
-    monkeypatch.setattr(env.engine, "stream", counting)
+    calls = count_requests(env, monkeypatch)
     events = []
     result, trace = run(env, loop, task, events.append)
     assert calls == [1, 4, 1]  # round 0: greedy alone; round 1: one batched request of four, then the inputs
