@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from apphelpers import TOKEN
-from browserhelpers import VIEWPORT, Watched, model_server, playwright_api, shot, until
+from browserhelpers import model_server, playwright_api, shot, until
 
 pytestmark = pytest.mark.browser
 
@@ -35,19 +34,15 @@ def server(tmp_path_factory):
     yield from model_server(tmp_path_factory, "browser-tools", "--max-tokens", "48", "--tool-choice", "required")
 
 
-def test_tool_calls_show_live_and_in_the_finished_reply(browser, server):
-    with server.client() as api:
-        did = api.post("/api/dialogs", json={"title": "tools"}).json()["id"]
-        code = api.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": SETUP}).json()["id"]
-        assert api.post(f"/api/messages/{code}/run").json()["status"] == "ok"
-        p = api.post(f"/api/dialogs/{did}/messages", json={
-            "type": "prompt", "source": "Is $`df` warm, and what is $`nosuch`? Call &`scale` on a temperature."}
-        ).json()["id"]
-    context = browser.new_context(viewport=VIEWPORT)
-    w = Watched(context)
-    page = w.page
-    page.set_default_timeout(20_000)
-    page.goto(f"{server.base}/d/{did}?token={TOKEN}")
+def test_tool_calls_show_live_and_in_the_finished_reply(watched, server, api):
+    did = api.post("/api/dialogs", json={"title": "tools"}).json()["id"]
+    code = api.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": SETUP}).json()["id"]
+    assert api.post(f"/api/messages/{code}/run").json()["status"] == "ok"
+    p = api.post(f"/api/dialogs/{did}/messages", json={
+        "type": "prompt", "source": "Is $`df` warm, and what is $`nosuch`? Call &`scale` on a temperature."}
+    ).json()["id"]
+    page = watched.page
+    page.goto(f"{server.base}/d/{did}")
     page.evaluate(RECORD_LIVE)
     page.locator(f"#cell-{p}").click()
     page.keyboard.press("Escape")
@@ -65,5 +60,3 @@ def test_tool_calls_show_live_and_in_the_finished_reply(browser, server):
     seen = page.evaluate("window.__liveSeen.join('\\n')")
     assert f"→ {label}: ok: {n * 10}" in seen, seen[-500:]
     shot(page, "prompt-tools")
-    context.close()
-    w.check()

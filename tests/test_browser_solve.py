@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from apphelpers import TOKEN
-from browserhelpers import VIEWPORT, Watched, model_server, playwright_api, shot, until
+from browserhelpers import model_server, playwright_api, shot, until
 
 pytestmark = pytest.mark.browser
 
@@ -21,19 +20,15 @@ def server(tmp_path_factory):
 CHECK = "assert tag(3) == 'q9z'\nassert tag(4) == 'q16z'"  # SmolLM2's greedy answer fails it
 
 
-def test_a_failed_greedy_answer_is_followed_by_candidates_their_groups_and_a_winner(browser, server):
-    with server.client() as api:
-        did = api.post("/api/dialogs", json={"title": "solve with defaults"}).json()["id"]
-        t = api.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": CHECK}).json()
-        api.patch(f"/api/messages/{t['id']}", json={"is_test": True})
-        p = api.post(f"/api/dialogs/{did}/messages",
-                     json={"type": "prompt", "source": "Write a Python function tag(n) that passes the test above."}
-                     ).json()["id"]
-    context = browser.new_context(viewport=VIEWPORT)
-    w = Watched(context)
-    page = w.page
-    page.set_default_timeout(20_000)
-    page.goto(f"{server.base}/d/{did}?token={TOKEN}")
+def test_a_failed_greedy_answer_is_followed_by_candidates_their_groups_and_a_winner(watched, server, api):
+    did = api.post("/api/dialogs", json={"title": "solve with defaults"}).json()["id"]
+    t = api.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": CHECK}).json()
+    api.patch(f"/api/messages/{t['id']}", json={"is_test": True})
+    p = api.post(f"/api/dialogs/{did}/messages",
+                 json={"type": "prompt", "source": "Write a Python function tag(n) that passes the test above."}
+                 ).json()["id"]
+    page = watched.page
+    page.goto(f"{server.base}/d/{did}")
     prompt = page.locator(f"#cell-{p}")
     prompt.click()
     page.keyboard.press("Escape")
@@ -54,5 +49,3 @@ def test_a_failed_greedy_answer_is_followed_by_candidates_their_groups_and_a_win
     assert len(marked) >= 4 and all(m.startswith(("group", "dropped out")) for m in marked), marked
     expect(loop.locator(".loop-cost")).to_contain_text("tokens generated")
     shot(page, "solve-defaults-candidates")
-    context.close()
-    w.check()
