@@ -64,6 +64,11 @@ def _decode(row: dict) -> dict:
     return row
 
 
+def generated_tokens(attempt: dict) -> int:
+    """Tokens an attempt generated, with its round's model-written test inputs (counted on the first candidate)."""
+    return (attempt.get("completion_tokens") or 0) + ((attempt.get("selection") or {}).get("inputs_tokens") or 0)
+
+
 def spent(attempts: list[dict]) -> dict:
     """What a trace's model attempts cost: generations, tokens generated and read, model and code seconds.
     A round's candidates decoded in one batch (they carry a selection record) read their prompt once and
@@ -78,12 +83,12 @@ def spent(attempts: list[dict]) -> dict:
         first = group[0]
         read += max((first.get("prompt_tokens") or 0) - (first.get("cached_prompt_tokens") or 0), 0)
         model_s += (first.get("prompt_eval_s") or 0.0) + max((a.get("decode_s") or 0.0) for a in group)
-    # a selection's model-written test inputs: one more generation, counted on its round's first candidate
-    inputs = [(a.get("selection") or {}).get("inputs_tokens") or 0 for a in model]
+    # a selection's model-written test inputs: one more generation
+    inputs = sum(1 for a in model if (a.get("selection") or {}).get("inputs_tokens"))
     return {
         "attempts": len(model),
-        "generations": len(generations) + sum(1 for n in inputs if n),
-        "completion_tokens": sum(a.get("completion_tokens") or 0 for a in model) + sum(inputs),
+        "generations": len(generations) + inputs,
+        "completion_tokens": sum(generated_tokens(a) for a in model),
         "prompt_tokens_read": int(read),  # evaluated, not served from the KV cache
         "model_s": round(model_s, 3),
         "exec_s": round(sum(a.get("exec_s") or 0.0 for a in model), 3),

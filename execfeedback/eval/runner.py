@@ -25,7 +25,7 @@ from kernels import KernelPool
 from local_model import Engine, Sampling
 
 from ..loop.loop import Loop, LoopConfig, Task
-from ..traces import TraceStore
+from ..traces import TraceStore, generated_tokens
 from ..settings import SETTINGS
 from .problems import Problem, task_message
 
@@ -169,9 +169,7 @@ def problem_result(problem_id: str, trace: dict, attempts: list[dict], rounds: i
     model = [a for a in attempts if a.get("author", "model") == "model"]
     per_round = Counter()
     for a in model:
-        # a selection's model-written inputs are one more generation, counted on the round's first candidate
-        per_round[a["round"]] += (a.get("completion_tokens") or 0) + ((a.get("selection") or {}).get("inputs_tokens")
-                                                                      or 0)
+        per_round[a["round"]] += generated_tokens(a)
     tokens_by_round, spent = [], 0
     for r in range(len(pbr)):
         spent += per_round.get(r, 0)
