@@ -92,6 +92,7 @@ class Config:
     rounds: int = knob(SETTINGS["rounds"], "--rounds", "LOOPBOOK_ROUNDS")
     candidates: int = knob(SETTINGS["candidates"], "--candidates", "LOOPBOOK_CANDIDATES")
     retry_candidates: int = knob(SETTINGS["retry_candidates"], "--retry-candidates", "LOOPBOOK_RETRY_CANDIDATES")
+    retry_fresh: int = knob(SETTINGS["retry_fresh"], "--retry-fresh", "LOOPBOOK_RETRY_FRESH")
     select_inputs: int = knob(SETTINGS["select_inputs"], "--select-inputs", "LOOPBOOK_SELECT_INPUTS")
     repeat_resamples: int = knob(SETTINGS["repeat_resamples"], "--repeat-resamples", "LOOPBOOK_REPEAT_RESAMPLES")
     tool_steps: int = knob(SETTINGS["tool_steps"], "--tool-steps", "LOOPBOOK_TOOL_STEPS")
@@ -1116,6 +1117,8 @@ def AttemptLine(a: dict) -> Safe:
     who = " (your code)" if a.get("author") == "human" else ""
     sel = a.get("selection") if isinstance(a.get("selection"), dict) else None
     head = f"round {a['round']}" + (f" · candidate {a['candidate']}" if a.get("candidate") or sel else "") + who
+    if a.get("fresh") or (sel or {}).get("fresh"):
+        head += " · fresh sample of the task"
     mark = ""
     if sel:
         place = f"group {sel['group'] + 1}" if isinstance(sel.get("group"), int) else "dropped out"
@@ -1899,7 +1902,8 @@ def SelectionDetail(sel: dict):
              else f"dropped out{': ' + sel['why'] if sel.get('why') else ''}")
     winner = sel.get("winner")
     verdict = "chosen" if sel.get("chosen") else (f"candidate {winner} chosen" if winner is not None else "no winner")
-    return Div(f"Selection: {place} · {verdict} · {sel.get('reason') or ''}", cls="selection-detail")
+    fresh = " · a fresh sample of the task, the failure unseen" if sel.get("fresh") else ""
+    return Div(f"Selection: {place} · {verdict} · {sel.get('reason') or ''}{fresh}", cls="selection-detail")
 
 
 @route("GET", "/traces/{id}")

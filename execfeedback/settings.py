@@ -75,6 +75,11 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "code samples in each feedback round, from one batched request, selected by execution: search only "
             "after a failure (1: one answer per round)",
             low=1, high=16, label="Candidates after a failure"),
+    Setting("retry_fresh", int, 0, (LOOP, DIALOG),
+            "of the candidates after a failure, how many are fresh samples of the task (the round-0 prompt, the "
+            "failure unseen), so that the search is not only over copies of the failed answer; the others answer "
+            "the feedback",
+            low=0, high=15, label="Fresh samples after a failure"),
     Setting("select_inputs", int, 6, (LOOP, DIALOG),
             "selection by execution: test inputs the model writes for the task's function in one short extra "
             "generation (its inputs only, never its predicted outputs), run with the visible checks' inputs; 0: off",

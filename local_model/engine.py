@@ -22,6 +22,7 @@ class _Request:
     cache_key: str | None
     sink: Callable[[Event | BaseException], None]
     samplings: list[Sampling] | None = None  # several sequences from one prompt (stream_many)
+    seq_messages: list[list[Message] | None] | None = None  # a sequence's own prompt (None: `messages`)
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     done_left: int = 1
@@ -61,16 +62,21 @@ class Engine:
 
     def submit(self, messages: list[Message], sampling: Sampling | None, cache_key: str | None,
                request_id: str | None, sink: Callable[[Event | BaseException], None],
-               samplings: list[Sampling] | None = None) -> str:
+               samplings: list[Sampling] | None = None,
+               seq_messages: list[list[Message] | None] | None = None) -> str:
         """Queue a generation whose events go to `sink` (from the worker thread); returns its id.
 
         With `samplings`, one request yields that many sequences from the same prompt: every event carries
-        "seq", and there is one done event per sequence.
+        "seq", and there is one done event per sequence. `seq_messages[i]`, when given, is sequence i's own
+        prompt (sequence 0 always reads `messages`); the in-process model reads the prefix they share once.
         """
         rid = request_id or uuid.uuid4().hex
         # Copies, so the caller's dialog is never touched and later edits do not race the worker.
         msgs = [dict(m) for m in messages]
-        req = _Request(rid, msgs, sampling or Sampling(), cache_key, sink, samplings=samplings,
+        own = None
+        if seq_messages and samplings and any(m is not None for m in seq_messages[1:]):
+            own = [None] + [[dict(x) for x in m] if m is not None else None for m in seq_messages[1:len(samplings)]]
+        req = _Request(rid, msgs, sampling or Sampling(), cache_key, sink, samplings=samplings, seq_messages=own,
                        done_left=len(samplings) if samplings else 1)
         with self._cv:
             if self._closed:
@@ -104,12 +110,13 @@ class Engine:
 
     async def stream(self, messages: list[Message], sampling: Sampling | None = None,
                      cache_key: str | None = None, request_id: str | None = None,
-                     samplings: list[Sampling] | None = None) -> AsyncIterator[Event]:
+                     samplings: list[Sampling] | None = None,
+                     seq_messages: list[list[Message] | None] | None = None) -> AsyncIterator[Event]:
         """Token events then one done event; raises ModelError when the request cannot be served.
 
-        With `samplings` (k of them): k sequences from the one prompt, each event tagged "seq", one done
-        event per sequence; the stream ends after the last. Leaving the loop early (a closed page)
-        cancels the request.
+        With `samplings` (k of them): k sequences from the one prompt (or sequence i from `seq_messages[i]`),
+        each event tagged "seq", one done event per sequence; the stream ends after the last. Leaving the loop
+        early (a closed page) cancels the request.
         """
         left = len(samplings) if samplings else 1
         loop = asyncio.get_running_loop()
@@ -132,7 +139,8 @@ class Engine:
             except RuntimeError:
                 pass  # the loop is gone; nobody is listening
 
-        rid = self.submit(messages, sampling, cache_key, request_id, sink, samplings=samplings)
+        rid = self.submit(messages, sampling, cache_key, request_id, sink, samplings=samplings,
+                          seq_messages=seq_messages)
         finished = False
         try:
             while not finished:
@@ -233,7 +241,9 @@ class Engine:
             return self.backend.stream(req.messages, req.sampling, req.cache_key, should_stop=stop)
         many = getattr(self.backend, "stream_many", None)
         if many is None:
-            return sequential_streams(self.backend, req.messages, req.samplings, req.cache_key, stop)
+            return sequential_streams(self.backend, req.messages, req.samplings, req.cache_key, stop, req.seq_messages)
+        if req.seq_messages:
+            return many(req.messages, req.samplings, req.cache_key, should_stop=stop, seq_messages=req.seq_messages)
         return many(req.messages, req.samplings, req.cache_key, should_stop=stop)
 
     def _finish(self, req: _Request) -> None:

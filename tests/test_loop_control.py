@@ -230,6 +230,35 @@ def test_default_solve_is_greedy_first_then_k_candidates_selected_after_a_failur
     assert trace["config"]["retry_candidates"] == 4 and trace["config"]["candidates"] == 1
 
 
+def test_fresh_samples_after_a_failure_come_from_the_task_without_the_failure(env, store, monkeypatch):
+    script = {(0, 0): "def f(x):\n    return x * 3",
+              (1, 0): "def f(x):\n    return x * 3 + 0",  # the feedback's greedy answer copies the failure
+              (1, 1): "def f(x):\n    return x * 3 - 0",
+              (1, 2): "def f(x):\n    return x * 2",      # fresh samples of the task: one of them passes
+              (1, 3): "def f(x):\n    return x + 1"}
+    loop, task = make(env, store, script, CHECK, key="fresh", rounds=1, retry="refine", retry_candidates=4,
+                      retry_fresh=2)
+    calls = count_requests(env, monkeypatch)
+    result, trace = run(env, loop, task)
+    assert calls == [1, 4]  # greedy; then one batch: the feedback's two and the task's two
+    assert result.status == "passed" and result.final.round == 1 and result.final.candidate == 2
+    att = {(a["round"], a["candidate"]): a for a in trace["attempts"]}
+    for k in (2, 3):
+        assert att[(1, k)]["input_messages"] == task.messages and att[(1, k)]["selection"]["fresh"] is True
+        assert att[(1, k)]["sampling"]["temperature"] > 0
+    for k in (0, 1):
+        inp = att[(1, k)]["input_messages"]
+        assert len(inp) == 3 and inp[1]["role"] == "assistant" and "x * 3" in inp[1]["content"]
+        assert att[(1, k)]["selection"]["fresh"] is False
+    assert trace["config"]["retry_fresh"] == 2
+
+
+def test_fresh_samples_never_replace_the_greedy_answer_to_the_feedback():
+    cfg = LoopConfig(retry_candidates=4, retry_fresh=9)
+    assert [cfg.fresh(0, 4), cfg.fresh(1, 4), cfg.fresh(1, 1)] == [0, 3, 0]
+    assert LoopConfig(retry="resample", retry_fresh=2).fresh(1, 4) == 0  # every retry samples the task already
+
+
 def test_a_greedy_answer_that_passes_costs_one_generation_by_default(env, store, monkeypatch):
     defaults = {k: SETTINGS[k].default for k in ("rounds", "candidates", "retry_candidates")}
     loop, task = make(env, store, {(0, 0): "def f(x):\n    return x * 2"}, CHECK, key="dflt2", **defaults)

@@ -59,6 +59,28 @@ def test_the_dialog_prefix_cache_still_serves_the_prompt(backend):
     assert f["cached_prompt_tokens"] > 0 and f["evaluated_prompt_tokens"] < f["prompt_tokens"]
 
 
+def test_a_sequence_with_its_own_prompt_reads_only_what_it_does_not_share(backend):
+    feedback = MSGS + [{"role": "assistant", "content": "def add(a, b): return a - b"},
+                       {"role": "user", "content": "add(1, 2) returned -1, expected 3. Fix it."}]
+    other = [{"role": "user", "content": "Say hello in French."}]  # shares nothing but the template's start
+    greedy = Sampling(max_tokens=20)
+    alone = {name: _by_seq(backend.stream_many(m, [greedy]))[0][0] for name, m in
+             (("feedback", feedback), ("task", MSGS), ("other", other))}
+    events = list(backend.stream_many(feedback, [greedy, greedy, greedy, greedy], cache_key="branch",
+                                      seq_messages=[None, None, MSGS, other]))
+    done, streamed = _by_seq(events)
+    # each sequence follows its own prompt: greedy, it begins as that prompt alone does (not token for token to
+    # the end: a batch's float sums differ from a lone sequence's, and this small model has near ties)
+    for i, name in enumerate(("feedback", "feedback", "task", "other")):
+        assert done[i]["text"][:12] == alone[name]["text"][:12], (i, done[i]["text"], alone[name]["text"])
+    assert done[2]["text"][:12] != done[0]["text"][:12] and all(streamed[i] == done[i]["text"] for i in range(4))
+    f = {i: done[i]["figures"] for i in range(4)}
+    assert f[2]["prompt_tokens"] == alone["task"]["figures"]["prompt_tokens"] < f[0]["prompt_tokens"]
+    # the task prompt is the feedback prompt's beginning: at most its last few tokens are its own
+    assert f[2]["evaluated_prompt_tokens"] <= 3 and f[2]["cached_prompt_tokens"] >= f[2]["prompt_tokens"] - 3
+    assert f[3]["evaluated_prompt_tokens"] > f[2]["evaluated_prompt_tokens"]
+
+
 def test_stop_cancels_every_sequence(backend):
     seen = []
 

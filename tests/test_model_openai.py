@@ -167,6 +167,17 @@ def test_k_candidates_go_to_the_server_together(server_url):
         assert done[seq]["text"] == "".join(ev["text"] for ev in events if ev["type"] == "token" and ev["seq"] == seq)
 
 
+def test_a_candidate_with_its_own_prompt_is_its_own_request(server_url):
+    b = load_backend(backend="openai", base_url=server_url)
+    greedy = Sampling(max_tokens=8)
+    other = [{"role": "user", "content": "Say hello in French."}]
+    alone = {ev["seq"]: ev for ev in b.stream_many(other, [greedy]) if ev["type"] == "done"}[0]
+    done = {ev["seq"]: ev for ev in b.stream_many(MSGS, [greedy, greedy], seq_messages=[None, other])
+            if ev["type"] == "done"}
+    assert done[1]["text"] == alone["text"] != done[0]["text"]  # each request alone on the server: same text
+    assert done[1]["figures"]["prompt_tokens"] == alone["figures"]["prompt_tokens"]
+
+
 def test_ghost_text_is_unsupported_through_a_remote_backend_and_says_so(server_url):
     from local_model.ghost import ghost_complete
 

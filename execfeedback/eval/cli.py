@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = parser
     p.add_argument("problems", nargs="?", default=str(SHIPPED),
                    help=f"a .jsonl problem file (default: the shipped {SHIPPED.name})")
-    add_setting_arguments(p, "rounds", "candidates", "retry_candidates", "select_inputs", "retry",
+    add_setting_arguments(p, "rounds", "candidates", "retry_candidates", "retry_fresh", "select_inputs", "retry",
                           "repeat_resamples")
     p.add_argument("--model", default="default",
                    help="a model name (`python -m local_model list`), a GGUF path, or a served model name")

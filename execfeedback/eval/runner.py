@@ -33,7 +33,7 @@ OVERHEAD_TARGET_S = 0.020
 FINISHED = ("passed", "failed")  # trace statuses that count as done; "stopped" and "running" run again
 # Settings that change results: a resumed run must use the same ones. Concurrency and --limit do not.
 RESULT_KEYS = ("problems", "model", "adapter", "backend", "base_url", "rounds", "candidates",
-               "retry_candidates", "select_inputs", "retry", "repeat_resamples", "temperature", "seed", "max_tokens", "timeout", "n_ctx")
+               "retry_candidates", "retry_fresh", "select_inputs", "retry", "repeat_resamples", "temperature", "seed", "max_tokens", "timeout", "n_ctx")
 
 
 # -- accounting: pure functions over stored attempts -------------------------------------------------
@@ -210,6 +210,7 @@ class EvalSettings:
     rounds: int = SETTINGS["rounds"].default
     candidates: int = SETTINGS["candidates"].default
     retry_candidates: int = SETTINGS["retry_candidates"].default
+    retry_fresh: int = SETTINGS["retry_fresh"].default
     select_inputs: int = SETTINGS["select_inputs"].default
     retry: str = SETTINGS["retry"].default
     repeat_resamples: int = SETTINGS["repeat_resamples"].default
@@ -228,7 +229,7 @@ class EvalSettings:
 
     def loop_config(self) -> LoopConfig:
         return LoopConfig(rounds=self.rounds, candidates=self.candidates, retry_candidates=self.retry_candidates,
-                          select_inputs=self.select_inputs, retry=self.retry,
+                          retry_fresh=self.retry_fresh, select_inputs=self.select_inputs, retry=self.retry,
                           repeat_resamples=self.repeat_resamples, exec_timeout=self.timeout,
                           fresh_namespace=True,
                           sampling=Sampling(temperature=self.temperature, seed=self.seed,

@@ -42,6 +42,7 @@ class LoopConfig:
     rounds: int = SETTINGS["rounds"].default
     candidates: int = SETTINGS["candidates"].default
     retry_candidates: int = SETTINGS["retry_candidates"].default
+    retry_fresh: int = SETTINGS["retry_fresh"].default
     select_inputs: int = SETTINGS["select_inputs"].default
     candidate_temperature: float = 0.8  # used when candidates > 1 (sampling several at 0 gives one answer)
     retry: str = SETTINGS["retry"].default
@@ -57,6 +58,11 @@ class LoopConfig:
         """How many candidates round `rnd` samples: `candidates` in round 0, `retry_candidates` after a failure."""
         return self.candidates if rnd == 0 else self.retry_candidates
 
+    def fresh(self, rnd: int, n: int) -> int:
+        """How many of round `rnd`'s n candidates sample the round-0 prompt afresh: never candidate 0 (the greedy
+        answer to the feedback), and none in round 0 or when every retry is a resample already."""
+        return 0 if rnd == 0 or self.retry == "resample" else min(self.retry_fresh, n - 1)
+
     def validate(self) -> "LoopConfig":
         for key in keys(LOOP):
             if problem := SETTINGS[key].problem(getattr(self, key)):
@@ -65,7 +71,7 @@ class LoopConfig:
 
     def as_dict(self) -> dict:
         return {"rounds": self.rounds, "candidates": self.candidates, "retry_candidates": self.retry_candidates,
-                "select_inputs": self.select_inputs,
+                "retry_fresh": self.retry_fresh, "select_inputs": self.select_inputs,
                 "candidate_temperature": self.candidate_temperature,
                 "retry": self.retry, "repeat_resamples": self.repeat_resamples, "exec_timeout": self.exec_timeout,
                 "fresh_namespace": self.fresh_namespace, "static_check": self.static_check,
@@ -345,14 +351,18 @@ class Loop:
     async def _batch_round(self, task: Task, trace_id: int, messages: list[dict], rnd: int, n: int,
                            manifest: dict) -> AsyncIterator[dict]:
         """k candidates from one batched request, streamed (candidate 0's tokens go to the page), then each run
-        and checked, then selection by execution. Events: token, note, attempt_start, attempt, selected."""
+        and checked, then selection by execution. With `retry_fresh`, the round's last candidates read the
+        round-0 prompt in the same batch. Events: token, note, attempt_start, attempt, selected."""
+        fresh = self.config.fresh(rnd, n)
         samplings = [self.sampling_for(rnd, k) for k in range(n)]
+        inputs = [messages] * (n - fresh) + [list(task.messages)] * fresh
+        own = [None] * (n - fresh) + inputs[n - fresh:] if fresh else None
         self._request_id = rid = uuid.uuid4().hex
         done: dict[int, tuple[str, dict, str | None]] = {}
         note = None
         try:
             async for ev in self.engine.stream(messages, samplings=samplings, cache_key=task.cache_key,
-                                               request_id=rid):
+                                               request_id=rid, seq_messages=own):
                 seq = ev.get("seq", 0)
                 if ev["type"] == "token" and seq == 0:
                     yield {**ev, "candidate": 0}
@@ -378,8 +388,10 @@ class Loop:
             if self._stopped:
                 return
             yield {"type": "attempt_start", "round": rnd, "candidate": k}
-            attempt = await self._evaluate(task, trace_id, messages, rnd, k, text, figures, finish, manifest,
+            attempt = await self._evaluate(task, trace_id, inputs[k], rnd, k, text, figures, finish, manifest,
                                            samplings[k])
+            if k >= n - fresh:
+                attempt.record["fresh"] = True
             if note:
                 attempt.record["note"] = note
             batch.append(attempt)
@@ -427,6 +439,7 @@ class Loop:
             record = sel.record_for(c, inputs)
             # the inputs' generation is counted once, on the round's first candidate
             record.update(written_inputs=len(written["calls"]), inputs_why=written["why"],
+                          fresh=bool(a.record.get("fresh")),
                           inputs_tokens=written.get("new_tokens", 0) if c is cands[0] else 0)
             if note:
                 record["note"] = note

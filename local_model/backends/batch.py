@@ -4,6 +4,9 @@ The prompt's KV cells are made once (in the backend's main context, where the pe
 lives), copied into a second context of the same model that holds up to MAX_SEQS sequences in one
 unified KV cache, and shared there by every sequence (`llama_memory_seq_cp` adds sequence ids to the
 same cells; nothing is copied). Each sequence has its own sampler chain and seed, and streams.
+
+A sequence may have a prompt of its own (a branch): it shares the cells of what its prompt has in common with
+the shared prompt, and only the rest of it is read, once for every sequence of that branch.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from ..prefix_cache import common_prefix_tokens as common_prefix
 from ..protocol import Event, Figures, ModelError, Sampling, done_event
 
 MAX_SEQS = 16
+PREFILL = 256  # a branch's own prompt tokens read per llama_decode
 
 
 def fit_sequences(k: int, n_prompt: int, max_new: int, n_ctx: int) -> tuple[int, str | None]:
@@ -49,6 +54,9 @@ class _Seq:
     t_last: float | None = None
     ttft_s: float | None = None
     next_token: int = -1
+    pos: int = 0           # where its next token goes: after its own prompt, then after each token
+    n_prompt: int = 0      # its prompt's tokens
+    n_read: int = 0        # of those, the ones read for this sequence alone (a branch's own tokens)
 
 
 class SharedPromptBatch:
@@ -65,10 +73,12 @@ class SharedPromptBatch:
         self.ctx = LlamaContext(model=llm._model, params=params, verbose=False)
         self.n_ctx = self.ctx.n_ctx()
         self._batch = LlamaBatch(n_tokens=MAX_SEQS, embd=0, n_seq_max=MAX_SEQS, verbose=False)
+        self._prefill = LlamaBatch(n_tokens=PREFILL, embd=0, n_seq_max=MAX_SEQS, verbose=False)
         self._memory = lib.llama_get_memory(self.ctx.ctx)
 
     def close(self) -> None:
         self._batch.close()
+        self._prefill.close()
         self.ctx.close()
 
     def _sampler(self, s: Sampling):
@@ -104,12 +114,12 @@ class SharedPromptBatch:
         if not n or lib.llama_state_seq_set_data(self.ctx.ctx, buf, n, 0) == 0:
             raise ModelError("llama.cpp could not copy the prompt's KV cells into the batch context")
 
-    def _decode(self, entries: list[tuple[int, int, list[int]]]) -> None:
-        """One llama_decode of (token, position, sequence ids) entries, logits for each."""
-        b = self._batch.batch
+    def _decode(self, entries: list[tuple[int, int, list[int]]], logits: bool = True, prefill: bool = False) -> None:
+        """One llama_decode of (token, position, sequence ids) entries, logits for each (or for none)."""
+        b = (self._prefill if prefill else self._batch).batch
         b.n_tokens = len(entries)
         for i, (tok, pos, seqs) in enumerate(entries):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, len(seqs), True
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = tok, pos, len(seqs), logits
             for j, s in enumerate(seqs):
                 b.seq_id[i][j] = s
         rc = self._lib.llama_decode(self.ctx.ctx, b)
@@ -117,24 +127,53 @@ class SharedPromptBatch:
             raise ModelError(f"llama.cpp could not decode the batch (llama_decode returned {rc}); the context "
                              f"may be full: ask for fewer candidates or fewer tokens")
 
+    def _branch_heads(self, tokens: list[int], branches: dict[int, list[int]], seqs: list[_Seq]) -> list:
+        """Each distinct branch prompt's cells: the shared prompt's where they agree (copied from sequence 0),
+        its own tokens but the last read once for all its sequences. Returns (last token, position, sequence
+        ids) per branch, for the first step's decode."""
+        lib = self._lib
+        shared_cells = len(tokens) - 1  # sequence 0 holds the shared prompt but its last token
+        groups: dict[tuple, list[int]] = {}
+        for i, b in branches.items():
+            groups.setdefault(tuple(b), []).append(i)
+        heads = []
+        for key, ids in groups.items():
+            b = list(key)
+            same = min(common_prefix(tokens, b), shared_cells, len(b) - 1)
+            for i in ids:
+                if same:
+                    lib.llama_memory_seq_cp(self._memory, 0, i, 0, same)
+                seqs[i].n_prompt, seqs[i].n_read, seqs[i].pos = len(b), len(b) - same, len(b)
+            todo = [(tok, same + j, ids) for j, tok in enumerate(b[same:-1])]
+            for j in range(0, len(todo), PREFILL):
+                self._decode(todo[j:j + PREFILL], logits=False, prefill=True)
+            heads.append((b[-1], len(b) - 1, ids))
+        return heads
+
     def run(self, tokens: list[int], n_cached: int, main_ctx, samplings: list[Sampling], *, max_new: int,
             piece: Callable[[int], bytes], is_eog: Callable[[int], bool], stopped: Callable[[], bool],
-            stop_cut: Callable, t0: float, base_figures: dict) -> Iterator[Event]:
-        """Events of every sequence, each tagged with "seq": token events, then one done event per sequence."""
+            stop_cut: Callable, t0: float, base_figures: dict,
+            branches: dict[int, list[int]] | None = None) -> Iterator[Event]:
+        """Events of every sequence, each tagged with "seq": token events, then one done event per sequence.
+        `branches` maps a sequence (never 0) to its own prompt's tokens."""
         lib = self._lib
-        seqs = [_Seq(i, s, max_new) for i, s in enumerate(samplings)]
         n_prompt = len(tokens)
+        seqs = [_Seq(i, s, max_new, pos=n_prompt, n_prompt=n_prompt) for i, s in enumerate(samplings)]
+        branches = {i: b for i, b in (branches or {}).items() if 0 < i < len(seqs) and b}
         try:
             self._take_prompt(main_ctx, n_cached)
             for q in seqs[1:]:
-                lib.llama_memory_seq_cp(self._memory, 0, q.index, -1, -1)
+                if q.index not in branches:
+                    lib.llama_memory_seq_cp(self._memory, 0, q.index, -1, -1)
             for q in seqs:
                 q.sampler = self._sampler(q.sampling)
             t_dec = time.perf_counter()
-            # The prompt's last token, once, in every sequence: its logits are each sequence's first draw.
-            self._decode([(tokens[-1], n_prompt - 1, [q.index for q in seqs])])
-            rows = {q.index: 0 for q in seqs}
-            step = 0
+            heads = self._branch_heads(tokens, branches, seqs)
+            # The prompt's last token, once, in every sequence that shares it, and each branch's last token:
+            # their logits are each sequence's first draw.
+            first = [(tokens[-1], n_prompt - 1, [q.index for q in seqs if q.index not in branches])] + heads
+            self._decode(first)
+            rows = {i: r for r, (_, _, ids) in enumerate(first) for i in ids}
             while True:
                 live = [q for q in seqs if q.finish is None]
                 if not live:
@@ -168,9 +207,10 @@ class SharedPromptBatch:
                 live = [q for q in seqs if q.finish is None]
                 if not live:
                     break
-                self._decode([(q.next_token, n_prompt + step, [q.index]) for q in live])
+                self._decode([(q.next_token, q.pos, [q.index]) for q in live])
+                for q in live:
+                    q.pos += 1
                 rows = {q.index: i for i, q in enumerate(live)}
-                step += 1
             decode_s = time.perf_counter() - t_dec
             for q in seqs:
                 if q.finish != "stop" or not q.sampling.stop:  # what was held back as a partial character
@@ -178,7 +218,7 @@ class SharedPromptBatch:
                 if len(q.text) > q.emitted:
                     yield {"type": "token", "text": q.text[q.emitted:], "seq": q.index}
                     q.emitted = len(q.text)
-                yield self._done(q, n_prompt, t_dec, decode_s, t0, base_figures, sum(x.completion for x in seqs))
+                yield self._done(q, t_dec, decode_s, t0, base_figures, sum(x.completion for x in seqs))
         finally:
             for q in seqs:
                 if q.sampler is not None:
@@ -186,15 +226,19 @@ class SharedPromptBatch:
             lib.llama_memory_clear(self._memory, True)
 
     @staticmethod
-    def _done(q: _Seq, n_prompt: int, t_dec: float, batch_s: float, t0: float, base: dict, batch_tokens: int) -> Event:
-        fig = Figures(prompt_tokens=n_prompt, cached_prompt_tokens=base.get("cached_prompt_tokens", 0),
+    def _done(q: _Seq, t_dec: float, batch_s: float, t0: float, base: dict, batch_tokens: int) -> Event:
+        cached = base.get("cached_prompt_tokens", 0) if not q.n_read else q.n_prompt - q.n_read
+        fig = Figures(prompt_tokens=q.n_prompt, cached_prompt_tokens=cached,
                       prompt_eval_s=base.get("prompt_eval_s", 0.0), completion_tokens=q.completion,
                       ttft_s=q.ttft_s, total_s=time.perf_counter() - t0)
         if q.t_last is not None:
             fig.decode_s = q.t_last - t_dec
         if fig.decode_s > 0 and q.completion:
             fig.tokens_per_s = q.completion / fig.decode_s
-        fig.extra = {**base.get("extra", {}), "batch_decode_s": round(batch_s, 4),
+        extra = dict(base.get("extra", {}))
+        if q.n_read:  # a branch: its own tokens read in the batch, the rest shared with the prompt
+            extra.update(evaluated_prompt_tokens=q.n_read, branch=True)
+        fig.extra = {**extra, "batch_decode_s": round(batch_s, 4),
                      "batch_tokens": batch_tokens,
                      "batch_tokens_per_s": round(batch_tokens / batch_s, 2) if batch_s > 0 else None}
         ev = done_event(q.text, q.finish or "length", fig)

@@ -337,22 +337,35 @@ class LlamaBackend:
                 implicit_bos=self._bos_id if self._add_bos else None))
 
     def stream_many(self, messages: list[Message], samplings: list[Sampling], cache_key: str | None = None,
-                    should_stop: ShouldStop | None = None) -> Iterator[Event]:
+                    should_stop: ShouldStop | None = None,
+                    seq_messages: list[list[Message] | None] | None = None) -> Iterator[Event]:
         """k replies to one prompt, decoded in one batch (see batch.py). Every event carries "seq";
-        a {"type": "note"} comes first when fewer than k fit the context."""
+        a {"type": "note"} comes first when fewer than k fit the context. `seq_messages[i]` (i > 0) is
+        sequence i's own prompt: only the tokens after what it shares with `messages` are read for it."""
         t0 = time.perf_counter()
         prompt = self.render(messages).encode()
+        own = [self.render(m).encode() if m is not None and i > 0 else None
+               for i, m in enumerate(seq_messages or [])]
         with self._lock:
-            yield from self._generate_many(prompt, samplings, cache_key, should_stop, t0)
+            yield from self._generate_many(prompt, samplings, cache_key, should_stop, t0, own)
 
     def _generate_many(self, prompt: bytes, samplings: list[Sampling], cache_key: str | None,
-                       should_stop: ShouldStop | None, t0: float) -> Iterator[Event]:
+                       should_stop: ShouldStop | None, t0: float,
+                       own: list[bytes | None] | None = None) -> Iterator[Event]:
         stopped = _stopper(should_stop)
         tokens, info, reuse = self._prompt_ready(prompt, cache_key)
         n_prompt = len(tokens)
+        branches = {i: self._tokenize(p) for i, p in enumerate(own or []) if p is not None and p != prompt}
+        for i, b in branches.items():
+            if len(b) >= self.n_ctx:
+                raise ModelError(f"sequence {i}'s prompt is {len(b)} tokens but the model's context holds "
+                                 f"{self.n_ctx} (n_ctx): shorten it or load the model with a larger n_ctx")
+        # The KV cells a batch needs: the shared prompt, each distinct branch's own tokens, then the replies.
+        n_cells = n_prompt + sum(len(b) - common_prefix_tokens(tokens, b)
+                                 for b in {tuple(b): b for b in branches.values()}.values())
         longest = max(s.max_tokens for s in samplings)
         max_new = self.n_ctx - n_prompt if longest <= 0 else min(longest, self.n_ctx - n_prompt)
-        k, note = fit_sequences(len(samplings), n_prompt, max_new, self.n_ctx)
+        k, note = fit_sequences(len(samplings), min(n_cells, self.n_ctx - 1), max_new, self.n_ctx)
         if note:
             yield {"type": "note", "text": note}
             for seq in range(k, len(samplings)):  # every sequence asked for ends with a done event
@@ -378,6 +391,7 @@ class LlamaBackend:
         self._threads_for(self._batch.ctx.ctx)
         yield from self._batch.run(
             tokens, n_prompt - 1, self.llm.ctx, samplings, max_new=max_new,
+            branches={i: b for i, b in branches.items() if i < k},
             piece=lambda tok: self._piece(tok, special=False),
             is_eog=lambda tok: bool(self._lib.llama_vocab_is_eog(self._vocab, tok)),
             stopped=stopped, stop_cut=_stop_cut, t0=t0, base_figures=base)

@@ -78,9 +78,10 @@ class RemoteBackend:
         yield done
 
     def stream_many(self, messages: list[Message], samplings: list[Sampling], cache_key: str | None = None,
-                    should_stop: ShouldStop | None = None) -> Iterator[Event]:
+                    should_stop: ShouldStop | None = None,
+                    seq_messages: list[list[Message] | None] | None = None) -> Iterator[Event]:
         """k replies at once: concurrent requests, which a server with parallel slots decodes as one batch."""
-        return concurrent_streams(self, messages, samplings, should_stop)
+        return concurrent_streams(self, messages, samplings, should_stop, seq_messages)
 
     def close(self) -> None:
         self.client.close()
