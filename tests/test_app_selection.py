@@ -103,3 +103,33 @@ def test_solve_reads_a_variable_named_in_its_prompt_into_its_own_turn(app_client
     notes = [d["text"] for e, d in got if e == "note"]
     assert any("nosuch" in n for n in notes), got
     assert c.get(f"/api/messages/{p}").json()["source"].endswith("see $`nosuch`.")  # the cell keeps what was written
+
+
+def test_fresh_samples_after_a_failure_are_marked_on_the_page_and_the_trace(app_client, engine, monkeypatch):
+    c, ws = app_client, app_client.app.state.ws
+
+    async def engine_for(body, settings):
+        return engine
+
+    monkeypatch.setattr(ws, "engine_for", engine_for)
+    monkeypatch.setattr(workspace_module, "Loop", scripted({
+        (0, 0): "def f(x):\n    return x * 3", (1, 0): "def f(x):\n    return x * 3 + 0",
+        (1, 1): "def f(x):\n    return x + 2", (1, 2): "def f(x):\n    return x * 2",
+        (1, 3): "def f(x):\n    return x + x"}))
+    did = c.post("/api/dialogs", json={"title": "fresh"}).json()["id"]
+    t = c.post(f"/api/dialogs/{did}/messages", json={"type": "code", "source": "assert f(2) == 4"}).json()["id"]
+    c.patch(f"/api/messages/{t}", json={"is_test": True})
+    p = c.post(f"/api/dialogs/{did}/messages", json={"type": "prompt", "source": "Write f."}).json()["id"]
+    with c.stream("POST", f"/api/messages/{p}/solve", json={"rounds": 1, "retry_candidates": 4, "retry_fresh": 2,
+                                                           "max_tokens": 64},
+                  headers={"Accept": "text/event-stream"}) as r:
+        got = [(e, json.loads(d)) for e, d in sse(r)]
+    summary = next(d for e, d in got if e == "done")["summary"]
+    assert summary["status"] == "passed"
+    fresh = {a["candidate"]: a["selection"]["fresh"] for a in summary["attempts"] if a["round"] == 1}
+    assert fresh == {0: False, 1: False, 2: True, 3: True}
+    cell = text(c.get(f"/d/{did}").text)
+    assert re.search(r"round 1 · candidate 2 · fresh sample of the task\s+passed\s+group 1 · chosen", cell), cell
+    assert "round 1 · candidate 1 · fresh" not in cell
+    trace = text(c.get(f"/traces/{summary['trace_id']}").text)
+    assert trace.count("a fresh sample of the task, the failure unseen") == 2
