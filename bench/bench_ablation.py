@@ -158,6 +158,7 @@ def main() -> None:
         first = "greedy first" if c.get("candidates") == 1 else f"{c.get('candidates')} candidates first"
         label = (f"+ retry {c.get('retry')}: {first}, then {c.get('retry_candidates', c.get('candidates'))} "
                  f"candidates in each of {c.get('rounds')} feedback rounds"
+                 + (f", {c['retry_fresh']} of them fresh samples of the task" if c.get("retry_fresh") else "")
                  + (f" (model-written inputs {c['select_inputs']})" if c.get("select_inputs") else ""))
         source = name + (f" (problems greedy passed: {greedy_run}'s round 0)" if name in args.failures_run else "")
         rows.append((label, [x["pass"] for x in fs], [x["tokens"] for x in fs], [x["time"] for x in fs], source))
