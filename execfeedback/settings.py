@@ -75,7 +75,7 @@ SETTINGS: dict[str, Setting] = {s.key: s for s in (
             "code samples in each feedback round, from one batched request, selected by execution: search only "
             "after a failure (1: one answer per round)",
             low=1, high=16, label="Candidates after a failure"),
-    Setting("retry_fresh", int, 0, (LOOP, DIALOG),
+    Setting("retry_fresh", int, 2, (LOOP, DIALOG),
             "of the candidates after a failure, how many are fresh samples of the task (the round-0 prompt, the "
             "failure unseen), so that the search is not only over copies of the failed answer; the others answer "
             "the feedback",

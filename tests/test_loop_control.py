@@ -206,9 +206,10 @@ def test_more_candidates_than_the_context_holds_gives_fewer_and_a_note_in_the_tr
 
 
 def test_default_solve_is_greedy_first_then_k_candidates_selected_after_a_failure(env, store, monkeypatch):
-    defaults = {k: SETTINGS[k].default for k in ("rounds", "candidates", "retry_candidates", "retry",
+    defaults = {k: SETTINGS[k].default for k in ("rounds", "candidates", "retry_candidates", "retry_fresh", "retry",
                                                   "repeat_resamples", "select_inputs")}
     assert defaults["candidates"] == 1 and defaults["retry_candidates"] == 4 and defaults["select_inputs"] > 0
+    assert defaults["retry_fresh"] == 2
     script = {"inputs": "```python\nf(7)\n```",
               (0, 0): "def f(x):\n    return x * 3",      # greedy fails the visible check
               (1, 0): "def f(x):\n    return x * 3 + 0",  # greedy again wrong after the feedback
@@ -220,6 +221,8 @@ def test_default_solve_is_greedy_first_then_k_candidates_selected_after_a_failur
     events = []
     result, trace = run(env, loop, task, events.append)
     assert calls == [1, 4, 1]  # round 0: greedy alone; round 1: one batched request of four, then the inputs
+    r1 = [a for a in trace["attempts"] if a["round"] == 1]
+    assert [a["input_messages"] == task.messages for a in r1] == [False, False, True, True]  # 2 fresh samples
     assert [(a["round"], a["candidate"]) for a in trace["attempts"]] == [(0, 0), (1, 0), (1, 1), (1, 2), (1, 3)]
     assert "selection" not in trace["attempts"][0] or not trace["attempts"][0]["selection"]
     selected = [e for e in events if e["type"] == "selected"]
