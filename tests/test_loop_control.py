@@ -4,9 +4,12 @@ The scripted replies are keyed (round, candidate)."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
+from execfeedback.export.exporter import export_to_dir
+from execfeedback.export.options import options_from_mapping
 from execfeedback.loop.loop import LoopConfig, Task
 from execfeedback.loop.select import shared_inputs
 from execfeedback.settings import SETTINGS
@@ -233,7 +236,7 @@ def test_default_solve_is_greedy_first_then_k_candidates_selected_after_a_failur
     assert trace["config"]["retry_candidates"] == 4 and trace["config"]["candidates"] == 1
 
 
-def test_fresh_samples_after_a_failure_come_from_the_task_without_the_failure(env, store, monkeypatch):
+def test_fresh_samples_after_a_failure_come_from_the_task_without_the_failure(env, store, monkeypatch, tmp_path):
     script = {(0, 0): "def f(x):\n    return x * 3",
               (1, 0): "def f(x):\n    return x * 3 + 0",  # the feedback's greedy answer copies the failure
               (1, 1): "def f(x):\n    return x * 3 - 0",
@@ -254,6 +257,12 @@ def test_fresh_samples_after_a_failure_come_from_the_task_without_the_failure(en
         assert len(inp) == 3 and inp[1]["role"] == "assistant" and "x * 3" in inp[1]["content"]
         assert att[(1, k)]["selection"]["fresh"] is False
     assert trace["config"]["retry_fresh"] == 2
+    # exported, the winner is an answer to the task itself: no feedback turn is put before it
+    out = tmp_path / "out"
+    export_to_dir(store, out, options_from_mapping({"format": "sft", "test_fraction": "0"}))
+    rows = [json.loads(line) for line in (out / "sft.train.jsonl").read_text().splitlines()]
+    assert [[m["role"] for m in r["messages"]] for r in rows] == [["user", "assistant"]]
+    assert "x * 2" in rows[0]["messages"][-1]["content"]
 
 
 def test_fresh_samples_never_replace_the_greedy_answer_to_the_feedback():
