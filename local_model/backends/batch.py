@@ -144,6 +144,7 @@ class SharedPromptBatch:
                 if same:
                     lib.llama_memory_seq_cp(self._memory, 0, i, 0, same)
                 seqs[i].n_prompt, seqs[i].n_read, seqs[i].pos = len(b), len(b) - same, len(b)
+                seqs[i].max_new = min(seqs[i].max_new, self.n_ctx - len(b))  # a longer prompt leaves less room
             todo = [(tok, same + j, ids) for j, tok in enumerate(b[same:-1])]
             for j in range(0, len(todo), PREFILL):
                 self._decode(todo[j:j + PREFILL], logits=False, prefill=True)
