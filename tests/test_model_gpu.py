@@ -1,12 +1,15 @@
 """The hardware decisions: GPU offload (with given VRAM figures), CPU threads, and this machine's choice."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from local_model.gguf import read_metadata
 from local_model.gpu import COMPUTE_MARGIN, GiB, choose, layer_sizes, plan_offload
 from local_model.registry import resolve
-from local_model.threads import adaptive, choose_threads, physical_cores, runnable_elsewhere, threads_now
+from local_model.threads import (adaptive, choose_threads, own_running, physical_cores, runnable_elsewhere,
+                                 threads_now)
 from parts import assert_offload_matches_the_machine
 
 MiB = 1 << 20
@@ -83,6 +86,13 @@ def test_threads_are_one_per_physical_core_unless_asked(monkeypatch, tmp_path):
 def test_what_runs_elsewhere_is_read_now_from_the_kernel(tmp_path):
     stat = tmp_path / "stat"
     stat.write_text("cpu  1 2 3\nprocs_running 4\nprocs_blocked 0\n")
-    assert runnable_elsewhere(stat) == 3  # the asking thread is not competition
+    tasks = tmp_path / "task"
+    for tid, state in ((10, "R"), (11, "S"), (12, "R"), (13, "D")):  # this process: 2 threads running
+        (tasks / str(tid)).mkdir(parents=True)
+        (tasks / str(tid) / "stat").write_text(f"{tid} (python (worker)) {state} 1 2 3\n")
+    assert own_running(tasks) == 2  # a name with spaces and parentheses is read past its last ")"
+    assert runnable_elsewhere(stat, tasks=tasks) == 2  # the asking thread and its sibling are not competition
+    assert runnable_elsewhere(stat, tasks=tmp_path / "none") == 3  # unreadable: only the asking one counts
     assert runnable_elsewhere(tmp_path / "missing") == 0
     assert runnable_elsewhere() >= 0  # this machine's own /proc/stat
+
