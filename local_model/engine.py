@@ -242,9 +242,7 @@ class Engine:
         many = getattr(self.backend, "stream_many", None)
         if many is None:
             return sequential_streams(self.backend, req.messages, req.samplings, req.cache_key, stop, req.seq_messages)
-        if req.seq_messages:
-            return many(req.messages, req.samplings, req.cache_key, should_stop=stop, seq_messages=req.seq_messages)
-        return many(req.messages, req.samplings, req.cache_key, should_stop=stop)
+        return many(req.messages, req.samplings, req.cache_key, should_stop=stop, seq_messages=req.seq_messages)
 
     def _finish(self, req: _Request) -> None:
         with self._cv:
